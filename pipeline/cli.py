@@ -1,0 +1,64 @@
+"""Command line: ``python -m pipeline --help`` lists the stages; ``python -m pipeline <stage>`` runs one
+with the resolved config in params.yaml; ``python -m pipeline configure --profile demo`` writes it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from pipeline.config import PARAMS_FILE, PROFILES, ConfigError, load_params, load_profile, write_params
+from pipeline.env import set_offline_env
+from pipeline.errors import StageError
+from pipeline.stages import STAGES, stage_module
+
+def build_parser() -> argparse.ArgumentParser:
+    stage_list = "\n".join(f"  {name:<10} {text}" for name, text in STAGES.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="State Farm pipeline stages (each also a DVC stage and a Prefect task).",
+        epilog=f"stages, in DAG order:\n{stage_list}\n\n"
+        "Usually run all of them with `dvc repro` or the Prefect flow (`make demo`).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    configure = sub.add_parser("configure", help="resolve a profile (+ overrides) into params.yaml")
+    configure.add_argument("--profile", default="demo", help=f"one of {', '.join(PROFILES)} (default demo)")
+    configure.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value, e.g. --set head.max_epochs=3 (repeatable)")
+    configure.add_argument("--out", default=PARAMS_FILE, help="where to write (default params.yaml)")
+    show = sub.add_parser("show-config", help="print the resolved config as JSON")
+    show.add_argument("--params", default=PARAMS_FILE)
+    for name, text in STAGES.items():
+        stage = sub.add_parser(name, help=text)
+        stage.add_argument("--params", default=PARAMS_FILE, help="resolved config (default params.yaml)")
+    return parser
+
+
+def run_stage(name: str, params: str) -> dict:
+    cfg = load_params(params)
+    start = time.perf_counter()
+    figures = stage_module(name).run(cfg) or {}
+    print(f"[{name}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    set_offline_env()
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "configure":
+            cfg = load_profile(args.profile, args.overrides)
+            print(f"wrote {write_params(cfg, args.out)} (profile {cfg.profile})")
+        elif args.command == "show-config":
+            print(json.dumps(load_params(args.params).to_params(), indent=2))
+        else:
+            figures = run_stage(args.command, args.params)
+            if figures:
+                print(json.dumps(figures, indent=2, default=str))
+    except (ConfigError, StageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

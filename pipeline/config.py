@@ -1,0 +1,333 @@
+"""The one typed config shared by the CLI, DVC params and Prefect flow parameters.
+
+A profile (``configs/<name>.yaml``) is a delta over the defaults declared here; overrides
+(``head.epochs=3``) are deltas over the profile. The resolved config is written to
+``params.yaml``, which DVC tracks per section and every stage's ``main()`` reads.
+Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PARAMS_FILE = "params.yaml"
+PROFILES = ("demo", "statefarm", "smoke")
+CLASSES = tuple(f"c{i}" for i in range(10))
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Section):
+    """Every artifact path, declared once, relative to ``root`` (the project directory)."""
+
+    root: Path = Field(default=Path("."), exclude=True)
+    raw: str = "data/raw"
+    hidden: str = "data/hidden"
+    staging: str = "data/external"
+    split_csv: str = "data/split.csv"
+    sample: str = "data/sample"
+    features: str = "data/features"
+    models: str = "models"
+    predictions: str = "data/predictions"
+    reports: str = "reports"
+    stage_metrics: str = "reports/stages"
+    metrics: str = "reports/metrics.json"
+    report_html: str = "reports/report.html"
+    submission: str = "submissions/submission.csv"
+
+    def path(self, name: str) -> Path:
+        """Absolute-or-root-relative path of a declared artifact: ``cfg.paths.path("raw")``."""
+        return self.root / getattr(self, name)
+
+    def stage_metrics_file(self, stage: str) -> Path:
+        return self.path("stage_metrics") / f"{stage}.json"
+
+
+class SyntheticConfig(Section):
+    """The embedded State-Farm-shaped dataset (see pipeline/synthetic.py)."""
+
+    n_train_drivers: int = Field(26, ge=2)
+    n_test_drivers: int = Field(8, ge=1)
+    # Frames per train driver are drawn uniformly from this range (real data: 346-1,237).
+    train_per_driver: tuple[int, int] = (346, 1237)
+    n_test: int = Field(79_726, ge=1)
+    width: int = Field(640, ge=32)
+    height: int = Field(480, ge=24)
+    jpeg_quality: int = Field(90, ge=30, le=100)
+    seed: int = 2016
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticConfig:
+        lo, hi = self.train_per_driver
+        if not 10 <= lo <= hi:
+            raise ValueError("train_per_driver must be (lo, hi) with 10 <= lo <= hi (every driver has all 10 classes)")
+        if self.width * 3 != self.height * 4:
+            raise ValueError(f"synthetic images must be 4:3 like the real 640x480 frames, got {self.width}x{self.height}")
+        return self
+
+
+class IngestConfig(Section):
+    source: Literal["synthetic", "dir", "zip", "kaggle"] = "kaggle"
+    # Folder in Kaggle layout (source=dir) or the competition zip (source=zip).
+    path: str | None = None
+    competition: str = "state-farm-distracted-driver-detection"
+    # error: the first corrupt image stops ingest; quarantine: corrupt images are left out and listed.
+    on_corrupt: Literal["error", "quarantine"] = "error"
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> IngestConfig:
+        if self.source in ("dir", "zip") and not self.path:
+            raise ValueError(f"ingest.source={self.source} needs ingest.path")
+        return self
+
+
+class SplitConfig(Section):
+    # Whole drivers held out for validation: a count (>= 1) or a fraction of drivers (< 1).
+    valid_drivers: float = Field(3, gt=0)
+    n_folds: int = Field(5, ge=2)
+    seed: int = 0
+
+
+class SampleConfig(Section):
+    # The course convention: ~1,500 train and 1,000 valid images; capped by what the split has.
+    n_train: int = Field(1500, ge=10)
+    n_valid: int = Field(1000, ge=10)
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    # "vgg16_bn" is timm's model; "vgg16_bn_narrow" is the same layout and class with fewer channels.
+    arch: Literal["vgg16_bn", "vgg16_bn_narrow"] = "vgg16_bn"
+    width_divisor: int = Field(8, ge=1)  # only for vgg16_bn_narrow
+    weights: Literal["hub", "file", "none"] = "hub"
+    weights_file: str | None = None
+    hub_tag: str = "vgg16_bn.tv_in1k"
+    # Model input (height, width); None keeps timm's resolved default (224x224).
+    input_size: tuple[int, int] | None = None
+
+
+class AugmentConfig(Section):
+    """albumentations parameters; horizontal flips are never applied (they swap left/right classes)."""
+
+    rotate_deg: float = Field(10, ge=0)
+    shift: float = Field(0.05, ge=0)
+    scale: float = Field(0.1, ge=0)
+    shear_deg: float = Field(5, ge=0)
+    brightness: float = Field(0.1, ge=0)
+    contrast: float = Field(0.1, ge=0)
+    channel_shift: int = Field(10, ge=0)
+
+
+class FeaturesConfig(Section):
+    copies: int = Field(10, ge=1)  # augmented train copies; copy 0 is unaugmented
+    batch_size: int = Field(64, ge=1)
+    chunk_size: int = Field(1024, ge=1)
+    num_workers: int = Field(4, ge=0)
+    use_sample: bool = False
+    device: str = "auto"
+
+
+Optimizer = Literal["adam", "sgd", "nesterov", "rmsprop"]
+
+
+class HeadConfig(Section):
+    widths: list[int] = [512, 512]
+    dropout: float = Field(0.5, ge=0, lt=1)
+    optimizer: Optimizer = "adam"
+    lr: float = Field(1e-3, gt=0)
+    first_epoch_lr: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(128, ge=1)
+    max_epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1)
+    seed: int = 0
+
+
+class TrainerConfig(Section):
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    compile: bool = False
+    deterministic: bool | Literal["warn"] = "warn"
+
+
+class FinetuneConfig(Section):
+    unfreeze_blocks: int = Field(2, ge=0, le=5)
+    lr: float = Field(1e-4, gt=0)
+    first_epoch_lr: float = Field(1e-5, gt=0)
+    layer_lr_decay: float = Field(0.5, gt=0, le=1)
+    optimizer: Optimizer = "adam"
+    batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(8, ge=1)
+    patience: int = Field(3, ge=1)
+    num_workers: int = Field(4, ge=0)
+    use_sample: bool = False
+    seed: int = 0
+    trainer: TrainerConfig = TrainerConfig()
+
+
+class PseudoConfig(Section):
+    fraction: float = 0.25
+    labels: Literal["soft", "hard"] = "soft"
+    threshold: float | None = None  # hard labels only: keep test images above this confidence
+    iterations: int = Field(1, ge=1)
+    distill: bool = False
+    temperature: float = Field(1.0, gt=0)
+    max_epochs: int = Field(4, ge=1)
+    seed: int = 0
+
+
+class EnsembleConfig(Section):
+    members: int = Field(3, ge=1)
+    tta: int = Field(4, ge=0)
+    mean: Literal["arithmetic", "geometric"] = "arithmetic"
+    fit_weights: bool = True
+    neighbours: int = Field(10, ge=0)  # 0 switches test-neighbour smoothing off
+
+
+class CalibrateConfig(Section):
+    clip: bool = True
+    temperature: bool = True
+
+
+class SubmitConfig(Section):
+    enabled: bool = False  # upload; otherwise a dry run that prints the exact command
+    message: str = "statefarm-pipeline"
+    max_retries: int = Field(5, ge=0)
+
+
+class Config(Section):
+    profile: str = "statefarm"
+    seed: int = 0
+    paths: PathsConfig = PathsConfig()
+    ingest: IngestConfig = IngestConfig()
+    split: SplitConfig = SplitConfig()
+    sample: SampleConfig = SampleConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    head: HeadConfig = HeadConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    pseudo: PseudoConfig = PseudoConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    submit: SubmitConfig = SubmitConfig()
+
+    def at(self, root: Path | str) -> Config:
+        """The same config with its artifact paths under ``root``."""
+        return self.model_copy(update={"paths": self.paths.model_copy(update={"root": Path(root)})})
+
+    def to_params(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"head.lr=0.01"`` -> ``{"head": {"lr": 0.01}}``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. head.max_epochs=3)")
+    dotted, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    for key in reversed(dotted.strip().split(".")):
+        value = {key: value}
+    return value
+
+
+def overrides_to_delta(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        delta: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if "." in key:
+                nested: Any = value
+                for part in reversed(key.split(".")):
+                    nested = {part: nested}
+                delta = deep_merge(delta, nested)
+            else:
+                delta = deep_merge(delta, {key: value})
+        return delta
+    delta = {}
+    for text in overrides:
+        delta = deep_merge(delta, parse_override(text))
+    return delta
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def validate(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<root>"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+
+
+def profile_path(profile: str) -> Path:
+    path = CONFIG_DIR / f"{profile}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown profile {profile!r}: no {path} (known: {known})")
+    return path
+
+
+def load_profile(profile: str, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Defaults <- configs/<profile>.yaml <- overrides, validated."""
+    data = deep_merge(read_yaml(profile_path(profile)), {"profile": profile})
+    data = deep_merge(data, overrides_to_delta(overrides))
+    return validate(data, f"profile {profile}" + (f" with overrides {overrides}" if overrides else ""))
+
+
+def load_params(path: Path | str = PARAMS_FILE, root: Path | str | None = None) -> Config:
+    """The resolved config a stage runs with (``params.yaml``, written by ``configure``)."""
+    path = Path(path)
+    cfg = validate(read_yaml(path), str(path))
+    return cfg.at(root if root is not None else path.resolve().parent)
+
+
+def write_params(cfg: Config, path: Path | str = PARAMS_FILE) -> Path:
+    from pipeline.io import atomic_write_text
+
+    header = f"# Resolved config (profile {cfg.profile}). Written by `python -m pipeline configure`; edit the profile instead.\n"
+    return atomic_write_text(Path(path), header + yaml.safe_dump(cfg.to_params(), sort_keys=False))

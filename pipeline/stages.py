@@ -1,0 +1,22 @@
+"""The stage chain, in DAG order. One name everywhere: module ``pipeline.<name>``, DVC stage
+``<name>``, Prefect task ``<name>``. Add a stage here, in dvc.yaml and as a module; the flow and
+the CLI pick it up from this list."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# name -> one-line description (shown by `python -m pipeline --help`)
+STAGES: dict[str, str] = {
+    "ingest": "verify and copy the competition files into data/raw (synthetic, dir, zip or kaggle)",
+    "split": "hold out whole drivers for validation; driver-grouped, class-stratified folds",
+    "sample": "a small train/valid sample drawn from the split, drivers kept apart",
+    "report": "collect every stage's figures into reports/metrics.json and reports/report.html",
+}
+
+
+def stage_module(name: str) -> ModuleType:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return importlib.import_module(f"pipeline.{name}")
