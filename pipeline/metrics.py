@@ -41,3 +41,53 @@ def collect_stage_metrics(folder: Path, order: list[str]) -> dict[str, Any]:
     ordered = {name: found.pop(name) for name in order if name in found}
     ordered.update(sorted(found.items()))
     return ordered
+
+
+# ---------------------------------------------------------------------------- predictions
+
+CLASS_COLUMNS = [f"c{i}" for i in range(10)]
+
+
+def write_predictions(path: Path, imgs: list[str] | np.ndarray, probs: np.ndarray) -> Path:
+    """Predictions as ``img,c0..c9`` (the submission layout), written atomically."""
+    import pandas as pd
+
+    from pipeline.io import atomic_write_csv
+
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (len(imgs), len(CLASS_COLUMNS)):
+        raise ValueError(f"probs shape {probs.shape} does not match {len(imgs)} images x 10 classes")
+    df = pd.DataFrame(probs, columns=CLASS_COLUMNS)
+    df.insert(0, "img", list(imgs))
+    return atomic_write_csv(path, df, float_format="%.6g")
+
+
+def read_predictions(path: Path) -> tuple[list[str], np.ndarray]:
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    return df["img"].tolist(), df[CLASS_COLUMNS].to_numpy(dtype=np.float64)
+
+
+def read_hidden_labels(hidden_dir: Path) -> dict[str, int] | None:
+    """Hidden test labels (synthetic data only), img -> class index; None when there are none.
+    For scoring only: no training stage may call this."""
+    import pandas as pd
+
+    path = Path(hidden_dir) / "test_labels.csv"
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
+    return {img: int(c[1:]) for img, c in zip(df["img"], df["classname"], strict=True)}
+
+
+def evaluate(valid_probs: np.ndarray, valid_labels: np.ndarray, test_imgs: list[str] | None = None,
+             test_probs: np.ndarray | None = None, hidden: dict[str, int] | None = None) -> dict[str, float]:
+    """The figures every predicting stage reports: valid_logloss/acc, and test_logloss/acc when
+    hidden labels exist."""
+    figures = {"valid_logloss": kaggle_logloss(valid_probs, valid_labels), "valid_acc": accuracy(valid_probs, valid_labels)}
+    if hidden is not None and test_imgs is not None and test_probs is not None:
+        labels = np.array([hidden[img] for img in test_imgs])
+        figures["test_logloss"] = kaggle_logloss(test_probs, labels)
+        figures["test_acc"] = accuracy(test_probs, labels)
+    return figures

@@ -1,0 +1,29 @@
+"""The user-facing artifacts (design.md section 4): where each one is, for the CLI, flows and README."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+
+# (attribute of PathsConfig, what it holds)
+ARTIFACTS: list[tuple[str, str]] = [
+    ("raw", "competition files as ingested (Kaggle layout) + train/test indexes"),
+    ("hidden", "hidden test labels (synthetic data only; never read by training)"),
+    ("split_csv", "one row per train image: img, subject, classname, split, fold"),
+    ("sample", "small train/valid sample mirror for fast iteration"),
+    ("features", "cached conv features (fp16) incl. augmented copies"),
+    ("models", "checkpoints per stage and ensemble member"),
+    ("predictions", "valid/test predictions per stage (img,c0..c9)"),
+    ("metrics", "per-stage validation (and hidden-test) figures"),
+    ("report_html", "the human report"),
+    ("submission", "Kaggle submission, validated before any upload"),
+]
+
+
+def artifact_lines(cfg: Config) -> list[str]:
+    """One line per artifact that exists: path and what it is."""
+    lines = []
+    for name, text in ARTIFACTS:
+        path = cfg.paths.path(name)
+        if path.exists():
+            lines.append(f"  {str(path):<32} {text}")
+    return lines

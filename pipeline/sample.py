@@ -1,0 +1,87 @@
+"""``sample`` stage: a small mirror of the split for fast iteration (checking learning rates,
+trying augmentations) before paying for a full run.
+
+The course convention is ~1,500 train and 1,000 valid images; both are capped by what the split
+holds. Train images come only from train drivers and valid images only from valid drivers, so the
+sample keeps drivers apart exactly as the full split does. Images are hard-linked (copied across
+filesystems) into ``data/sample/{train,valid}/cK/``, the Keras-style folder layout the course used,
+next to ``data/sample/split.csv``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.errors import StageError
+from pipeline.io import atomic_dir
+from pipeline.metrics import write_stage_metrics
+
+
+def draw(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Exactly ``min(n, len(rows))`` rows, stratified by class: rows are shuffled, ranked within their
+    class, and the ``n`` with the lowest rank/class-size are kept, so each class gets its share."""
+    if n >= len(rows):
+        return rows
+    shuffled = rows.sample(frac=1, random_state=seed)
+    by_class = shuffled.groupby("classname")
+    share = (by_class.cumcount() + 0.5) / by_class["img"].transform("size")
+    return shuffled.loc[share.sort_values(kind="stable").index[:n]]
+
+
+def make_sample(split: pd.DataFrame, n_train: int, n_valid: int, seed: int) -> pd.DataFrame:
+    parts = [draw(split[split["split"] == "train"], n_train, seed), draw(split[split["split"] == "valid"], n_valid, seed)]
+    return pd.concat(parts).sort_values(["split", "img"]).reset_index(drop=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def mirror_images(sample: pd.DataFrame, paths: dict[str, str], raw: Path, out: Path) -> None:
+    for row in sample.itertuples():
+        dst = out / row.split / row.classname / row.img
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(raw / paths[row.img], dst)
+
+
+def read_inputs(cfg: Config) -> tuple[pd.DataFrame, dict[str, str]]:
+    split_csv, index_csv = cfg.paths.path("split_csv"), cfg.paths.path("raw") / "train_index.csv"
+    for path in (split_csv, index_csv):
+        if not path.exists():
+            raise StageError(f"{path} not found: run the ingest and split stages first")
+    index = pd.read_csv(index_csv, dtype=str)
+    return pd.read_csv(split_csv, dtype={"img": str, "subject": str, "classname": str}), dict(zip(index["img"], index["path"], strict=True))
+
+
+def run(cfg: Config) -> dict:
+    start = time.perf_counter()
+    split, paths = read_inputs(cfg)
+    sample = make_sample(split, cfg.sample.n_train, cfg.sample.n_valid, cfg.sample.seed)
+    with atomic_dir(cfg.paths.path("sample")) as tmp:
+        mirror_images(sample, paths, cfg.paths.path("raw"), tmp)
+        sample.to_csv(tmp / "split.csv", index=False)
+    counts = sample["split"].value_counts()
+    figures = {
+        "n_train": int(counts.get("train", 0)),
+        "n_valid": int(counts.get("valid", 0)),
+        "train_drivers": int(sample.loc[sample["split"] == "train", "subject"].nunique()),
+        "valid_drivers": int(sample.loc[sample["split"] == "valid", "subject"].nunique()),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_stage_metrics(cfg.paths.stage_metrics_file("sample"), figures)
+    return figures
+
+
+def main() -> None:
+    from pipeline.cli import main as cli_main
+
+    raise SystemExit(cli_main(["sample"]))

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main as cli_main
+from pipeline.config import PROFILES, ConfigError, load_params, load_profile, write_params
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_validates(profile):
+    cfg = load_profile(profile)
+    assert cfg.profile == profile
+
+
+def test_unknown_key_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"head\.nonsense: unknown key"):
+        load_profile("smoke", ["head.nonsense=1"])
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"head\.dropout"):
+        load_profile("smoke", ["head.dropout=1.5"])
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known: demo, smoke, statefarm"):
+        load_profile("nope")
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_profile("smoke", ["head.widths=[32, 16]", "head.lr=0.01", "ingest.source=dir", "ingest.path=/x"])
+    assert cfg.head.widths == [32, 16] and cfg.head.lr == 0.01 and cfg.ingest.path == "/x"
+
+
+def test_dict_overrides_match_string_overrides():
+    assert load_profile("smoke", {"head.max_epochs": 7}) == load_profile("smoke", ["head.max_epochs=7"])
+
+
+def test_params_round_trip_and_root(tmp_path):
+    cfg = load_profile("smoke", ["split.n_folds=3"])
+    path = write_params(cfg, tmp_path / "params.yaml")
+    back = load_params(path)
+    assert back.split.n_folds == 3
+    assert back.paths.root == tmp_path  # artifacts resolve next to params.yaml
+    assert "root" not in yaml.safe_load(path.read_text())["paths"]
+
+
+def test_committed_params_yaml_is_the_resolved_demo_profile():
+    """params.yaml in git is what `make demo` writes, so a fresh-clone `dvc repro` runs the demo."""
+    committed = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())
+    assert committed == load_profile("demo").to_params()
+
+
+def test_cli_configure_rejects_unknown_key_with_exit_2(tmp_path, capsys):
+    rc = cli_main(["configure", "--profile", "smoke", "--set", "split.foo=1", "--out", str(tmp_path / "p.yaml")])
+    assert rc == 2
+    assert "split.foo: unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_cli_help_lists_every_stage(capsys):
+    from pipeline.stages import STAGES
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert stage in out

@@ -1,0 +1,91 @@
+"""Keeps dvc.yaml honest (design.md section 6, rule 6): stages match the registry and the flow's
+tasks, every pipeline module a stage imports is in its deps, every param exists in the schema."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Config
+from pipeline.stages import STAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+LAUNCHER = {"pipeline.cli", "pipeline.__main__"}  # the stage command itself, not what it computes with
+
+
+def pipeline_imports(module: str) -> set[str]:
+    """pipeline.* modules imported anywhere in ``module``'s source (lazy imports included)."""
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("pipeline.")}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "pipeline":
+                found |= {f"pipeline.{a.name}" for a in node.names}
+            elif node.module.startswith("pipeline."):
+                found.add(node.module)
+    return found - LAUNCHER
+
+
+def transitive_imports(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo.extend(pipeline_imports(current))
+    return seen
+
+
+def base_name(stage: str) -> str:
+    return stage.split("@")[0]
+
+
+def test_stages_match_registry_in_order():
+    assert [base_name(s) for s in DVC] == list(STAGES)
+
+
+def test_flow_has_one_task_per_stage_with_the_same_name():
+    from flows.pipeline import stage_task
+
+    assert [stage_task(s).name for s in STAGES] == list(STAGES)
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_command_runs_the_stage_module(stage):
+    assert DVC[stage]["cmd"].startswith(f"python -m pipeline {base_name(stage)}")
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_every_imported_module_is_a_dep_and_no_dep_is_stale(stage):
+    deps = set(DVC[stage].get("deps", []))
+    needed = {m.replace(".", "/") + ".py" for m in transitive_imports(f"pipeline.{base_name(stage)}")}
+    assert needed - deps == set(), f"{stage}: imports missing from deps"
+    declared_modules = {d for d in deps if d.startswith("pipeline/") and d.endswith(".py")}
+    assert declared_modules - needed == set(), f"{stage}: deps list modules it does not import"
+    for dep in deps:
+        assert (ROOT / dep).exists() or dep.startswith(("data/", "models/", "reports/")), f"{stage}: {dep} missing"
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_params_exist_in_the_schema(stage):
+    for param in DVC[stage].get("params", []):
+        keys = param.split(".") if isinstance(param, str) else []
+        model = Config
+        for key in keys:
+            assert key in model.model_fields, f"{stage}: param {param} is not in the config schema"
+            annotation = model.model_fields[key].annotation
+            model = annotation if isinstance(annotation, type) and hasattr(annotation, "model_fields") else None
+            if model is None:
+                break
+
+
+def test_params_yaml_has_every_param_section():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for stage in DVC.values():
+        for param in stage.get("params", []):
+            assert param.split(".")[0] in params
