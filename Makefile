@@ -14,6 +14,8 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# DVC stage commands say `python`: make it the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help install demo test test-fast lint repro clean-outputs
 .DEFAULT_GOAL := help

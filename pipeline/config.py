@@ -127,16 +127,22 @@ class AugmentConfig(Section):
     shear_deg: float = Field(5, ge=0)
     brightness: float = Field(0.1, ge=0)
     contrast: float = Field(0.1, ge=0)
-    channel_shift: int = Field(10, ge=0)
+    channel_shift: int = Field(10, ge=0)  # per-channel shift in 0-255 pixel units (RGBShift)
+    # How pixels moved in from outside the frame are filled by the affine transform.
+    border: Literal["reflect", "replicate", "constant"] = "reflect"
 
 
 class FeaturesConfig(Section):
-    copies: int = Field(10, ge=1)  # augmented train copies; copy 0 is unaugmented
+    copies: int = Field(10, ge=1)  # train copies per image; copy 0 is unaugmented, 1.. augmented
+    # pool5 is average-pooled to grid x grid: 512*grid^2 fp16 values per image for vgg16_bn
+    # (grid 2: 4 KB; 7 would keep the whole 7x7 map at 224 px: 50 KB).
+    grid: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=1)
-    chunk_size: int = Field(1024, ge=1)
+    chunk_size: int = Field(1024, ge=1)  # rows per chunk file (the unit of resume)
     num_workers: int = Field(4, ge=0)
     use_sample: bool = False
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 0  # augmented copy k of image i depends only on (seed, k, image name)
 
 
 Optimizer = Literal["adam", "sgd", "nesterov", "rmsprop"]
@@ -154,6 +160,8 @@ class HeadConfig(Section):
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(5, ge=1)
     seed: int = 0
+    accelerator: str = "auto"  # the head is small: cpu is fine; auto takes a GPU when there is one
+    progress_bar: bool = False
 
 
 class TrainerConfig(Section):
