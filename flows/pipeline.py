@@ -7,6 +7,7 @@ dvc.yaml through DVC, one Prefect task per stage with the stage's name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ def run_dvc_stage(stage: str, root: str) -> list[str]:
     """`dvc repro <stage> --single-item`: runs the stage only if its deps, params or code changed."""
     from dvc.repo import Repo
 
-    with Repo(root) as repo:
+    # DVC resolves stage paths against the working directory, not only the repo root.
+    with contextlib.chdir(root), Repo(root) as repo:
         ran = repo.reproduce(targets=[stage], single_item=True)
     names = [s.addressing for s in ran]
     get_run_logger().info("%s: %s", stage, "ran" if names else "up to date, skipped")

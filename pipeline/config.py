@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARAMS_FILE = "params.yaml"
@@ -116,6 +116,8 @@ class ModelConfig(Section):
     hub_tag: str = "vgg16_bn.tv_in1k"
     # Model input (height, width); None keeps timm's resolved default (224x224).
     input_size: tuple[int, int] | None = None
+    # weights=none: the random init is drawn from this seed, so every stage builds the same network.
+    init_seed: int = 0
 
 
 class AugmentConfig(Section):
@@ -201,22 +203,54 @@ class PseudoConfig(Section):
 
 
 class EnsembleConfig(Section):
-    members: int = Field(3, ge=1)
+    """Members are dense heads on the cached features, one DVC stage each (``member@<id>``, a
+    ``foreach`` over ``members``), plus the predictions of the stages in ``include`` that exist."""
+
+    # Member ids. Member m trains with seed head.seed + 1 + m and, with hold_out_fold, without the
+    # drivers of fold m % split.n_folds (bagging over drivers). A count n means [0, ..., n-1].
+    members: list[int] = [0, 1, 2]
+    hold_out_fold: bool = True
+    include: list[Literal["head", "finetune", "pseudo"]] = ["head", "finetune", "pseudo"]
+    # Test-time augmentation: augmented passes (copies 1..tta, never flipped) averaged with the
+    # plain one; kept for a member only when it lowers that member's validation log loss. 0: off.
     tta: int = Field(4, ge=0)
     mean: Literal["arithmetic", "geometric"] = "arithmetic"
-    fit_weights: bool = True
-    neighbours: int = Field(10, ge=0)  # 0 switches test-neighbour smoothing off
+    fit_weights: bool = True  # weights on the simplex fitted on validation log loss; else equal
+    # Test-neighbour smoothing: average each prediction with its k nearest neighbours (cosine on the
+    # cached conv features), applied only when it lowers validation log loss. 0 switches it off.
+    neighbours: int = Field(10, ge=0)
+    # Folds over validation drivers for the honest, cross-fitted estimate of the fitted ensemble.
+    cross_fit_folds: int = Field(2, ge=2)
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _count_means_range(cls, value: Any) -> Any:
+        return list(range(value)) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _check_members(self) -> EnsembleConfig:
+        if len(set(self.members)) != len(self.members) or any(m < 0 for m in self.members):
+            raise ValueError(f"ensemble.members must be distinct ids >= 0, got {self.members}")
+        if not self.members and not self.include:
+            raise ValueError("ensemble needs members or include (no predictions to combine)")
+        return self
 
 
 class CalibrateConfig(Section):
-    clip: bool = True
-    temperature: bool = True
+    temperature: bool = True  # temperature scaling fitted on validation log loss
+    clip: bool = True  # clip to [(1 - hi) / 9, hi], hi chosen on validation (the course: 0.93)
+    # Folds over validation drivers for the honest, cross-fitted estimate of the calibrated log loss.
+    cross_fit_folds: int = Field(2, ge=2)
+    seed: int = 0
 
 
 class SubmitConfig(Section):
     enabled: bool = False  # upload; otherwise a dry run that prints the exact command
     message: str = "statefarm-pipeline"
-    max_retries: int = Field(5, ge=0)
+    max_retries: int = Field(5, ge=0)  # retries after the first attempt, on 429/5xx/connection errors only
+    backoff_s: float = Field(2.0, ge=0)  # first retry delay; doubles each retry
+    # After a successful upload, poll the submission list this long for the public score (0: look once).
+    score_wait_s: float = Field(0, ge=0)
 
 
 class Config(Section):

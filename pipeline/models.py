@@ -81,11 +81,13 @@ def create_narrow_vgg16_bn(width_divisor: int, num_classes: int = IMAGENET_CLASS
 def create_backbone(model_cfg: ModelConfig, num_classes: int = IMAGENET_CLASSES) -> VGG:
     """The batchnorm-VGG from ``cfg.model``: weights from the HF hub, a local file, or random."""
     kwargs = _pretrained_kwargs(model_cfg)
-    if model_cfg.arch == "vgg16_bn":
-        return timm.create_model(model_cfg.hub_tag, num_classes=num_classes, **kwargs)
-    if model_cfg.weights == "hub":
+    if model_cfg.arch == "vgg16_bn_narrow" and model_cfg.weights == "hub":
         raise ValueError("vgg16_bn_narrow has no published weights: use model.weights=none or file")
-    return create_narrow_vgg16_bn(model_cfg.width_divisor, num_classes=num_classes, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model_cfg.init_seed)  # the same random init in every stage (weights=none)
+        if model_cfg.arch == "vgg16_bn":
+            return timm.create_model(model_cfg.hub_tag, num_classes=num_classes, **kwargs)
+        return create_narrow_vgg16_bn(model_cfg.width_divisor, num_classes=num_classes, **kwargs)
 
 
 def resolve_preprocessing(model: nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:

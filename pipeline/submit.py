@@ -1,0 +1,389 @@
+"""``submit`` stage: the calibrated test predictions as a validated Kaggle submission, uploaded through
+the official ``kaggle`` client (or a dry run that prints the exact command).
+
+Order matters: the file is built in a temp sibling, validated against ``sample_submission.csv``
+(same ids, each once; header exactly ``img,c0..c9``; finite values in (0, 1]; rows summing to 1),
+and only then renamed into place, so a refused file never replaces a previous good one and nothing
+unvalidated is ever uploaded. ``validate_submission`` checks any file the same way.
+
+The upload message carries ``submit.message``, the code revision (git short sha, ``-dirty`` when
+tracked files differ) and the data revision (sha256 of the submission), so a leaderboard entry can
+be traced back to what produced it. The outcome is recorded in ``reports/submission.json``.
+Credentials are never read into anything this module writes or logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import email.utils
+import hashlib
+import logging
+import math
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.errors import BadInputError, StageError
+from pipeline.io import atomic_path, atomic_write_json
+from pipeline.metrics import CLASS_COLUMNS, write_stage_metrics
+
+log = logging.getLogger(__name__)
+
+HEADER = ["img", *CLASS_COLUMNS]
+SUM_TOLERANCE = 1e-6
+# 8 significant digits: rounding moves a row sum by < 1e-7, well inside the tolerance.
+FLOAT_FORMAT = "%.8g"
+SOURCE_STAGE = "calibrate"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MAX_RETRY_AFTER_S = 300.0
+
+T = TypeVar("T")
+
+
+class SubmitError(StageError):
+    """The upload failed or was refused; nothing usable was submitted."""
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def read_sample_ids(sample_path: Path) -> dict[str, int]:
+    """Test id -> its row in sample_submission.csv (1-based, header = row 1)."""
+    if not sample_path.exists():
+        raise StageError(f"{sample_path} not found: run the ingest stage first")
+    with open(sample_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != HEADER:
+            raise BadInputError(sample_path, f"header must be {','.join(HEADER)}, got {header}", row=1)
+        return {fields[0]: rowno for rowno, fields in enumerate(reader, start=2) if fields}
+
+
+def header_problem(header: list[str]) -> str | None:
+    if header == HEADER:
+        return None
+    missing = [c for c in HEADER if c not in header]
+    extra = [c for c in header if c not in HEADER]
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    parts = [f"missing column(s) {', '.join(missing)}"] if missing else []
+    parts += [f"unexpected column(s) {', '.join(extra)}"] if extra else []
+    parts += [f"duplicated column(s) {', '.join(duplicated)}"] if duplicated else []
+    if not parts:
+        parts = [f"columns out of order: {','.join(header)}"]
+    return f"header must be exactly {','.join(HEADER)}: " + "; ".join(parts)
+
+
+def value_problem(column: str, text: str) -> tuple[float | None, str | None]:
+    """(value, None) for a probability in (0, 1], else (None, what is wrong)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None, f"{column} = {text!r} is not a number"
+    if not math.isfinite(value):
+        return None, f"{column} is {text}, not a finite number"
+    if value <= 0:
+        hint = " (Kaggle's log loss explodes on 0: keep calibrate.clip on)" if value == 0 else ""
+        return None, f"{column} = {text} is not in (0, 1]{hint}"
+    if value > 1:
+        return None, f"{column} = {text} is not in (0, 1]"
+    return value, None
+
+
+def row_problem(fields: list[str], ids: dict[str, int], seen: dict[str, int], sample_name: str) -> str | None:
+    if len(fields) != len(HEADER):
+        return f"has {len(fields)} fields, expected {len(HEADER)} ({','.join(HEADER)})"
+    img = fields[0]
+    if img in seen:
+        return f"duplicate id {img} (first at row {seen[img]})"
+    if img not in ids:
+        return f"id {img!r} is not a test id in {sample_name}"
+    total = 0.0
+    for column, text in zip(CLASS_COLUMNS, fields[1:], strict=True):
+        value, problem = value_problem(column, text)
+        if problem:
+            return f"{img}: {problem}"
+        total += value
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        return f"{img}: probabilities sum to {total:.9g}, not 1 (tolerance {SUM_TOLERANCE:g})"
+    return None
+
+
+def validate_submission(path: Path | str, sample_path: Path | str, shown_as: str | None = None) -> int:
+    """Check a submission file against sample_submission.csv; return its row count or raise
+    ``BadInputError`` naming the file (``shown_as`` if given) and the row."""
+    path, sample_path = Path(path), Path(sample_path)
+    name = shown_as or str(path)
+    ids = read_sample_ids(sample_path)
+    if not path.exists():
+        raise BadInputError(name, "file not found")
+    seen: dict[str, int] = {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise BadInputError(name, f"empty file: expected the header {','.join(HEADER)} and one row per test id", row=1)
+        if problem := header_problem(header):
+            raise BadInputError(name, problem, row=1)
+        for rowno, fields in enumerate(reader, start=2):
+            if problem := row_problem(fields, ids, seen, sample_path.name):
+                raise BadInputError(name, problem, row=rowno)
+            seen[fields[0]] = rowno
+    missing = [img for img in ids if img not in seen]
+    if missing:
+        first = missing[0]
+        raise BadInputError(name, f"{len(missing)} test id(s) missing, first {first} (row {ids[first]} of {sample_path})")
+    return len(seen)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def read_source(pred_path: Path) -> tuple[pd.Series, np.ndarray]:
+    """(ids, probabilities) of a predictions file; refused with file and row when not img,c0..c9 numbers."""
+    if not pred_path.exists():
+        raise StageError(f"{pred_path} not found: run the {SOURCE_STAGE} stage first")
+    try:
+        df = pd.read_csv(pred_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise BadInputError(pred_path, f"empty file: expected the header {','.join(HEADER)}", row=1) from None
+    if problem := header_problem([str(c) for c in df.columns]):
+        raise BadInputError(pred_path, problem, row=1)
+    values = df[CLASS_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    not_numbers = values.isna() & ~df[CLASS_COLUMNS].apply(lambda col: col.str.strip().str.lower().eq("nan"))
+    if not_numbers.to_numpy().any():
+        row, col = np.argwhere(not_numbers.to_numpy())[0]
+        column = CLASS_COLUMNS[col]
+        raise BadInputError(pred_path, f"{column} = {df[column].iat[row]!r} is not a number", row=int(row) + 2)
+    return df["img"], values.to_numpy(dtype=np.float64)
+
+
+def build_submission(pred_path: Path, sample_path: Path, out_path: Path) -> int:
+    """Write ``out_path`` from a predictions file, validated before it replaces anything; returns rows."""
+    imgs, probs = read_source(pred_path)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        probs = probs / probs.sum(axis=1, keepdims=True)  # Kaggle renormalises too: the file is what is scored
+    out = pd.DataFrame(probs, columns=CLASS_COLUMNS)
+    out.insert(0, "img", imgs.to_numpy())
+    with atomic_path(out_path) as tmp:
+        out.to_csv(tmp, index=False, float_format=FLOAT_FORMAT, na_rep="NaN")
+        # Rows map 1:1 onto the predictions file, so the row numbers point into both.
+        return validate_submission(tmp, sample_path, shown_as=f"{out_path} (built from {pred_path})")
+
+
+# ---------------------------------------------------------------------------- revisions, command
+
+
+def code_revision(repo: Path = PROJECT_ROOT) -> str:
+    """Git short sha of the code, ``-dirty`` when tracked files differ from it; "unknown" without git."""
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--"], capture_output=True,
+                               timeout=30).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "") if sha else "unknown"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def submission_message(base: str, code_rev: str, data_rev: str) -> str:
+    return f"{base} | code {code_rev} | data {data_rev}"
+
+
+def double_quoted(text: str) -> str:
+    """``text`` inside double quotes, safe for a POSIX shell."""
+    return '"' + "".join("\\" + ch if ch in '\\"$`' else ch for ch in text) + '"'
+
+
+def submit_command(competition: str, path: Path, message: str) -> str:
+    return f"kaggle competitions submit -c {shlex.quote(competition)} -f {shlex.quote(str(path))} -m {double_quoted(message)}"
+
+
+def has_kaggle_credentials() -> bool:
+    """Whether the kaggle client would find credentials (env, kaggle.json or an access token)."""
+    env = os.environ
+    if (env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY")) or env.get("KAGGLE_API_TOKEN"):
+        return True
+    dirs = [Path(env["KAGGLE_CONFIG_DIR"])] if env.get("KAGGLE_CONFIG_DIR") else []
+    dirs += [Path.home() / ".kaggle", Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"]
+    return any((d / name).is_file() for d in dirs for name in ("kaggle.json", "access_token"))
+
+
+# ---------------------------------------------------------------------------- upload
+
+
+def http_status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def is_retryable(err: BaseException) -> bool:
+    """Rate limits, server errors and dropped connections are transient; other 4xx are not."""
+    import requests
+
+    status = http_status(err)
+    if isinstance(err, requests.HTTPError) and status is not None:
+        return status == 429 or status >= 500
+    return isinstance(err, (requests.ConnectionError, requests.Timeout))
+
+
+def retry_delay(err: BaseException, attempt: int, backoff_s: float) -> float:
+    """Exponential backoff; a 429's Retry-After (seconds or HTTP date) wins when present."""
+    response = getattr(err, "response", None)
+    header = response.headers.get("Retry-After") if http_status(err) == 429 and response is not None else None
+    if header:
+        try:
+            return min(max(0.0, float(header)), MAX_RETRY_AFTER_S)
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(header) if header else None
+            if when is not None:
+                return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), MAX_RETRY_AFTER_S)
+    return backoff_s * 2**attempt
+
+
+def describe(err: BaseException) -> str:
+    status = http_status(err)
+    return f"HTTP {status}: {err}" if status is not None else f"{type(err).__name__}: {err}"
+
+
+def with_retries(action: Callable[[], T], max_retries: int, backoff_s: float,
+                 sleep: Callable[[float], None] = time.sleep) -> tuple[T, int]:
+    """(result, attempts). Retries only transient failures, at most ``max_retries`` times."""
+    for attempt in range(max_retries + 1):
+        try:
+            return action(), attempt + 1
+        except SubmitError:
+            raise
+        except Exception as err:
+            if not is_retryable(err):
+                raise SubmitError(f"Kaggle refused the submission ({describe(err)}); not retried") from err
+            if attempt == max_retries:
+                raise SubmitError(f"upload gave up after {attempt + 1} attempts; last error {describe(err)}") from err
+            delay = retry_delay(err, attempt, backoff_s)
+            log.warning("submit attempt %d/%d failed (%s); retrying in %.1fs", attempt + 1, max_retries + 1, describe(err), delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def kaggle_api() -> Any:
+    """The official client, authenticated. Imported here: ``import kaggle`` authenticates at import."""
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        api = KaggleApi()
+        api.authenticate()
+    except SystemExit:  # the client exits when it finds no usable credentials
+        raise SubmitError("the kaggle client found no usable credentials") from None
+    return api
+
+
+def upload_once(api: Any, path: Path, competition: str, message: str) -> tuple[int, str]:
+    """(submission reference, server message). The client reports a failed file upload through the
+    reply's message instead of raising, so a reply without a reference is an error."""
+    reply = api.competition_submit(str(path), message, competition, quiet=True)
+    ref, text = int(getattr(reply, "ref", 0) or 0), str(getattr(reply, "message", "") or "")
+    if text == getattr(api, "COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE", None) or not ref:
+        raise SubmitError(f"upload to {competition} failed: Kaggle replied {text!r} without a submission reference")
+    return ref, text
+
+
+def lookup_score(api: Any, competition: str, ref: int, wait_s: float,
+                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Status and public score of submission ``ref``, polled for up to ``wait_s`` seconds while it
+    is pending. Best effort: a failure here never fails a submission that was made."""
+    deadline = time.monotonic() + wait_s
+    found: dict[str, Any] = {}
+    try:
+        while True:
+            for sub in api.competition_submissions(competition) or []:
+                if sub is not None and int(sub.ref) == ref:
+                    status = getattr(sub.status, "name", str(sub.status))
+                    found = {"status": status, "public_score": float(sub.public_score) if sub.public_score else None}
+            remaining = deadline - time.monotonic()
+            if found.get("status") not in (None, "PENDING") or remaining <= 0:
+                return found
+            sleep(min(30.0, remaining))
+    except Exception as err:  # noqa: BLE001 - the submission itself succeeded
+        log.warning("could not read the submission's score: %s", describe(err))
+        return found
+
+
+def upload(cfg: Config, path: Path, message: str) -> dict[str, Any]:
+    api = kaggle_api()
+    competition = cfg.ingest.competition
+    (ref, reply), attempts = with_retries(lambda: upload_once(api, path, competition, message),
+                                          cfg.submit.max_retries, cfg.submit.backoff_s)
+    log.info("submitted %s to %s: reference %d (%s)", path, competition, ref, reply)
+    return {"reference": ref, "server_message": reply, "attempts": attempts,
+            **lookup_score(api, competition, ref, cfg.submit.score_wait_s)}
+
+
+# ---------------------------------------------------------------------------- stage
+
+
+def dry_run_reason(cfg: Config) -> str | None:
+    if not cfg.submit.enabled:
+        return "submit.enabled is false"
+    if not has_kaggle_credentials():
+        return "no Kaggle credentials (KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json)"
+    return None
+
+
+def run(cfg: Config) -> dict:
+    sample_path = cfg.paths.path("raw") / "sample_submission.csv"
+    out = cfg.paths.path("submission")
+    n_rows = build_submission(cfg.paths.path("predictions") / SOURCE_STAGE / "test.csv", sample_path, out)
+
+    code_rev, sha = code_revision(), file_sha256(out)
+    message = submission_message(cfg.submit.message, code_rev, sha[:12])
+    command = submit_command(cfg.ingest.competition, out, message)
+    reason = dry_run_reason(cfg)
+    if reason:
+        print(f"dry run ({reason}); to upload:\n{command}")
+        result: dict[str, Any] = {}
+    else:
+        result = upload(cfg, out, message)
+
+    record = {
+        "competition": cfg.ingest.competition,
+        "file": str(cfg.paths.submission),
+        "sha256": sha,
+        "n_rows": n_rows,
+        "message": message,
+        "code_revision": code_rev,
+        "data_revision": sha[:12],
+        "dry_run": reason is not None,
+        "dry_run_reason": reason,
+        "command": command,
+        "reference": None,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        **result,
+    }
+    atomic_write_json(cfg.paths.path("reports") / "submission.json", record)
+    figures = {"n_rows": n_rows, "dry_run": reason is not None, "reference": record["reference"]}
+    if record.get("public_score") is not None:
+        figures["public_score"] = record["public_score"]
+    write_stage_metrics(cfg.paths.stage_metrics_file("submit"), figures)
+    return figures
+
+
+def main() -> None:
+    from pipeline.cli import main as cli_main
+
+    raise SystemExit(cli_main(["submit"]))

@@ -1,0 +1,348 @@
+"""submit stage: a malformed submission is refused before any upload, with file and row; uploads go
+through the official kaggle client against a local stub of Kaggle's API (tests/kaggle_stub.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import load_profile, write_params
+from pipeline.errors import BadInputError
+from pipeline.metrics import CLASS_COLUMNS, write_predictions
+from pipeline.submit import (
+    SubmitError,
+    code_revision,
+    file_sha256,
+    retry_delay,
+    run,
+    submit_command,
+    validate_submission,
+    with_retries,
+)
+from kaggle_stub import STUB_KEY, KaggleStub, use_stub
+
+IDS = [f"img_{i}.jpg" for i in range(1, 7)]
+HEADER = "img," + ",".join(CLASS_COLUMNS)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_cfg(root: Path, **submit):
+    overrides = {f"submit.{key}": value for key, value in {"backoff_s": 0.001, **submit}.items()}
+    return load_profile("smoke", overrides).at(root)
+
+
+def write_sample(root: Path, ids: list[str] = IDS) -> Path:
+    path = root / "data/raw/sample_submission.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(HEADER + "\n" + "".join(f"{img}," + ",".join(["0.1"] * 10) + "\n" for img in ids))
+    return path
+
+
+def write_calibrated(root: Path, ids: list[str] = IDS, probs: np.ndarray | None = None) -> Path:
+    if probs is None:
+        probs = np.random.default_rng(0).dirichlet(np.ones(10), size=len(ids)) * 2  # unnormalised on purpose
+    return write_predictions(root / "data/predictions/calibrate/test.csv", ids, probs)
+
+
+@pytest.fixture
+def project(tmp_path):
+    write_sample(tmp_path)
+    write_calibrated(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def stub(monkeypatch, tmp_path):
+    with KaggleStub() as server:
+        use_stub(monkeypatch, server, tmp_path / "home")
+        yield server
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path):
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ---------------------------------------------------------------------------- validation
+
+GOOD_ROW = ["0.1"] * 10
+
+
+def lines(rows: dict[str, list[str]] | None = None, header: str = HEADER) -> list[str]:
+    rows = rows or {img: list(GOOD_ROW) for img in IDS}
+    return [header] + [",".join([img, *values]) for img, values in rows.items()]
+
+
+def with_value(column: int, text: str, fix: int = 9) -> list[str]:
+    """Good lines except row 3 (img_2) has ``text`` in ``column``; ``fix`` keeps the row sum at 1."""
+    out = lines()
+    values = list(GOOD_ROW)
+    values[column] = text
+    try:
+        values[fix] = repr(round(0.2 - float(text), 10)) if column != fix else values[fix]
+    except ValueError:
+        pass
+    out[2] = ",".join(["img_2.jpg", *values])
+    return out
+
+
+def reorder(text_lines: list[str]) -> list[str]:
+    swapped = []
+    for line in text_lines:
+        cells = line.split(",")
+        cells[1], cells[2] = cells[2], cells[1]
+        swapped.append(",".join(cells))
+    return swapped
+
+
+# case -> (file lines, expected row or None, text the message must contain)
+MALFORMED = {
+    "missing id": (lines()[:3] + lines()[4:], None, "missing, first img_3.jpg (row 4 of"),
+    "extra id": (lines() + ["img_99.jpg," + ",".join(GOOD_ROW)], 8, "img_99.jpg"),
+    "duplicate id": (lines() + [lines()[2]], 8, "duplicate id img_2.jpg (first at row 3)"),
+    "wrong column name": (lines(header=HEADER.replace("c9", "x9")), 1, "missing column(s) c9; unexpected column(s) x9"),
+    "missing column": ([",".join(line.split(",")[:-1]) for line in lines()], 1, "missing column(s) c9"),
+    "extra column": ([line + (",c10" if i == 0 else ",0") for i, line in enumerate(lines())], 1, "unexpected column(s) c10"),
+    "reordered columns": (reorder(lines()), 1, "out of order"),
+    "duplicated column": (lines(header=HEADER.replace("c9", "c8")), 1, "duplicated column(s) c8"),
+    "NaN": (with_value(3, "NaN"), 3, "c3 is NaN"),
+    "inf": (with_value(3, "inf"), 3, "c3 is inf"),
+    "negative": (with_value(3, "-0.1"), 3, "c3 = -0.1 is not in (0, 1]"),
+    "zero": (with_value(3, "0"), 3, "c3 = 0 is not in (0, 1]"),
+    "above one": (with_value(0, "1.5"), 3, "c0 = 1.5 is not in (0, 1]"),
+    "not a number": (with_value(4, "abc"), 3, "c4 = 'abc' is not a number"),
+    "empty value": (with_value(4, ""), 3, "c4 = '' is not a number"),
+    "row sum not 1": (lines({img: ["0.11"] * 10 for img in IDS}), 2, "sum to 1.1"),
+    "row sum off by 1e-5": (with_value(0, "0.10001", fix=0), 3, "not 1 (tolerance 1e-06)"),
+    "short row": (lines()[:4] + ["img_4.jpg,0.5,0.5"] + lines()[5:], 5, "has 3 fields"),
+    "empty file": ([], 1, "empty file"),
+    "wrong header": (["id,label"] + lines()[1:], 1, "header must be exactly img,c0"),
+    "header only": (lines()[:1], None, "6 test id(s) missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_submission_is_refused_with_file_and_row(tmp_path, case):
+    text_lines, row, expected = MALFORMED[case]
+    sample = write_sample(tmp_path)
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(text_lines) + ("\n" if text_lines else ""))
+    with pytest.raises(BadInputError) as info:
+        validate_submission(path, sample)
+    message = str(info.value)
+    assert str(path) in message and expected in message, message
+    assert info.value.row == row
+    assert "row" in message  # the missing-id cases point at sample_submission's row instead
+
+
+def test_good_submission_passes_and_counts_rows(tmp_path):
+    sample = write_sample(tmp_path)
+    path = tmp_path / "good.csv"
+    path.write_text("\n".join(lines()) + "\n")
+    assert validate_submission(path, sample) == len(IDS)
+
+
+@pytest.mark.parametrize("damage", ["missing id", "NaN", "zero", "wrong column"])
+def test_bad_predictions_upload_nothing_and_keep_the_previous_submission(project, stub, damage):
+    cfg = make_cfg(project, enabled=True)
+    run(cfg)
+    submission = cfg.paths.path("submission")
+    good = submission.read_bytes()
+    n_requests = len(stub.requests)
+
+    pred = project / "data/predictions/calibrate/test.csv"
+    df = pd.read_csv(pred)
+    if damage == "missing id":
+        df = df.drop(index=2)
+    elif damage == "NaN":
+        df.loc[2, "c3"] = np.nan
+    elif damage == "zero":
+        df.loc[2, "c3"] = 0.0
+    else:
+        df = df.rename(columns={"c9": "c10"})
+    df.to_csv(pred, index=False)
+
+    with pytest.raises(BadInputError) as info:
+        run(cfg)
+    assert str(submission) in str(info.value) or str(pred) in str(info.value)
+    if damage in ("NaN", "zero"):
+        assert info.value.row == 4 and str(pred) in str(info.value)  # row 4 of both files
+    assert len(stub.requests) == n_requests, "nothing may be sent after a refused file"
+    assert submission.read_bytes() == good
+    assert sorted(p.name for p in submission.parent.iterdir()) == ["submission.csv"], "no temp files left"
+
+
+# ---------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_prints_the_exact_command_and_records_it(project, capsys):
+    cfg = make_cfg(project, enabled=False, message="fold-avg v2")
+    figures = run(cfg)
+    out = capsys.readouterr().out
+    path = cfg.paths.path("submission")
+    message = f"fold-avg v2 | code {code_revision()} | data {file_sha256(path)[:12]}"
+    command = f'kaggle competitions submit -c state-farm-distracted-driver-detection -f {path} -m "{message}"'
+    assert command in out.splitlines()
+    assert figures == {"n_rows": len(IDS), "dry_run": True, "reference": None}
+    record = json.loads((project / "reports/submission.json").read_text())
+    assert record["command"] == command and record["dry_run"] and record["reference"] is None
+    assert json.loads(cfg.paths.stage_metrics_file("submit").read_text()) == figures
+    validate_submission(path, project / "data/raw/sample_submission.csv")
+    # Unnormalised predictions (rows summing to 2) are renormalised on write.
+    assert np.allclose(pd.read_csv(path)[CLASS_COLUMNS].sum(axis=1), 1.0, atol=1e-7)
+
+
+def test_enabled_without_credentials_is_a_dry_run(project, no_credentials, capsys):
+    figures = run(make_cfg(project, enabled=True))
+    assert figures["dry_run"] is True
+    assert "no Kaggle credentials" in capsys.readouterr().out
+
+
+def test_command_quotes_a_message_for_the_shell():
+    cmd = submit_command("comp", Path("/x/sub.csv"), 'say "hi" $HOME `x` \\')
+    assert cmd == 'kaggle competitions submit -c comp -f /x/sub.csv -m "say \\"hi\\" \\$HOME \\`x\\` \\\\"'
+    assert subprocess.run(["bash", "-c", f"printf %s {cmd.split(' -m ', 1)[1]}"], capture_output=True,
+                          text=True, env={"HOME": "/nowhere"}).stdout == 'say "hi" $HOME `x` \\'
+
+
+# ---------------------------------------------------------------------------- upload via the stub
+
+
+def test_stub_submission_uploads_the_file_and_records_the_reference(project, stub, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    cfg = make_cfg(project, enabled=True, message="calibrated ensemble")
+    figures = run(cfg)
+    path = cfg.paths.path("submission")
+
+    assert figures["dry_run"] is False and figures["reference"] == 40_001 and figures["public_score"] == 0.534
+    [start] = stub.calls("StartSubmissionUpload")
+    assert start.json() | {"lastModifiedEpochSeconds": 0} == {
+        "competitionName": cfg.ingest.competition, "fileName": "submission.csv",
+        "contentLength": path.stat().st_size, "lastModifiedEpochSeconds": 0}
+    [put] = stub.calls("upload")
+    assert put.body == path.read_bytes()
+    assert "Authorization" not in put.headers, "credentials must not go to the storage URL"
+    [create] = stub.calls("CreateSubmission")
+    description = create.json()["submissionDescription"]
+    assert description == f"calibrated ensemble | code {code_revision()} | data {file_sha256(path)[:12]}"
+    assert code_revision() != "unknown"
+
+    record = json.loads((project / "reports/submission.json").read_text())
+    assert record["reference"] == 40_001 and record["status"] == "COMPLETE" and record["public_score"] == 0.534
+    assert record["sha256"] == file_sha256(path) and record["attempts"] == 1
+
+    captured = capsys.readouterr()
+    artifacts = [p.read_text() for p in project.rglob("*") if p.is_file() and p.suffix in (".json", ".csv")]
+    for text in [captured.out, captured.err, caplog.text, *artifacts]:
+        assert STUB_KEY not in text
+
+
+def test_failed_file_upload_reported_as_a_message_raises(project, stub):
+    stub.fail("upload", 500, times=None)
+    with pytest.raises(SubmitError, match="Could not submit to competition"):
+        run(make_cfg(project, enabled=True))
+    assert stub.calls("CreateSubmission") == []
+    assert not (project / "reports/submission.json").exists()
+
+
+def test_reply_without_a_reference_raises(project, stub):
+    stub.create_reply = {"message": "Submission rejected: scoring error"}
+    with pytest.raises(SubmitError, match="scoring error"):
+        run(make_cfg(project, enabled=True))
+
+
+def test_server_errors_are_retried_until_success(project, stub, caplog):
+    stub.fail("StartSubmissionUpload", 503, times=2)
+    stub.fail("CreateSubmission", 429, times=1, retry_after="0")
+    figures = run(make_cfg(project, enabled=True, max_retries=3))
+    assert figures["reference"] == 40_001
+    assert len(stub.calls("StartSubmissionUpload")) == 4  # 503, 503, ok (then 429 on create), ok
+    assert len(stub.submissions) == 1
+    assert json.loads((project / "reports/submission.json").read_text())["attempts"] == 4
+    assert "HTTP 503" in caplog.text and "HTTP 429" in caplog.text
+
+
+def test_persistent_server_error_gives_up_after_max_retries(project, stub):
+    stub.fail("StartSubmissionUpload", 500, times=None)
+    with pytest.raises(SubmitError, match="gave up after 3 attempts; last error HTTP 500"):
+        run(make_cfg(project, enabled=True, max_retries=2))
+    assert len(stub.calls("StartSubmissionUpload")) == 3
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_client_errors_are_not_retried(project, stub, status):
+    stub.fail("StartSubmissionUpload", status, times=None)
+    with pytest.raises(SubmitError, match=f"HTTP {status}.*not retried"):
+        run(make_cfg(project, enabled=True, max_retries=3))
+    assert len(stub.calls("StartSubmissionUpload")) == 1
+
+
+def test_wrong_credentials_are_refused_without_retry_or_leak(project, stub, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_KEY", "wrong-secret-key-zzzz")
+    with pytest.raises(SubmitError, match="HTTP 401") as info:
+        run(make_cfg(project, enabled=True))
+    assert len(stub.requests) == 1
+    captured = capsys.readouterr()
+    assert "wrong-secret-key-zzzz" not in str(info.value) + captured.out + captured.err
+
+
+def test_backoff_doubles_and_honours_retry_after():
+    import requests
+
+    def http_error(status: int, headers: dict | None = None) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code, response.headers = status, requests.structures.CaseInsensitiveDict(headers or {})
+        return requests.HTTPError(f"status {status}", response=response)
+
+    failures = iter([http_error(502), http_error(503), http_error(500)])
+
+    def flaky():
+        error = next(failures, None)
+        if error:
+            raise error
+        return "done"
+
+    delays: list[float] = []
+    assert with_retries(flaky, max_retries=5, backoff_s=1.5, sleep=delays.append) == ("done", 4)
+    assert delays == [1.5, 3.0, 6.0]
+    assert retry_delay(http_error(429, {"Retry-After": "7"}), 0, 1.0) == 7.0
+    assert retry_delay(http_error(429), 2, 1.0) == 4.0
+
+
+def test_fresh_process_reaches_the_stub_through_the_environment(project, tmp_path):
+    """design.md's recipe: KAGGLE_API_ENVIRONMENT=LOCALHOST before kaggle is imported, endpoint replaced."""
+    write_params(make_cfg(project, enabled=True), project / "params.yaml")
+    home = tmp_path / "subprocess-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    env.update(HOME=str(home), KAGGLE_CONFIG_DIR=str(home / ".kaggle"), KAGGLE_API_ENVIRONMENT="LOCALHOST",
+               KAGGLE_USERNAME="stub-user", KAGGLE_KEY=STUB_KEY, NO_PROXY="127.0.0.1,localhost",
+               PYTHONPATH=str(ROOT))
+    script = (
+        "import sys, kagglesdk.kaggle_env as e\n"
+        "e._env_to_endpoint[e.KaggleEnv.LOCAL] = sys.argv[1]\n"
+        "from pipeline.config import load_params\n"
+        "from pipeline.submit import run\n"
+        "print(run(load_params(sys.argv[2])))\n"
+    )
+    with KaggleStub() as server:
+        proc = subprocess.run([sys.executable, "-c", script, server.url, str(project / "params.yaml")],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert [s["bytes"] for s in server.submissions] == [(project / "submissions/submission.csv").read_bytes()]
+    assert "'reference': 40001" in proc.stdout
+    assert STUB_KEY not in proc.stdout + proc.stderr
