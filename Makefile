@@ -17,7 +17,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # DVC stage commands say `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install demo test test-fast lint repro clean-outputs
+.PHONY: help install demo test test-fast lint repro clean-outputs server worker deploy retrain
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -48,3 +48,24 @@ repro: install ## dvc repro with the current params.yaml
 
 clean-outputs: ## remove pipeline outputs (not the DVC cache)
 	rm -rf data models reports submissions
+
+# ---------------------------------------------------------------- Prefect deployments (docs/deploy.md)
+PREFECT_PORT ?= 4200
+POOL ?= statefarm-pool
+PREFECT := $(VENV)/bin/prefect
+# Only these targets talk to the local server; `make demo`/`make test` keep their ephemeral API.
+server worker deploy retrain: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+server worker deploy retrain: export PREFECT_CLI_PROMPT := false
+
+server: install ## local Prefect server (SQLite, 127.0.0.1:4200) + a process worker; Ctrl-C stops both
+	$(PY) -m flows.local --port $(PREFECT_PORT) --pool $(POOL)
+
+worker: install ## one more process worker on the pool (e.g. on another machine with this checkout)
+	$(PREFECT) worker start --pool $(POOL) --type process
+
+deploy: install ## register prefect.yaml's deployments (full, weekly retrain, submit) on the server
+	@$(PREFECT) work-pool inspect $(POOL) >/dev/null 2>&1 || $(PREFECT) work-pool create $(POOL) --type process
+	PWD=$(CURDIR) $(PREFECT) --no-prompt deploy --all
+
+retrain: install ## trigger the retrain deployment now and wait for it
+	$(PREFECT) deployment run 'statefarm-retrain/weekly' --watch

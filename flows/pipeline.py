@@ -1,79 +1,102 @@
 """The full pipeline as a Prefect flow: resolve the config into params.yaml, then run every stage of
-dvc.yaml through DVC, one Prefect task per stage with the stage's name.
+dvc.yaml through DVC, one Prefect task per stage with the stage's name, then `dvc push`.
 
-    python -m flows.pipeline --profile demo [--set head.max_epochs=3]
+    python -m flows.pipeline --profile demo [--set head.max_epochs=3] [--submit] [--no-push]
+
+Deployed as `statefarm-pipeline/full` (prefect.yaml): `prefect deployment run 'statefarm-pipeline/full'
+--param profile=demo`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import sys
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
+from flows.params import Profile, RunParameters
+from flows.submission import note_submission
+from flows.tasks import (
+    configure,
+    dvc_slot,
+    publish_metrics,
+    push_cache,
+    read_metrics,
+    run_dvc_stage,  # noqa: F401  (re-exported: the task every stage runs)
+    run_stages,
+    stage_task,  # noqa: F401  (re-exported: tests check one task per stage, named after it)
+    use_this_python,
+)
 from pipeline.artifacts import artifact_lines
-from pipeline.config import PARAMS_FILE, load_params, load_profile, overrides_to_delta, write_params
+from pipeline.config import PARAMS_FILE, load_params, overrides_to_delta
 from pipeline.env import set_offline_env
-from pipeline.io import read_json
-from pipeline.stages import STAGES
 
 
-def use_this_python() -> None:
-    """DVC stage commands say `python`: make that the interpreter running this flow."""
-    bin_dir = str(Path(sys.executable).parent)
-    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+def run_locked(run: RunParameters, root: str, force: Iterable[str] = ()) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """configure + every stage (+ the submission record), inside the caller's DVC slot."""
+    configure(run.profile, run.config_overrides(), root)
+    ran = run_stages(run.config(), root, force=force, pull=run.pull)
+    metrics = read_metrics(root)
+    if run.submit:
+        note_submission(ran, metrics, run.profile, root)
+    return ran, metrics
 
 
-@task(name="configure", cache_policy=NO_CACHE)
-def configure(profile: str, overrides: dict[str, Any] | None, root: str) -> str:
-    cfg = load_profile(profile, overrides)
-    return str(write_params(cfg, Path(root) / PARAMS_FILE))
-
-
-@task(cache_policy=NO_CACHE)
-def run_dvc_stage(stage: str, root: str) -> list[str]:
-    """`dvc repro <stage> --single-item`: runs the stage only if its deps, params or code changed."""
-    from dvc.repo import Repo
-
-    # DVC resolves stage paths against the working directory, not only the repo root.
-    with contextlib.chdir(root), Repo(root) as repo:
-        ran = repo.reproduce(targets=[stage], single_item=True)
-    names = [s.addressing for s in ran]
-    get_run_logger().info("%s: %s", stage, "ran" if names else "up to date, skipped")
-    return names
-
-
-def stage_task(stage: str):
-    return run_dvc_stage.with_options(name=stage, task_run_name=stage)
+def run_pipeline(run: RunParameters, root: str, force: Iterable[str] = ()) -> dict[str, Any]:
+    """The body shared by the pipeline and submit flows; returns reports/metrics.json."""
+    set_offline_env()
+    use_this_python()
+    run.config()  # a bad override fails here, naming the key, before waiting for the DVC slot
+    with dvc_slot():
+        ran, metrics = run_locked(run, root, force)
+        if run.push:
+            push_cache(root)
+    publish_metrics(metrics, ran, run.profile)
+    logger = get_run_logger()
+    logger.info("stages run: %s", [s for s, names in ran.items() if names] or "none (all up to date)")
+    cfg = load_params(f"{root}/{PARAMS_FILE}")
+    logger.info("artifacts:\n%s", "\n".join(artifact_lines(cfg)))
+    return metrics
 
 
 @flow(name="statefarm-pipeline", log_prints=True)
-def pipeline_flow(profile: str = "demo", overrides: dict[str, Any] | None = None, root: str = ".") -> dict:
-    """Every stage of dvc.yaml in order; returns reports/metrics.json."""
-    set_offline_env()
-    use_this_python()
-    params = configure(profile, overrides, root)
-    ran = {stage: stage_task(stage)(stage, root) for stage in STAGES}
-    cfg = load_params(params)
-    print(f"stages run: {[s for s, names in ran.items() if names] or 'none (all up to date)'}")
-    print("artifacts:\n" + "\n".join(artifact_lines(cfg)))
-    return read_json(cfg.paths.path("metrics"))
+def pipeline_flow(
+    profile: Profile = "demo",
+    overrides: dict[str, Any] | None = None,
+    submit: bool = False,
+    push: bool = True,
+    pull: bool = False,
+    root: str = ".",
+) -> dict:
+    """Every stage of dvc.yaml in order (each `dvc repro <stage> --single-item`); returns
+    reports/metrics.json.
+
+    Args:
+        profile: configs/<profile>.yaml: demo (CPU, synthetic data), statefarm (GPU, real data), smoke (tests)
+        overrides: config deltas over the profile, e.g. {"head.max_epochs": 3, "finetune.trainer.devices": 2}
+        submit: upload the submission to Kaggle (sets submit.enabled=true); otherwise the submit stage is a dry run
+        push: dvc push outputs (and the run cache) to the DVC remote after a successful run
+        pull: restore stages that other workers already ran (and pushed) from the DVC remote instead of re-running them
+        root: the project checkout (the deployment's working directory)
+    """
+    run = RunParameters(profile=profile, overrides=overrides or {}, submit=submit, push=push, pull=pull)
+    return run_pipeline(run, root)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline_flow.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline_flow.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--submit", action="store_true", help="upload to Kaggle (submit.enabled=true)")
+    parser.add_argument("--no-push", dest="push", action="store_false", help="skip dvc push after the run")
+    parser.add_argument("--pull", action="store_true", help="restore stages other workers ran from the DVC remote")
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
     overrides = overrides_to_delta(args.overrides) or None
-    pipeline_flow(profile=args.profile, overrides=overrides, root=args.root)
+    pipeline_flow(profile=args.profile, overrides=overrides, submit=args.submit, push=args.push, pull=args.pull,
+                  root=args.root)
     return 0
 
 

@@ -34,13 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGES.items():
         stage = sub.add_parser(name, help=text)
         stage.add_argument("--params", default=PARAMS_FILE, help="resolved config (default params.yaml)")
+        if name == "member":  # one DVC foreach item per ensemble member, each cached on its own
+            stage.add_argument("--id", dest="member", type=int, default=None, metavar="M",
+                               help="train only member M of ensemble.members (default: all)")
     return parser
 
 
-def run_stage(name: str, params: str) -> dict:
+def run_stage(name: str, params: str, **options: object) -> dict:
     cfg = load_params(params)
     start = time.perf_counter()
-    figures = stage_module(name).run(cfg) or {}
+    figures = stage_module(name).run(cfg, **options) or {}
     print(f"[{name}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return figures
 
@@ -55,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "show-config":
             print(json.dumps(load_params(args.params).to_params(), indent=2))
         else:
-            figures = run_stage(args.command, args.params)
+            options = {"member": args.member} if getattr(args, "member", None) is not None else {}
+            figures = run_stage(args.command, args.params, **options)
             if figures:
                 print(json.dumps(figures, indent=2, default=str))
     except (ConfigError, StageError) as err:

@@ -72,6 +72,8 @@ class SyntheticConfig(Section):
         lo, hi = self.train_per_driver
         if not 10 <= lo <= hi:
             raise ValueError("train_per_driver must be (lo, hi) with 10 <= lo <= hi (every driver has all 10 classes)")
+        if self.n_test < self.n_test_drivers:
+            raise ValueError(f"n_test ({self.n_test}) must be at least n_test_drivers ({self.n_test_drivers}): every test driver has images")
         if self.width * 3 != self.height * 4:
             raise ValueError(f"synthetic images must be 4:3 like the real 640x480 frames, got {self.width}x{self.height}")
         return self
@@ -167,21 +169,33 @@ class HeadConfig(Section):
 
 
 class TrainerConfig(Section):
+    """Lightning trainer for the end-to-end stages (finetune, pseudo). Multi-GPU/multi-node is
+    Lightning DDP: ``devices: 8``, ``num_nodes: 2``, ``strategy: ddp``."""
+
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    compile: bool = False
+    precision: str = "auto"  # auto: bf16-mixed on GPU (16-mixed where bf16 is missing), 32-true on CPU
+    compile: bool = False  # torch.compile the network (recompiles when staged unfreezing changes)
+    # CUDA's adaptive average pooling has no deterministic backward; the conv base pools pool5 to
+    # grid x grid adaptively (and timm's VGG head does below 224 px), so "warn" rather than True.
     deterministic: bool | Literal["warn"] = "warn"
+    resume: bool = True  # resume an interrupted run of the same config, inputs and code from last.ckpt
+    log_every_n_steps: int = Field(10, ge=1)
 
 
 class FinetuneConfig(Section):
+    # Staged unfreezing: the head and the last `unfreeze_blocks` of VGG's 5 conv blocks train first;
+    # every `unfreeze_every` epochs one more block is unfrozen (0: never).
     unfreeze_blocks: int = Field(2, ge=0, le=5)
-    lr: float = Field(1e-4, gt=0)
-    first_epoch_lr: float = Field(1e-5, gt=0)
-    layer_lr_decay: float = Field(0.5, gt=0, le=1)
+    unfreeze_every: int = Field(2, ge=0)
+    lr: float = Field(1e-4, gt=0)  # the head's learning rate
+    first_epoch_lr: float = Field(1e-5, gt=0)  # the head's learning rate in epoch 0 (every group scaled alike)
+    layer_lr_decay: float = Field(0.5, gt=0, le=1)  # conv block k from the end trains at lr * decay**k
     optimizer: Optimizer = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)
     max_epochs: int = Field(8, ge=1)
     patience: int = Field(3, ge=1)
@@ -191,15 +205,41 @@ class FinetuneConfig(Section):
     trainer: TrainerConfig = TrainerConfig()
 
 
+# The course's rule of thumb: a quarter to a third of every batch pseudo-labelled.
+PSEUDO_FRACTION_RANGE = (0.25, 1 / 3)
+
+
 class PseudoConfig(Section):
+    """Pseudo-labelling on test images only (never validation), retraining with a fixed
+    pseudo-labelled share of every batch; uses ``finetune``'s optimiser and trainer settings."""
+
     fraction: float = 0.25
     labels: Literal["soft", "hard"] = "soft"
-    threshold: float | None = None  # hard labels only: keep test images above this confidence
-    iterations: int = Field(1, ge=1)
+    threshold: float | None = Field(None, gt=0, le=1)  # hard labels only: keep test images at least this confident
+    iterations: int = Field(1, ge=1)  # pseudo-label, retrain, repeat (the retrained model labels the next round)
+    # Knowledge distillation: a student restarted from the head-stage network learns the teacher's
+    # probabilities at `temperature` (loss scaled by T^2); otherwise the fine-tuned model trains on.
     distill: bool = False
     temperature: float = Field(1.0, gt=0)
     max_epochs: int = Field(4, ge=1)
     seed: int = 0
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction_in_course_range(cls, value: float) -> float:
+        lo, hi = PSEUDO_FRACTION_RANGE
+        if not lo - 1e-9 <= value <= hi + 1e-9:
+            raise ValueError(f"pseudo.fraction must be between 0.25 and 1/3 inclusive (a quarter to a third of "
+                             f"every batch pseudo-labelled), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_label_options(self) -> PseudoConfig:
+        if self.threshold is not None and self.labels != "hard":
+            raise ValueError("pseudo.threshold applies to hard labels only: set pseudo.labels=hard")
+        if self.distill and self.labels != "soft":
+            raise ValueError("pseudo.distill learns the teacher's soft targets: set pseudo.labels=soft")
+        return self
 
 
 class EnsembleConfig(Section):

@@ -105,8 +105,9 @@ def decode_image(path: Path | str, target_hw: tuple[int, int]) -> np.ndarray:
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
-    """HWC uint8 array -> CHW uint8 tensor (no float conversion: the model normalises)."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    """HWC uint8 array -> CHW uint8 tensor without a copy: a channels-last view, the layout the
+    conv base runs in anyway (no float conversion either: the model normalises on its device)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 # ---------------------------------------------------------------------------- augmentation

@@ -234,8 +234,6 @@ def embed_batches(conv_base: torch.nn.Module, loader: DataLoader, device: torch.
     use_cuda = device.type == "cuda"
     for images, _labels in loader:
         images = images.to(device, non_blocking=True)
-        if use_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_cuda):
             out = conv_base(images)
         yield out.float().clamp_(-FP16_MAX, FP16_MAX).to(torch.float16).cpu().numpy()
@@ -383,8 +381,6 @@ def run(cfg: Config, on_chunk_written: ChunkHook | None = None) -> dict[str, Any
     backbone = create_backbone(cfg.model)
     data_cfg = resolve_preprocessing(backbone, cfg.model)
     conv_base = create_conv_base(backbone, data_cfg, cfg.features.grid).to(device)
-    if device.type == "cuda":
-        conv_base = conv_base.to(memory_format=torch.channels_last)
     channels, dim, target_hw = conv_base.channels, conv_base.out_features, input_hw(data_cfg)
 
     split_info: dict[str, Any] = {}

@@ -71,7 +71,7 @@ class RandomCopyBatches(Sampler[list[int]]):
     Lightning calls ``set_epoch`` before each epoch."""
 
     def __init__(self, row_table: np.ndarray, batch_size: int, seed: int = 0):
-        self.row_table = torch.as_tensor(row_table, dtype=torch.long)
+        self.row_table = torch.tensor(np.asarray(row_table), dtype=torch.long)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.epoch = 0
@@ -245,6 +245,7 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # logs/ lives there; old checkpoints are cleared
 
 
 def build_trainer(cfg: Config, head_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:

@@ -12,6 +12,15 @@ STAGES: dict[str, str] = {
     "ingest": "verify and copy the competition files into data/raw (synthetic, dir, zip or kaggle)",
     "split": "hold out whole drivers for validation; driver-grouped, class-stratified folds",
     "sample": "a small train/valid sample drawn from the split, drivers kept apart",
+    "pretrain": "stand-in for ImageNet weights on CPU: narrow VGG trained on a separate synthetic domain",
+    "features": "frozen conv base over valid, test and train x N augmented copies, fp16 chunks",
+    "head": "dense batchnorm + dropout head trained on the cached features",
+    "finetune": "Lightning fine-tuning of the batchnorm VGG, starting from the head",
+    "pseudo": "retraining with a fixed pseudo-labelled fraction of every batch",
+    "member": "ensemble members (DVC foreach): heads with their own seed and held-out fold",
+    "ensemble": "weighted mean of members with TTA and test-neighbour smoothing",
+    "calibrate": "temperature scaling and clipping chosen on validation log loss",
+    "submit": "validated submissions/submission.csv; Kaggle upload or dry run",
     "report": "collect every stage's figures into reports/metrics.json and reports/report.html",
 }
 

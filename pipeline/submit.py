@@ -264,7 +264,8 @@ def describe(err: BaseException) -> str:
 
 def with_retries(action: Callable[[], T], max_retries: int, backoff_s: float,
                  sleep: Callable[[float], None] = time.sleep) -> tuple[T, int]:
-    """(result, attempts). Retries only transient failures, at most ``max_retries`` times."""
+    """(result, attempts). Retries only transient failures (429, 5xx, dropped connections), at most
+    ``max_retries`` times; a refused request (other 4xx) or a failed upload (``SubmitError``) is final."""
     for attempt in range(max_retries + 1):
         try:
             return action(), attempt + 1
@@ -327,6 +328,8 @@ def lookup_score(api: Any, competition: str, ref: int, wait_s: float,
 def upload(cfg: Config, path: Path, message: str) -> dict[str, Any]:
     api = kaggle_api()
     competition = cfg.ingest.competition
+    # Each attempt redoes the whole sequence (start upload, PUT, create): an upload token may be spent.
+    # A 5xx on CreateSubmission can hide a submission that was made; the record's attempts count shows it.
     (ref, reply), attempts = with_retries(lambda: upload_once(api, path, competition, message),
                                           cfg.submit.max_retries, cfg.submit.backoff_s)
     log.info("submitted %s to %s: reference %d (%s)", path, competition, ref, reply)

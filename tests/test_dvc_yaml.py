@@ -11,7 +11,8 @@ from pipeline.config import Config
 from pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# foreach stages keep their definition under `do:`
+DVC = {name: spec.get("do", spec) for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
 LAUNCHER = {"pipeline.cli", "pipeline.__main__"}  # the stage command itself, not what it computes with
 
 

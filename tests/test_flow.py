@@ -57,9 +57,112 @@ def test_prefect_flow_runs_the_stages_through_dvc(clone, tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline_flow
+    from flows.retrain import retrain_flow
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
     with prefect_test_harness(server_startup_timeout=120):
         metrics = pipeline_flow(profile="smoke", overrides={"sample.n_train": 25}, root=str(clone))
+        # The scheduled retrain on an unchanged checkout: nothing upstream of a (dry-run) submit re-runs.
+        retrain = retrain_flow(profile="smoke", overrides={"sample.n_train": 25}, root=str(clone))
     assert metrics["sample"]["n_train"] == 25  # the override reached the stage through params.yaml
     assert set(metrics) >= {"ingest", "split", "sample"}
+    assert (clone / ".dvc-remote").is_dir()  # dvc push after the run
+    assert retrain["submitted"] is False  # no Kaggle credentials here: at most a dry run
+    assert not set(retrain["stages_run"]) - {"submit", "report"}, retrain
+
+
+# ---------------------------------------------------------------------------- flow wiring (fast)
+
+
+def test_run_parameters_validate_overrides_through_the_config_naming_the_key():
+    from pydantic import ValidationError
+
+    from flows.params import RunParameters
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"head\.no_such_key: unknown key"):
+        RunParameters(profile="smoke", overrides={"head.no_such_key": 1}).config()
+    with pytest.raises(ValidationError):
+        RunParameters(profile="no-such-profile")
+    # The submit switch is the one source of submit.enabled.
+    assert RunParameters(profile="smoke", submit=True).config().submit.enabled is True
+    assert RunParameters(profile="smoke", overrides={"submit": {"enabled": True}}).config().submit.enabled is False
+    assert RunParameters(profile="smoke", overrides={"sample.n_train": 25}).config().sample.n_train == 25
+
+
+def test_flows_have_typed_parameters_for_the_ui_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import pipeline_flow
+    from flows.retrain import retrain_flow
+    from flows.submit import submit_flow
+
+    for flow in (pipeline_flow, retrain_flow, submit_flow):
+        schema = parameter_schema(flow).model_dump()
+        props = schema["properties"]
+        profile = props["profile"]
+        enum = profile.get("enum") or schema["definitions"][profile["$ref"].rsplit("/", 1)[-1]]["enum"]
+        assert enum == ["demo", "statefarm", "smoke"], flow.name
+        assert all(p.get("description") for p in props.values()), f"{flow.name}: undocumented parameter"
+
+
+def test_retries_only_on_transient_stages():
+    from flows.tasks import stage_retries, stage_task
+    from pipeline.config import load_profile
+
+    synthetic = load_profile("smoke")
+    kaggle = load_profile("statefarm")
+    assert stage_retries("ingest", kaggle) > 0 and stage_retries("submit", synthetic) > 0
+    assert stage_retries("ingest", synthetic) == 0
+    assert all(stage_retries(s, kaggle) == 0 for s in STAGES_WITHOUT_RETRIES)
+    task = stage_task("submit", retries=1)
+    assert (task.name, task.retries) == ("submit", 1)
+
+
+STAGES_WITHOUT_RETRIES = ("split", "sample", "features", "head", "finetune", "ensemble", "calibrate", "report")
+
+
+def test_headline_is_the_last_stage_in_dag_order_with_a_validation_log_loss():
+    from flows.submission import should_submit
+    from flows.tasks import headline
+    from pipeline.stages import STAGES
+
+    first, second = list(STAGES)[1:3]
+    metrics = {second: {"valid_logloss": 0.5}, first: {"valid_logloss": 0.9, "valid_acc": 0.7}, "ingest": {"n": 3}}
+    assert headline(metrics) == (second, 0.5)
+    assert headline({"ingest": {"n": 3}}) is None
+    assert should_submit(metrics, None)[0] is True
+    assert should_submit(metrics, {"valid_logloss": 0.6})[0] is True
+    assert should_submit(metrics, {"valid_logloss": 0.5})[0] is False
+    assert should_submit(metrics, {"valid_logloss": 0.52}, min_improvement=0.05)[0] is False
+    assert should_submit({"ingest": {}}, None)[0] is False
+
+
+def test_stage_failure_keeps_the_last_stderr_lines_and_names_the_stage():
+    import pickle
+
+    from flows.tasks import StageFailed, stderr_tail
+
+    with stderr_tail(lines=3) as tail:
+        subprocess.run([sys.executable, "-c", "import sys\nfor i in range(10): print('line', i, file=sys.stderr)"],
+                       check=True)
+    assert list(tail) == ["line 7", "line 8", "line 9"]
+    err = pickle.loads(pickle.dumps(StageFailed("split", "failed to reproduce 'split'", tail)))
+    assert str(err).startswith("stage 'split' failed: failed to reproduce 'split'") and "line 9" in str(err)
+
+
+def test_prefect_yaml_deploys_every_flow_on_the_process_pool():
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    names = {name: load_flow_from_entrypoint(d["entrypoint"]).name for name, d in deployments.items()}
+    assert names == {"full": "statefarm-pipeline", "weekly": "statefarm-retrain", "submit": "statefarm-submit",
+                     "stages": "statefarm-stages"}
+    assert all(d["work_pool"]["name"] == "statefarm-pool" for d in deployments.values())
+    assert deployments["weekly"]["schedules"] == [{"cron": "0 3 * * 1", "timezone": "UTC", "active": True}]
+    step = spec["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    assert step["directory"] == "{{ $PWD }}"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from kaggle_stub import STUB_KEY, KaggleStub, use_stub
 
 from pipeline.config import load_profile, write_params
 from pipeline.errors import BadInputError
@@ -27,7 +28,6 @@ from pipeline.submit import (
     validate_submission,
     with_retries,
 )
-from kaggle_stub import STUB_KEY, KaggleStub, use_stub
 
 IDS = [f"img_{i}.jpg" for i in range(1, 7)]
 HEADER = "img," + ",".join(CLASS_COLUMNS)

@@ -1,0 +1,360 @@
+"""``ensemble`` stage: combine the members' predictions, with test-time augmentation and test-neighbour
+smoothing, into ``data/predictions/ensemble/{valid,test}.csv``.
+
+1. **Members.** Each ``member@<m>`` head (``models/member/<m>/head.pt``) predicts valid and test from
+   the cached conv features; the predictions of the stages in ``ensemble.include`` (head, finetune,
+   pseudo) join as they are, when they exist.
+2. **TTA.** A member head also predicts ``ensemble.tta`` augmented copies of every valid and test
+   image (the features stage's augmentation, never a flip), and the passes are averaged; a member
+   keeps TTA only when it lowers that member's validation log loss. Augmented valid/test features
+   come from the cache when it holds them, else they are computed here with the same conv base.
+3. **Mean.** Arithmetic or geometric (``exp(sum w log p)``, renormalised), weights on the simplex
+   fitted on validation log loss (``ensemble.fit_weights``) or equal. Equal weights and every single
+   member are candidates too, so the fitted ensemble is never worse on validation than the best
+   member. Fitting on the validation it is scored on is optimistic, so ``valid_logloss_crossfit``
+   reports weights fitted on some validation drivers and scored on the others.
+4. **Test-neighbour smoothing** (``pipeline.neighbours``): each prediction averaged with its
+   ``ensemble.neighbours`` nearest neighbours (cosine, cached features). Measured first among the
+   validation images; applied to test only when it lowers validation log loss
+   (``smoothing_applied``); before/after figures for valid (and hidden test) either way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+from pipeline.config import Config
+from pipeline.errors import BadInputError, StageError
+from pipeline.features import FeatureSplit, load_split
+from pipeline.head import HEAD_FILE, load_head, predict_probs, split_labels
+from pipeline.member import model_dir, stage_name
+from pipeline.metrics import (
+    KAGGLE_EPS,
+    accuracy,
+    evaluate,
+    kaggle_logloss,
+    read_hidden_labels,
+    read_predictions,
+    write_predictions,
+    write_stage_metrics,
+)
+from pipeline.neighbours import neighbour_smoothing
+
+Mean = Literal["arithmetic", "geometric"]
+
+
+@dataclass
+class Member:
+    """One member's predictions, rows aligned with the ensemble's valid and test image order."""
+
+    name: str
+    valid: np.ndarray
+    test: np.ndarray
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- combining
+
+
+def normalise(probs: np.ndarray) -> np.ndarray:
+    return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def combine(member_probs: np.ndarray, weights: np.ndarray, mean: Mean = "arithmetic") -> np.ndarray:
+    """Weighted mean of ``(members, n, classes)`` probabilities, rows renormalised."""
+    member_probs = np.asarray(member_probs, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    weights = weights / weights.sum()
+    if mean == "geometric":
+        # A log-linear pool: one member's confident "no" vetoes a class; floored at Kaggle's epsilon.
+        logp = np.log(np.clip(normalise(member_probs), KAGGLE_EPS, 1.0))
+        logits = np.tensordot(weights, logp, axes=1)
+        return normalise(np.exp(logits - logits.max(axis=1, keepdims=True)))
+    return normalise(np.tensordot(weights, normalise(member_probs), axes=1))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def fit_weights(member_probs: np.ndarray, labels: np.ndarray, mean: Mean = "arithmetic") -> np.ndarray:
+    """Simplex weights minimising log loss of ``combine``: a softmax-parametrised search from equal
+    weights, then the best of it, equal weights and each single member (so never worse than those)."""
+    n_members = len(member_probs)
+    equal = np.full(n_members, 1.0 / n_members)
+    if n_members == 1:
+        return equal
+
+    def loss(weights: np.ndarray) -> float:
+        return kaggle_logloss(combine(member_probs, weights, mean), labels)
+
+    fitted = softmax(minimize(lambda z: loss(softmax(z)), np.zeros(n_members), method="L-BFGS-B").x)
+    candidates = [fitted, equal, *np.eye(n_members)]
+    return min(candidates, key=loss)
+
+
+def ensemble_weights(member_probs: np.ndarray, labels: np.ndarray, mean: Mean, fit: bool) -> np.ndarray:
+    return fit_weights(member_probs, labels, mean) if fit else np.full(len(member_probs), 1.0 / len(member_probs))
+
+
+def driver_folds(groups: np.ndarray, n_folds: int) -> np.ndarray | None:
+    """Fold per row with whole drivers per fold (sorted drivers dealt round-robin); None for < 2 drivers."""
+    drivers = sorted(set(groups.tolist()))
+    if len(drivers) < 2:
+        return None
+    fold_of = {d: i % min(n_folds, len(drivers)) for i, d in enumerate(drivers)}
+    return np.array([fold_of[g] for g in groups.tolist()])
+
+
+def cross_fitted(member_probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, mean: Mean, fit: bool,
+                 n_folds: int) -> np.ndarray | None:
+    """Every validation row combined with weights fitted on the other drivers' rows."""
+    folds = driver_folds(np.asarray(groups), n_folds)
+    if folds is None:
+        return None
+    out = np.empty(member_probs.shape[1:], dtype=np.float64)
+    for fold in np.unique(folds):
+        held = folds == fold
+        weights = ensemble_weights(member_probs[:, ~held], labels[~held], mean, fit)
+        out[held] = combine(member_probs[:, held], weights, mean)
+    return out
+
+
+# ---------------------------------------------------------------------------- smoothing
+
+
+def smoothing_decision(valid: np.ndarray, labels: np.ndarray, valid_features: np.ndarray, k: int) -> tuple[bool, np.ndarray]:
+    """(trust, smoothed valid): smoothing among the validation images, trusted only when it lowers
+    validation log loss (so it is switched off where neighbours do not share labels)."""
+    smoothed = neighbour_smoothing(valid, valid_features, k)
+    trusted = k > 0 and kaggle_logloss(smoothed, labels) < kaggle_logloss(valid, labels)
+    return trusted, smoothed
+
+
+def smoothing_figures(labels: np.ndarray, before: np.ndarray, after: np.ndarray, test_labels: np.ndarray | None,
+                      test_before: np.ndarray, test_after: np.ndarray) -> dict[str, float]:
+    """Log loss and accuracy before/after smoothing, valid and (where labels exist) hidden test."""
+    out: dict[str, float] = {}
+    pairs = [("valid", labels, before, after)]
+    if test_labels is not None:
+        pairs.append(("test", test_labels, test_before, test_after))
+    for split, y, b, a in pairs:
+        out[f"smoothing_{split}_logloss_before"] = kaggle_logloss(b, y)
+        out[f"smoothing_{split}_logloss_after"] = kaggle_logloss(a, y)
+        out[f"smoothing_{split}_acc_before"] = accuracy(b, y)
+        out[f"smoothing_{split}_acc_after"] = accuracy(a, y)
+    return out
+
+
+# ---------------------------------------------------------------------------- TTA features
+
+
+def cached_augmented(split: FeatureSplit, imgs: np.ndarray, passes: int) -> list[np.ndarray] | None:
+    """Copies 1..passes of ``imgs`` from the cache, or None when the cache holds too few copies."""
+    if split.copies <= passes:
+        return None
+    table = split.index.pivot(index="img", columns="copy", values="row")
+    return [split.features[table.loc[imgs, k].to_numpy()] for k in range(1, passes + 1)]
+
+
+def computed_augmented(cfg: Config, image_paths: dict[str, list[str]], passes: int,
+                       reference: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Copies 1..passes of each split's images (augmented like the features stage's train copies, seed
+    ``(features.seed, copy, file name)``) through the features stage's conv base. ``reference`` holds
+    each split's cached plain features, checked against a recomputation so a cache made by another
+    model is refused rather than mixed in."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
+    from pipeline.features import embed_batches, resolve_device
+    from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
+
+    device = resolve_device(cfg.features.device)
+    backbone = create_backbone(cfg.model)
+    data_cfg = resolve_preprocessing(backbone, cfg.model)
+    conv_base = create_conv_base(backbone, data_cfg, cfg.features.grid).to(device)
+    augmentation = build_augmentation(cfg.augment)
+
+    def embed(paths: list[str], copies: list[int]) -> np.ndarray:
+        dataset = ImageRowsDataset(paths, input_hw(data_cfg), copies=copies, augmentation=augmentation, seed=cfg.features.seed)
+        loader = DataLoader(dataset, batch_size=cfg.features.batch_size, shuffle=False, num_workers=cfg.features.num_workers,
+                            worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
+        return np.concatenate(list(embed_batches(conv_base, loader, device)))
+
+    out: dict[str, list[np.ndarray]] = {}
+    for name, paths in image_paths.items():
+        check_same_model(embed(paths[:4], [0] * min(4, len(paths))), reference[name][:4], name)
+        n = len(paths)
+        flat = embed(paths * passes, [k for k in range(1, passes + 1) for _ in range(n)])
+        out[name] = [flat[i * n:(i + 1) * n] for i in range(passes)]
+    return out
+
+
+def check_same_model(recomputed: np.ndarray, cached: np.ndarray, split: str) -> None:
+    """Refuse when the conv base no longer reproduces the cache (fp16 rounding and GPU autocast
+    differ by far less than 2% of the feature scale)."""
+    a, b = recomputed.astype(np.float64), cached.astype(np.float64)
+    if a.shape != b.shape:
+        raise StageError(f"cached {split} features have shape {b.shape[1:]}, the current model gives {a.shape[1:]}: "
+                         "rerun the features stage")
+    scale = max(float(np.abs(b).max(initial=0.0)), 1e-6)
+    if a.size and float(np.abs(a - b).max()) > 0.02 * scale:
+        raise StageError(f"cached {split} features differ from the current model's: rerun the features stage")
+
+
+def augmented_features(cfg: Config, splits: dict[str, FeatureSplit], imgs: dict[str, np.ndarray],
+                       plain: dict[str, np.ndarray], passes: int) -> dict[str, list[np.ndarray]]:
+    """``passes`` augmented feature arrays per split (valid, test), aligned with ``imgs``."""
+    if passes == 0:
+        return {name: [] for name in splits}
+    cached = {name: cached_augmented(split, imgs[name], passes) for name, split in splits.items()}
+    missing = [name for name, feats in cached.items() if feats is None]
+    if missing:
+        from pipeline.features import read_image_tables
+
+        tables = read_image_tables(cfg)
+        paths = {name: tables[name].set_index("img").loc[imgs[name], "path"].tolist() for name in missing}
+        cached.update(computed_augmented(cfg, paths, passes, {name: plain[name] for name in missing}))
+    return cached
+
+
+# ---------------------------------------------------------------------------- members
+
+
+def tta_probs(head: Any, plain: np.ndarray, augmented: list[np.ndarray]) -> np.ndarray:
+    """The head's probabilities averaged over the plain pass and each augmented pass."""
+    return np.mean([predict_probs(head, feats) for feats in [plain, *augmented]], axis=0)
+
+
+def head_member(cfg: Config, member: int, plain: dict[str, np.ndarray], augmented: dict[str, list[np.ndarray]],
+                labels: np.ndarray) -> Member:
+    """A ``member@<m>`` head's predictions, with TTA when it lowers this member's validation loss."""
+    path = model_dir(cfg, member) / HEAD_FILE
+    if not path.exists():
+        raise StageError(f"{path} not found: run the {stage_name(member)} stage first")
+    head, _meta = load_head(path)
+    valid, test = predict_probs(head, plain["valid"]), predict_probs(head, plain["test"])
+    figures: dict[str, Any] = {"valid_logloss_plain": kaggle_logloss(valid, labels)}
+    if augmented["valid"]:
+        valid_tta = tta_probs(head, plain["valid"], augmented["valid"])
+        figures["valid_logloss_tta"] = kaggle_logloss(valid_tta, labels)
+        figures["tta_used"] = figures["valid_logloss_tta"] < figures["valid_logloss_plain"]
+        if figures["tta_used"]:
+            valid, test = valid_tta, tta_probs(head, plain["test"], augmented["test"])
+    return Member(stage_name(member), valid, test, figures)
+
+
+def aligned_predictions(path: Path, imgs: np.ndarray) -> np.ndarray | None:
+    """Rows of a predictions file in ``imgs`` order; None when it lacks any of them."""
+    got_imgs, probs = read_predictions(path)
+    frame = pd.DataFrame(probs, index=got_imgs)
+    if frame.index.duplicated().any():
+        raise BadInputError(path, "duplicate img rows")
+    if not pd.Index(imgs).isin(frame.index).all():
+        return None
+    return frame.loc[imgs].to_numpy(dtype=np.float64)
+
+
+def stage_member(cfg: Config, stage: str, valid_imgs: np.ndarray, test_imgs: np.ndarray) -> Member | None:
+    """Another stage's predictions as a member, when both files exist and cover every image."""
+    folder = cfg.paths.path("predictions") / stage
+    if not ((folder / "valid.csv").exists() and (folder / "test.csv").exists()):
+        return None
+    valid, test = aligned_predictions(folder / "valid.csv", valid_imgs), aligned_predictions(folder / "test.csv", test_imgs)
+    if valid is None or test is None:
+        return None
+    return Member(stage, normalise(valid), normalise(test))
+
+
+# ---------------------------------------------------------------------------- stage
+
+
+def valid_groups(split_csv: Path, imgs: np.ndarray) -> np.ndarray:
+    """Driver of each validation image (for the cross-fitted estimate)."""
+    if not split_csv.exists():
+        raise StageError(f"{split_csv} not found: run the split stage first")
+    split = pd.read_csv(split_csv, dtype={"img": str, "subject": str}).set_index("img")
+    return split.loc[imgs, "subject"].to_numpy()
+
+
+def rounded(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), 6)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    start = time.perf_counter()
+    opts = cfg.ensemble
+    features_dir = cfg.paths.path("features")
+    splits = {name: load_split(features_dir, name) for name in ("valid", "test")}
+    rows = {name: split.rows_of_copy(0) for name, split in splits.items()}
+    imgs = {name: split.index["img"].to_numpy()[rows[name]] for name, split in splits.items()}
+    plain = {name: split.features[rows[name]] for name, split in splits.items()}
+    labels = split_labels(splits["valid"])[rows["valid"]]
+    hidden = read_hidden_labels(cfg.paths.path("hidden"))
+    test_labels = np.array([hidden[i] for i in imgs["test"]]) if hidden is not None else None
+
+    augmented = augmented_features(cfg, splits, imgs, plain, opts.tta if opts.members else 0)
+    members = [head_member(cfg, m, plain, augmented, labels) for m in opts.members]
+    members += [m for m in (stage_member(cfg, s, imgs["valid"], imgs["test"]) for s in opts.include) if m is not None]
+    if not members:
+        raise StageError(f"no ensemble members: ensemble.members is empty and none of {opts.include} has predictions")
+    for member in members:
+        member.figures.update(evaluate(member.valid, labels, list(imgs["test"]), member.test, hidden))
+
+    stacked_valid = np.stack([m.valid for m in members])
+    weights = ensemble_weights(stacked_valid, labels, opts.mean, opts.fit_weights)
+    valid = combine(stacked_valid, weights, opts.mean)
+    test = combine(np.stack([m.test for m in members]), weights, opts.mean)
+    crossfit = cross_fitted(stacked_valid, labels, valid_groups(cfg.paths.path("split_csv"), imgs["valid"]),
+                            opts.mean, opts.fit_weights, opts.cross_fit_folds)
+
+    trusted, valid_smoothed = smoothing_decision(valid, labels, plain["valid"], opts.neighbours)
+    test_smoothed = neighbour_smoothing(test, plain["test"], opts.neighbours) if opts.neighbours > 0 else test
+    smoothing = smoothing_figures(labels, valid, valid_smoothed, test_labels, test, test_smoothed) if opts.neighbours > 0 else {}
+    if trusted:
+        valid, test = valid_smoothed, test_smoothed
+
+    out = cfg.paths.path("predictions") / "ensemble"
+    write_predictions(out / "valid.csv", imgs["valid"], valid)
+    write_predictions(out / "test.csv", imgs["test"], test)
+
+    best = min(members, key=lambda m: m.figures["valid_logloss"])
+    figures: dict[str, Any] = {
+        **evaluate(valid, labels, list(imgs["test"]), test, hidden),
+        "valid_logloss_crossfit": None if crossfit is None else kaggle_logloss(crossfit, labels),
+        "mean": opts.mean,
+        "weights": {m.name: float(w) for m, w in zip(members, weights, strict=True)},
+        "n_members": len(members),
+        "best_member": best.name,
+        "best_member_valid_logloss": best.figures["valid_logloss"],
+        "tta_passes": opts.tta,
+        "neighbours": opts.neighbours,
+        "smoothing_applied": bool(trusted),
+        **smoothing,
+        "members": {m.name: m.figures for m in members},
+        "seconds": time.perf_counter() - start,
+    }
+    figures = rounded(figures)
+    write_stage_metrics(cfg.paths.stage_metrics_file("ensemble"), figures)
+    return figures
+
+
+def main() -> None:
+    """Run the stage with params.yaml (the same as ``python -m pipeline ensemble``)."""
+    from pipeline.cli import main as cli_main
+
+    raise SystemExit(cli_main(["ensemble"]))

@@ -1,0 +1,171 @@
+"""Ensemble combination, weight fitting, test-neighbour smoothing (pure functions on constructed
+predictions), and one tiny end-to-end run: features -> member@0,1 -> ensemble -> report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.ensemble import combine, cross_fitted, driver_folds, fit_weights, smoothing_decision
+from pipeline.metrics import kaggle_logloss
+from pipeline.neighbours import drop_self, nearest_neighbours, neighbour_smoothing
+
+
+def noisy_predictions(labels: np.ndarray, strength: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dirichlet noise plus ``strength`` (per row) of mass on the true class."""
+    probs = rng.dirichlet(np.ones(10), size=len(labels))
+    probs[np.arange(len(labels)), labels] += strength
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def complementary_members():
+    """Member A is good on classes 0-4 and weak on 5-9, member B the opposite."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 400)
+    low = labels < 5
+    a = noisy_predictions(labels, np.where(low, 3.0, 0.2), rng)
+    b = noisy_predictions(labels, np.where(low, 0.2, 3.0), rng)
+    return np.stack([a, b]), labels
+
+
+@pytest.mark.parametrize("mean", ["arithmetic", "geometric"])
+def test_fitted_ensemble_beats_or_matches_the_best_member(complementary_members, mean):
+    members, labels = complementary_members
+    weights = fit_weights(members, labels, mean)
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1)
+    best_single = min(kaggle_logloss(m, labels) for m in members)
+    assert kaggle_logloss(combine(members, weights, mean), labels) < best_single - 0.05
+
+
+def test_weight_fitting_turns_down_a_useless_member(complementary_members):
+    members, labels = complementary_members
+    noise = np.random.default_rng(1).dirichlet(np.full(10, 0.3), size=len(labels))  # confident and random
+    weights = fit_weights(np.stack([members[0], noise]), labels)
+    assert weights[0] > 0.85
+    fitted = kaggle_logloss(combine(np.stack([members[0], noise]), weights), labels)
+    assert fitted <= kaggle_logloss(members[0], labels) + 1e-9  # never worse than the best member
+
+
+def test_geometric_mean_is_a_log_linear_pool_and_arithmetic_a_plain_average():
+    p = np.array([[[0.5, 0.5, 0.0], [0.6, 0.3, 0.1]],
+                  [[0.5, 0.0, 0.5], [0.2, 0.2, 0.6]]])
+    w = np.array([0.5, 0.5])
+    np.testing.assert_allclose(combine(p, w, "arithmetic"), p.mean(axis=0))
+    geometric = combine(p, w, "geometric")
+    expected = np.sqrt(p[0, 1] * p[1, 1])
+    np.testing.assert_allclose(geometric[1], expected / expected.sum())
+    # One member's (near-)zero vetoes a class under the geometric mean, not under the arithmetic one.
+    assert geometric[0, 1] < 1e-6 and geometric[0, 2] < 1e-6 and geometric[0, 0] == pytest.approx(1)
+    assert combine(p, w, "arithmetic")[0, 1] == pytest.approx(0.25)
+    np.testing.assert_allclose(geometric.sum(axis=1), 1)
+
+
+def test_knn_excludes_the_point_itself_even_among_exact_duplicates():
+    rng = np.random.default_rng(0)
+    features = np.repeat(rng.normal(size=(5, 8)), 3, axis=0)  # every row has two exact twins
+    neighbours = nearest_neighbours(features, k=4)
+    assert neighbours.shape == (15, 4)
+    assert not (neighbours == np.arange(15)[:, None]).any()
+    assert len(set(neighbours[0].tolist())) == 4
+    assert nearest_neighbours(features[:3], k=10).shape == (3, 2)  # k is capped at n - 1
+    # When ties push a row's own index out of its k + 1 results, the farthest is dropped instead.
+    np.testing.assert_array_equal(drop_self(np.array([[1, 2, 3], [1, 0, 2]]), 2), [[1, 2], [0, 2]])
+
+
+def clustered(labels: np.ndarray, rng: np.random.Generator, spread: float) -> np.ndarray:
+    """Features near one centre per class (frames of a clip sit next to each other)."""
+    centres = rng.normal(size=(10, 16)) * 5
+    return centres[labels] + rng.normal(size=(len(labels), 16)) * spread
+
+
+def test_smoothing_helps_when_neighbours_share_labels():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 12)
+    # Frame-level mistakes: 30% of frames confidently on a random wrong class, the rest right.
+    wrong = rng.random(len(labels)) < 0.3
+    predicted = np.where(wrong, (labels + rng.integers(1, 10, len(labels))) % 10, labels)
+    probs = np.full((len(labels), 10), 0.2 / 9)
+    probs[np.arange(len(labels)), predicted] = 0.8
+    features = clustered(labels, rng, spread=0.5)
+    smoothed = neighbour_smoothing(probs, features, k=5)
+    assert kaggle_logloss(smoothed, labels) < kaggle_logloss(probs, labels) - 0.1
+    trusted, _ = smoothing_decision(probs, labels, features, k=5)
+    assert trusted
+
+
+def test_smoothing_is_switched_off_when_it_hurts_validation():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 12)
+    probs = noisy_predictions(labels, np.full(len(labels), 20.0), rng)  # confident and right
+    features = rng.normal(size=(len(labels), 16))  # neighbours unrelated to labels
+    trusted, smoothed = smoothing_decision(probs, labels, features, k=5)
+    assert not trusted and kaggle_logloss(smoothed, labels) > kaggle_logloss(probs, labels)
+    assert not smoothing_decision(probs, labels, features, k=0)[0]  # k = 0: off
+
+
+def test_cross_fitting_holds_out_whole_drivers(complementary_members):
+    members, labels = complementary_members
+    groups = np.array([f"p{i % 4}" for i in range(len(labels))])
+    folds = driver_folds(groups, 2)
+    for driver in set(groups):
+        assert len(set(folds[groups == driver])) == 1
+    assert driver_folds(np.array(["p1"] * 5), 2) is None
+    crossfit = cross_fitted(members, labels, groups, "arithmetic", True, 2)
+    assert crossfit.shape == members.shape[1:] and np.allclose(crossfit.sum(axis=1), 1)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def ensembled(tmp_path_factory):
+    """The smoke chain up to the ensemble (tiny: ~100 images at 48x64, 3 head epochs per member)."""
+    from pipeline import ensemble, features, ingest, member, split
+    from pipeline.config import load_profile
+
+    cfg = load_profile("smoke", ["head.max_epochs=2"]).at(tmp_path_factory.mktemp("ensemble"))
+    for stage in (ingest, split, features):
+        stage.run(cfg)
+    members = member.run(cfg)
+    return cfg, members, ensemble.run(cfg)
+
+
+def test_ensemble_stage_writes_predictions_and_honest_figures(ensembled):
+    from pipeline.metrics import read_predictions
+
+    cfg, members, figures = ensembled
+    assert set(members) == {"member@0", "member@1"}
+    assert members["member@0"]["held_out_fold"] == 0 and members["member@1"]["seed"] == cfg.head.seed + 2
+    assert (cfg.paths.path("models") / "member" / "1" / "head.pt").exists()
+    imgs, probs = read_predictions(cfg.paths.path("predictions") / "ensemble" / "test.csv")
+    assert len(imgs) == cfg.ingest.synthetic.n_test and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    assert set(figures["members"]) == {"member@0", "member@1"}  # no head/finetune/pseudo predictions here
+    assert sum(figures["weights"].values()) == pytest.approx(1, abs=1e-5)
+    assert figures["valid_logloss"] <= figures["best_member_valid_logloss"] + 1e-6
+    assert "valid_logloss_tta" in figures["members"]["member@0"]  # smoke: tta=1, computed (cache has 1 copy)
+    for key in ("test_logloss", "valid_logloss_crossfit", "smoothing_applied", "smoothing_valid_logloss_before",
+                "smoothing_valid_logloss_after", "smoothing_test_logloss_before", "smoothing_test_logloss_after"):
+        assert key in figures
+    saved = json.loads(cfg.paths.stage_metrics_file("ensemble").read_text())
+    assert saved["smoothing_applied"] == figures["smoothing_applied"]
+
+
+def test_member_rejects_an_id_not_in_the_config(ensembled):
+    from pipeline import member
+    from pipeline.errors import StageError
+
+    with pytest.raises(StageError, match="not in ensemble.members"):
+        member.run(ensembled[0], member=7)
+
+
+def test_report_renders_every_section_from_the_ensembled_chain(ensembled):
+    from pipeline import report
+
+    cfg = ensembled[0]
+    report.run(cfg)
+    page = cfg.paths.path("report_html").read_text()
+    for text in ("Validation predictions: ensemble", "Confusion matrix", "log loss per true class", "reliability diagram",
+                 "member/0/logs", "<h3>most uncertain</h3>", "data:image/jpeg;base64,", "Test-neighbour smoothing (k = 3)"):
+        assert text in page
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # opens offline

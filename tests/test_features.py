@@ -1,0 +1,241 @@
+"""The features stage: cache layout, fp16, index consistency, determinism, resume, stale chunks."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline import features
+from pipeline.config import CLASSES, Config
+from pipeline.data import ImageRowsDataset
+from pipeline.errors import StageError
+from pipeline.io import atomic_write_csv
+from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
+
+# Class colours and positions of the "hand" blob: easy enough that random conv features separate them.
+CLASS_COLOURS = [(230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 40), (230, 40, 230),
+                 (40, 230, 230), (250, 150, 30), (120, 60, 20), (250, 250, 250), (10, 10, 10)]
+
+
+def draw_frame(classname: str, driver: int, frame: int, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A State-Farm-like toy frame: a driver-specific background and an asymmetric class blob."""
+    w, h = size
+    c = int(classname[1:])
+    bg = tuple(int(v) for v in 60 + (np.array([37, 71, 113]) * (driver + 1)) % 120)
+    image = Image.new("RGB", size, bg)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, w // 6, h], fill=(20, 20, 20))  # the car pillar on the left: not symmetric
+    x0 = int((c % 5) * w / 5 + rng.integers(0, 3))
+    y0 = int((c // 5) * h / 2 + rng.integers(0, 3))
+    draw.rectangle([x0, y0, x0 + w // 5 - 2, y0 + h // 2 - 2], fill=CLASS_COLOURS[c])
+    noise = rng.normal(0, 4, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+
+
+def write_tiny_dataset(cfg: Config, n_drivers: int = 6, n_valid_drivers: int = 2, per_class: int = 2,
+                       n_test_drivers: int = 2, size: tuple[int, int] = (64, 48), seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Kaggle layout + train_index.csv/test_index.csv in data/raw, data/split.csv and hidden test
+    labels, exactly as the ingest and split stages leave them (the input contract)."""
+    raw, hidden = cfg.paths.path("raw"), cfg.paths.path("hidden")
+    rng = np.random.default_rng(seed)
+    train_rows, test_rows, n = [], [], 0
+    for d in range(n_drivers + n_test_drivers):
+        for c in CLASSES:
+            for f in range(per_class if d < n_drivers else 1):
+                n += 1
+                img = f"img_{n}.jpg"
+                rel = f"imgs/train/{c}/{img}" if d < n_drivers else f"imgs/test/{img}"
+                (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+                draw_frame(c, d, f, size, rng).save(raw / rel, quality=90)
+                (train_rows if d < n_drivers else test_rows).append((img, f"p{d:03d}", c, rel))
+    train = pd.DataFrame(train_rows, columns=["img", "subject", "classname", "path"])
+    test = pd.DataFrame(test_rows, columns=["img", "subject", "classname", "path"])
+    atomic_write_csv(raw / "train_index.csv", train)
+    atomic_write_csv(raw / "test_index.csv", test[["img", "path"]])
+    valid_subjects = sorted(train["subject"].unique())[-n_valid_drivers:]
+    split = train[["img", "subject", "classname"]].copy()
+    split["split"] = np.where(split["subject"].isin(valid_subjects), "valid", "train")
+    split["fold"] = split["subject"].str[1:].astype(int) % 2
+    atomic_write_csv(cfg.paths.path("split_csv"), split)
+    hidden.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(hidden / "test_labels.csv", test[["img", "subject", "classname"]])
+    return {"train": train, "test": test, "split": split}
+
+
+@pytest.fixture
+def tiny_cfg(smoke_cfg: Config) -> Config:
+    """The smoke profile over a tiny toy dataset, with small chunks so resume has chunks to skip."""
+    cfg = smoke_cfg.model_copy(update={"features": smoke_cfg.features.model_copy(update={"chunk_size": 16, "batch_size": 8, "copies": 3})})
+    write_tiny_dataset(cfg)
+    return cfg
+
+
+def with_section(cfg: Config, section: str, **values) -> Config:
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
+def cached(cfg: Config) -> dict[str, features.FeatureSplit]:
+    return {s: features.load_split(cfg.paths.path("features"), s) for s in features.SPLITS}
+
+
+def test_cache_layout_shapes_dtype_and_index(tiny_cfg):
+    figures = features.run(tiny_cfg)
+    out = tiny_cfg.paths.path("features")
+    meta = features.load_meta(out)
+    split = pd.read_csv(tiny_cfg.paths.path("split_csv"))
+    n_train, n_valid = (split["split"] == "train").sum(), (split["split"] == "valid").sum()
+    dim = meta["channels"] * meta["grid"] ** 2
+    assert meta["feature_dim"] == dim == figures["feature_dim"]
+    assert meta["bytes_per_image"] == figures["bytes_per_image"] == dim * 2
+    assert meta["channels"] == 512 // tiny_cfg.model.width_divisor
+
+    cache = cached(tiny_cfg)
+    assert cache["train"].features.shape == (n_train * 3, dim)
+    assert cache["valid"].features.shape == (n_valid, dim)
+    assert cache["test"].features.shape == (20, dim)
+    for name, part in cache.items():
+        assert part.features.dtype == np.float16 and np.isfinite(part.features).all()
+        index = part.index
+        assert (index["row"] == np.arange(len(index))).all()
+        assert (index["chunk"] == index["row"] // 16).all() and (index["offset"] == index["row"] % 16).all()
+        n_chunks = meta["splits"][name]["n_chunks"]
+        assert sorted(p.name for p in (out / name).glob("chunk_*.npy")) == [f"chunk_{j:05d}.npy" for j in range(n_chunks)]
+        for j in range(n_chunks):  # every chunk file holds exactly its index rows
+            chunk = np.load(out / name / f"chunk_{j:05d}.npy")
+            assert np.array_equal(chunk, part.features[index["chunk"] == j])
+
+    train = cache["train"].index
+    expected = split.loc[split["split"] == "train", "img"].tolist()
+    for k in range(3):  # copy-major: all images as copy 0, then copy 1, ...
+        assert train.loc[train["copy"] == k, "img"].tolist() == expected
+    assert set(cache["valid"].index["copy"]) == {0} and set(cache["test"].index["copy"]) == {0}
+    assert cache["valid"].index["img"].tolist() == split.loc[split["split"] == "valid", "img"].tolist()
+    labels = dict(zip(split["img"], split["classname"], strict=True))
+    assert all(labels[i] == c for i, c in zip(train["img"], train["classname"], strict=True))
+    assert figures["n_train_rows"] == n_train * 3 and figures["chunks_reused"] == 0
+    assert (tiny_cfg.paths.stage_metrics_file("features")).exists()
+
+
+def test_augmented_copies_differ_and_copy_zero_is_plain(tiny_cfg):
+    features.run(tiny_cfg)
+    train = cached(tiny_cfg)["train"]
+    f = train.features.astype(np.float32)
+    c0, c1, c2 = (f[train.rows_of_copy(k)] for k in range(3))
+    assert np.abs(c1 - c2).mean() > 1e-3 and np.abs(c0 - c1).mean() > 1e-3
+    assert not np.any(np.all(c1 == c2, axis=1))  # every image's two augmented copies differ
+
+    # Copy 0 is the plain image: the conv base on the unaugmented decode gives the same numbers.
+    paths = features.read_image_tables(tiny_cfg)["train"]["path"].tolist()
+    backbone = create_backbone(tiny_cfg.model)
+    data_cfg = resolve_preprocessing(backbone, tiny_cfg.model)
+    plain = ImageRowsDataset(paths, input_hw(data_cfg))
+    with torch.no_grad():
+        direct = create_conv_base(backbone, data_cfg, tiny_cfg.features.grid)(torch.stack([plain[i][0] for i in range(len(plain))]))
+    np.testing.assert_allclose(c0, direct.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_resume_after_kill_skips_finished_chunks_and_matches_a_clean_run(tiny_cfg, tmp_path):
+    out = tiny_cfg.paths.path("features")
+
+    class Killed(Exception):
+        pass
+
+    written: list[tuple[str, int]] = []
+
+    def kill_mid_train(split: str, chunk: int) -> None:
+        written.append((split, chunk))
+        if len(written) == 7:  # valid (3 chunks) and test (2) done, train cut after 2 of 15
+            raise Killed
+
+    with pytest.raises(Killed):
+        features.run(tiny_cfg, on_chunk_written=kill_mid_train)
+    assert not (out / features.META_FILE).exists()
+    with pytest.raises(StageError, match="no complete feature cache"):
+        features.load_split(out, "valid")
+    finished = {(s, j): (out / s / f"chunk_{j:05d}.npy").stat().st_mtime_ns for s, j in written}
+
+    recomputed: list[tuple[str, int]] = []
+    figures = features.run(tiny_cfg, on_chunk_written=lambda s, j: recomputed.append((s, j)))
+    assert not set(recomputed) & set(finished)
+    assert figures["chunks_reused"] == 7 and figures["chunks_computed"] == len(recomputed)
+    for (s, j), mtime in finished.items():
+        assert (out / s / f"chunk_{j:05d}.npy").stat().st_mtime_ns == mtime
+
+    clean_cfg = tiny_cfg.at(tmp_path / "clean")
+    clean_cfg.paths.path("raw").parent.mkdir(parents=True)
+    clean_cfg.paths.path("raw").symlink_to(tiny_cfg.paths.path("raw").resolve(), target_is_directory=True)
+    clean_cfg.paths.path("split_csv").write_bytes(tiny_cfg.paths.path("split_csv").read_bytes())
+    features.run(clean_cfg)
+    resumed, clean = cached(tiny_cfg), cached(clean_cfg)
+    for name in features.SPLITS:  # same seed, same result, however the run was cut
+        assert np.array_equal(resumed[name].features, clean[name].features)
+        pd.testing.assert_frame_equal(resumed[name].index, clean[name].index)
+
+
+def test_a_complete_cache_is_reused_and_a_changed_config_is_not(tiny_cfg):
+    features.run(tiny_cfg)
+    again = features.run(tiny_cfg)
+    assert again["chunks_computed"] == 0
+    before = cached(tiny_cfg)
+
+    # Augmentation only changes the train copies: valid/test chunks are kept, train recomputed.
+    changed = with_section(tiny_cfg, "augment", rotate_deg=25.0)
+    recomputed: list[str] = []
+    features.run(changed, on_chunk_written=lambda s, j: recomputed.append(s))
+    assert set(recomputed) == {"train"}
+    after = cached(changed)
+    assert np.array_equal(before["valid"].features, after["valid"].features)
+    assert not np.array_equal(before["train"].features, after["train"].features)
+
+    # A different grid changes every split; no old chunk (other shape) survives.
+    regrid = with_section(changed, "features", grid=1)
+    figures = features.run(regrid)
+    assert figures["chunks_reused"] == 0
+    assert cached(regrid)["test"].features.shape[1] == features.load_meta(regrid.paths.path("features"))["channels"]
+
+
+def test_partial_cache_is_never_read_as_complete(tiny_cfg):
+    features.run(tiny_cfg)
+    out = tiny_cfg.paths.path("features")
+    (out / "train" / "chunk_00001.npy").unlink()
+    with pytest.raises(StageError, match="chunk"):
+        features.load_split(out, "train")
+    (out / "valid" / features.FINGERPRINT_FILE).write_text("something else\n")
+    with pytest.raises(StageError, match="fingerprint"):
+        features.load_split(out, "valid")
+    # A rerun repairs exactly what is missing or stale.
+    figures = features.run(tiny_cfg)
+    assert figures["chunks_computed"] == 1 + features.load_meta(out)["splits"]["valid"]["n_chunks"]
+    features.load_split(out, "train")
+
+
+def test_missing_inputs_say_what_to_run(smoke_cfg):
+    with pytest.raises(StageError, match="split"):
+        features.run(smoke_cfg)
+
+
+def test_chunk_writes_are_atomic(tmp_path):
+    path = tmp_path / "chunk_00000.npy"
+    features.write_chunk(path, np.ones((3, 4), dtype=np.float16))
+    assert features.chunk_is_valid(path, 3, 4) and not features.chunk_is_valid(path, 4, 4)
+    assert [p.name for p in tmp_path.iterdir()] == ["chunk_00000.npy"]
+    path.write_bytes(path.read_bytes()[:40])  # a torn file (what a non-atomic write could leave)
+    assert not features.chunk_is_valid(path, 3, 4)
+    assert os.path.getsize(path) == 40
+
+
+def test_use_sample_caches_the_sample_mirror(tiny_cfg):
+    from pipeline import sample
+
+    cfg = with_section(with_section(tiny_cfg, "sample", n_train=20, n_valid=10), "features", use_sample=True, copies=2)
+    sample.run(cfg)
+    features.run(cfg)
+    drawn = pd.read_csv(cfg.paths.path("sample") / "split.csv")
+    cache = cached(cfg)
+    assert cache["train"].index.loc[cache["train"].index["copy"] == 0, "img"].tolist() == drawn.loc[drawn["split"] == "train", "img"].tolist()
+    assert len(cache["valid"].index) == 10 and len(cache["test"].index) == 20  # test is always the whole test set

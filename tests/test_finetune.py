@@ -1,0 +1,253 @@
+"""The finetune stage: starts from the head stage's weights, staged unfreezing with layer-wise
+learning rates, resumes a killed run to the same step count, trains under 2-process CPU DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+
+from pipeline import finetune, ingest, split
+from pipeline.config import Config, TrainerConfig, load_profile
+from pipeline.features import build_meta
+from pipeline.head import HEAD_FILE, head_meta, load_head, save_head
+from pipeline.io import read_json
+from pipeline.metrics import read_predictions
+from pipeline.models import (
+    create_backbone,
+    create_conv_base,
+    create_dense_head,
+    input_hw,
+    resolve_preprocessing,
+)
+from pipeline.training import (
+    ClassifierModule,
+    build_network,
+    build_strategy,
+    conv_blocks,
+    layer_param_groups,
+    resolve_precision,
+    set_trainable_blocks,
+    trainable_block_count,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+# Smaller than the smoke profile's dataset: 5 drivers x 10 frames (2 held out), 16 test frames.
+TINY = {
+    "ingest.synthetic.n_train_drivers": 5,
+    "ingest.synthetic.train_per_driver": [10, 10],
+    "ingest.synthetic.n_test": 16,
+    "finetune.batch_size": 8,
+}
+
+
+def tiny_cfg(root: Path, **overrides) -> Config:
+    return load_profile("smoke", {**TINY, **overrides}).at(root)
+
+
+def write_head(cfg: Config) -> Path:
+    """A head file exactly as the head stage saves it (random weights, non-trivial batchnorm stats)."""
+    backbone = create_backbone(cfg.model)
+    data_cfg = resolve_preprocessing(backbone, cfg.model)
+    conv_base = create_conv_base(backbone, data_cfg, cfg.features.grid)
+    torch.manual_seed(0)
+    head = create_dense_head(conv_base.out_features, cfg.head.widths, cfg.head.dropout)
+    for module in head.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    features_meta = build_meta(cfg, data_cfg, conv_base.channels, conv_base.out_features, {})
+    path = cfg.paths.path("models") / "head" / HEAD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_head(path, head, head_meta(cfg, features_meta, conv_base.out_features))
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """Ingested synthetic data, its split and a head file: the finetune stage's inputs."""
+    root = tmp_path_factory.mktemp("finetune_inputs")
+    cfg = tiny_cfg(root)
+    ingest.run(cfg)
+    split.run(cfg)
+    write_head(cfg)
+    return root
+
+
+def link_inputs(prepared: Path, root: Path) -> Path:
+    """A fresh project root whose inputs are links to the prepared ones (outputs stay separate)."""
+    for rel in ("data/raw", "data/hidden", "data/split.csv", "models/head"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(prepared / rel)
+    return root
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+class KillAfterSteps(Callback):
+    """Raises after ``steps`` optimiser steps, like a killed process (no checkpoint on the way out)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.steps:
+            raise SimulatedKill(f"killed after {trainer.global_step} steps")
+
+
+# ---------------------------------------------------------------------------- unit
+
+
+def test_finetune_network_starts_as_the_head_stage_classifier(prepared, tmp_path):
+    cfg = tiny_cfg(link_inputs(prepared, tmp_path))
+    head_path = cfg.paths.path("models") / "head" / HEAD_FILE
+    network, data_cfg, meta = build_network(cfg, head_path)
+    module = ClassifierModule(network, cfg.finetune).eval()
+
+    head, _ = load_head(head_path)
+    conv_base = create_conv_base(create_backbone(cfg.model), data_cfg, meta["grid"])
+    images = torch.randint(0, 256, (4, 3, *input_hw(data_cfg)), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = head.eval()(conv_base(images))
+        torch.testing.assert_close(module(images), expected, rtol=1e-5, atol=1e-5)
+    assert network.head.state_dict().keys() == head.state_dict().keys()
+    for key, value in head.state_dict().items():
+        assert torch.equal(network.head.state_dict()[key], value)
+
+
+def test_staged_unfreezing_and_layerwise_learning_rates(prepared, tmp_path):
+    cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"finetune.unfreeze_blocks": 2, "finetune.unfreeze_every": 2})
+    network, _, _ = build_network(cfg, cfg.paths.path("models") / "head" / HEAD_FILE)
+    blocks = conv_blocks(network)
+    assert len(blocks) == 5 and all(isinstance(b[-1], torch.nn.MaxPool2d) for b in blocks)
+    assert [trainable_block_count(e, cfg.finetune, 5) for e in range(8)] == [2, 2, 3, 3, 4, 4, 5, 5]
+
+    set_trainable_blocks(blocks, 2)
+    grads = [any(p.requires_grad for layer in b for p in layer.parameters()) for b in blocks]
+    assert grads == [False, False, False, True, True]
+    assert all(not layer.training for b in blocks[:3] for layer in b)  # frozen batchnorm keeps its statistics
+
+    lr, decay = cfg.finetune.lr, cfg.finetune.layer_lr_decay
+    groups = layer_param_groups(network, blocks, lr, decay)
+    assert [g["name"] for g in groups] == ["head", "block5", "block4", "block3", "block2", "block1"]
+    assert [g["lr"] for g in groups] == pytest.approx([lr * decay**k for k in range(6)])
+    assert sum(len(g["params"]) for g in groups) == len(list(network.parameters()))
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    cfg = load_profile("smoke", {"finetune.trainer.precision": "auto", "finetune.trainer.accelerator": "cpu"})
+    assert resolve_precision(cfg.finetune.trainer) == "32-true"
+
+
+@pytest.mark.parametrize(("strategy", "devices", "nodes", "ddp"), [
+    ("ddp", 1, 1, True), ("auto", 2, 1, True), ("auto", 1, 2, True), ("auto", 1, 1, False), ("auto", "0,1", 1, True),
+])
+def test_several_processes_get_ddp_that_tolerates_frozen_blocks(strategy, devices, nodes, ddp):
+    trainer_cfg = TrainerConfig(accelerator="cpu", strategy=strategy, devices=devices, num_nodes=nodes)
+    built = build_strategy(trainer_cfg)
+    assert isinstance(built, DDPStrategy) == ddp
+    if ddp:
+        assert built._ddp_kwargs["find_unused_parameters"] is True
+
+
+# ---------------------------------------------------------------------------- stage
+
+
+def test_finetune_writes_predictions_checkpoints_and_figures(prepared, tmp_path):
+    cfg = tiny_cfg(link_inputs(prepared, tmp_path))
+    figures = finetune.run(cfg)
+    assert read_json(cfg.paths.stage_metrics_file("finetune")) == figures
+    assert {"valid_logloss", "valid_acc", "test_logloss", "test_acc", "global_step"} <= set(figures)
+
+    split_df = pd.read_csv(cfg.paths.path("split_csv"))
+    valid_imgs, valid_probs = read_predictions(cfg.paths.path("predictions") / "finetune" / "valid.csv")
+    assert valid_imgs == split_df.loc[split_df["split"] == "valid", "img"].tolist()
+    test_imgs, test_probs = read_predictions(cfg.paths.path("predictions") / "finetune" / "test.csv")
+    assert len(test_imgs) == 16 and np.allclose(test_probs.sum(1), 1, atol=1e-4)
+
+    out = cfg.paths.path("models") / "finetune"
+    for name in ("best.ckpt", "last.ckpt", "model.pt", "run.json", "logs/metrics.csv"):
+        assert (out / name).exists(), name
+    assert any((out / "tb").iterdir())  # TensorBoard events
+    log = pd.read_csv(out / "logs" / "metrics.csv")
+    assert {"train/loss", "valid/logloss", "valid/acc"} <= set(log.columns)
+    assert log["train/lr"].dropna().iloc[0] == pytest.approx(cfg.finetune.first_epoch_lr)
+
+
+def test_killed_finetune_resumes_to_the_same_step_count(prepared, tmp_path):
+    overrides = {"finetune.max_epochs": 2, "finetune.patience": 5}
+    steps_per_epoch = -(-30 // 8)  # 30 train images in batches of 8
+    uninterrupted = finetune.run(tiny_cfg(link_inputs(prepared, tmp_path / "a"), **overrides))
+    assert uninterrupted["global_step"] == 2 * steps_per_epoch
+
+    cfg = tiny_cfg(link_inputs(prepared, tmp_path / "b"), **overrides)
+    with pytest.raises(SimulatedKill):
+        finetune.run(cfg, callbacks=[KillAfterSteps(steps_per_epoch + 2)])  # mid-way through epoch 1
+    out = cfg.paths.path("models") / "finetune"
+    assert (out / "last.ckpt").exists() and not (out / "model.pt").exists()
+    assert read_json(out / "run.json")["status"] == "running"
+
+    resumed = finetune.run(cfg)
+    assert resumed["resumed"] is True
+    assert resumed["global_step"] == uninterrupted["global_step"]
+    # Per-epoch reseeding and per-image augmentation seeds make the resumed epoch repeat exactly.
+    assert resumed["valid_logloss"] == pytest.approx(uninterrupted["valid_logloss"], rel=1e-4)
+
+
+DDP_SCRIPT = """
+import json, sys
+from pipeline.config import load_profile
+from pipeline import finetune
+
+if __name__ == "__main__":
+    overrides = json.loads(sys.argv[2])
+    cfg = load_profile("smoke", overrides).at(sys.argv[1])
+    figures = finetune.run(cfg)
+    if figures:  # rank 0 only
+        print("FIGURES " + json.dumps(figures))
+"""
+
+
+def test_two_process_cpu_ddp_trains(prepared, tmp_path):
+    root = link_inputs(prepared, tmp_path / "root")
+    script = tmp_path / "ddp_finetune.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    overrides = {**TINY, "finetune.trainer.strategy": "ddp", "finetune.trainer.devices": 2,
+                 "finetune.trainer.accelerator": "cpu", "finetune.max_epochs": 1}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, str(script), str(root), json.dumps(overrides)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout.split("FIGURES ", 1)[1].splitlines()[0])
+    assert figures["world_size"] == 2
+    assert figures["global_step"] == 2  # ceil(30 / 8) = 4 batches shared by 2 ranks
+    test_imgs, test_probs = read_predictions(root / "data" / "predictions" / "finetune" / "test.csv")
+    assert len(test_imgs) == 16 and np.allclose(test_probs.sum(1), 1, atol=1e-4)
+
+
+def test_throughput_benchmark_runs_on_cpu(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "throughput.json"
+    argv = ["--arch", "vgg16_bn_narrow", "--width-divisor", "16", "--size", "32", "--batches", "2", "--warmup", "1",
+            "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out)]
+    assert bench.main(argv) == 0
+    results = read_json(out)
+    assert results["loader_train"]["images_per_s"] > 0 and results["eager"]["model_train"]["images_per_s"] > 0
+    assert results["eager"]["train_bound"] in ("loader", "model") and "compiled" not in results  # auto: eager on CPU

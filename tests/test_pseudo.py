@@ -1,0 +1,181 @@
+"""The pseudo stage: a fixed pseudo-labelled share of every batch (the course's 1/4..1/3), test
+images only (never validation), soft/hard/distilled targets, the whole stage end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from test_finetune import link_inputs, prepared, tiny_cfg  # noqa: F401  (prepared is a fixture)
+
+from pipeline import finetune, pseudo
+from pipeline.config import ConfigError, PseudoConfig, load_profile
+from pipeline.errors import StageError
+from pipeline.io import read_json
+from pipeline.metrics import read_predictions, write_predictions
+from pipeline.training import (
+    ImageDataModule,
+    ImageTable,
+    MixedBatchSampler,
+    PseudoSet,
+    pseudo_per_batch,
+    read_tables,
+    soft_target_loss,
+)
+
+# ---------------------------------------------------------------------------- batch composition
+
+
+@pytest.mark.parametrize(("n_labelled", "n_pseudo", "batch", "fraction"), [
+    (30, 16, 8, 0.25), (100, 7, 60, 0.25), (45, 500, 16, 1 / 3), (9, 3, 10, 0.3), (64, 64, 64, 0.25),
+])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_every_batch_holds_exactly_the_pseudo_count(n_labelled, n_pseudo, batch, fraction, world_size):
+    k = pseudo_per_batch(fraction, batch)
+    assert k == int(fraction * batch + 0.5)
+    copies = 3
+    for epoch in range(4):
+        seen: list[int] = []
+        for rank in range(world_size):
+            sampler = MixedBatchSampler(n_labelled, n_pseudo, batch, k, copies, seed=1, rank=rank, world_size=world_size)
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == len(sampler)
+            for b in batches:
+                assert len(b) == batch
+                assert sum(i >= sampler.pseudo_offset for i in b) == k
+                seen += [i for i in b if i < sampler.pseudo_offset]
+        copy = epoch % copies
+        assert set(seen) == set(range(copy * n_labelled, (copy + 1) * n_labelled))  # every image, this epoch's copy
+
+
+def test_lesson_seven_mix_is_sixteen_of_sixty():
+    assert pseudo_per_batch(0.25, 64) == 16 and pseudo_per_batch(0.25, 60) == 15 and pseudo_per_batch(1 / 3, 48) == 16
+
+
+def test_data_module_batches_hold_the_exact_pseudo_count(prepared, tmp_path):  # noqa: F811
+    cfg = tiny_cfg(link_inputs(prepared, tmp_path))
+    tables = read_tables(cfg, use_sample=False)
+    test = tables["test"]
+    targets = np.full((len(test), 10), 0.1, dtype=np.float32)
+    data = ImageDataModule(tables["train"], tables["valid"], (48, 64), cfg.augment, batch_size=8, copies=2,
+                           pseudo=PseudoSet(test, targets, fraction=0.25))
+    loader = data.train_dataloader()
+    counts = [int(batch["pseudo"].sum()) for batch in loader]
+    assert counts == [2] * len(loader) and len(loader) == -(-30 // 6)
+    batch = next(iter(loader))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 48, 64)
+    assert torch.allclose(batch["target"][batch["pseudo"]], torch.full((2, 10), 0.1))
+    assert (batch["target"][~batch["pseudo"]].sum(1) == 1).all()  # labelled rows are one-hot
+
+
+# ---------------------------------------------------------------------------- the fraction rule
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.34, 0.5])
+def test_fraction_outside_a_quarter_to_a_third_is_rejected(fraction):
+    with pytest.raises(ConfigError, match=r"pseudo\.fraction.*between 0\.25 and 1/3 inclusive"):
+        load_profile("smoke", {"pseudo.fraction": fraction})
+    with pytest.raises(ValueError, match=r"pseudo\.fraction must be between 0\.25 and 1/3"):
+        PseudoConfig(fraction=fraction)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.3, 1 / 3])
+def test_fraction_from_a_quarter_to_a_third_is_accepted(fraction):
+    assert load_profile("smoke", {"pseudo.fraction": fraction}).pseudo.fraction == fraction
+
+
+def test_label_options_that_do_not_fit_are_rejected():
+    with pytest.raises(ConfigError, match="threshold applies to hard labels"):
+        load_profile("smoke", {"pseudo.threshold": 0.9})
+    with pytest.raises(ConfigError, match="distill learns the teacher's soft targets"):
+        load_profile("smoke", {"pseudo.distill": True, "pseudo.labels": "hard"})
+
+
+# ---------------------------------------------------------------------------- test images only
+
+
+def tables_for(valid: list[str], test: list[str]) -> dict[str, ImageTable]:
+    def table(imgs: list[str], label: int) -> ImageTable:
+        return ImageTable(imgs, [f"/x/{i}" for i in imgs], np.full(len(imgs), label))
+    return {"train": table(["t1.jpg"], 0), "valid": table(valid, 3), "test": table(test, -1)}
+
+
+def test_validation_images_never_reach_the_pseudo_set():
+    tables = tables_for(valid=["v1.jpg", "v2.jpg"], test=["x1.jpg", "x2.jpg"])
+    probs = np.full((2, 10), 0.1)
+    ok = pseudo.make_pseudo_set(tables["test"], probs, PseudoConfig())
+    pseudo.check_test_only(ok, tables)  # test images only: fine
+
+    smuggled = ImageTable(["x1.jpg", "v2.jpg"], ["/x/x1.jpg", "/x/v2.jpg"], np.array([-1, -1]))
+    with pytest.raises(StageError, match="validation image.*never be pseudo-labels"):
+        pseudo.check_test_only(PseudoSet(smuggled, probs.astype(np.float32), 0.25), tables)
+    labelled = ImageTable(["x1.jpg", "x2.jpg"], ["/x/x1.jpg", "/x/x2.jpg"], np.array([-1, 4]))
+    with pytest.raises(StageError, match="carry true labels"):
+        pseudo.check_test_only(PseudoSet(labelled, probs.astype(np.float32), 0.25), tables)
+
+
+def test_teacher_predictions_with_validation_rows_are_refused(tmp_path):
+    tables = tables_for(valid=["v1.jpg"], test=["x1.jpg", "x2.jpg"])
+    path = tmp_path / "test.csv"
+    write_predictions(path, ["x1.jpg", "x2.jpg", "v1.jpg"], np.full((3, 10), 0.1))
+    with pytest.raises(StageError, match="exactly the 2 test images"):
+        pseudo.teacher_test_probs(path, tables["test"])
+
+
+def test_hard_labels_keep_confident_test_images_only():
+    tables = tables_for(valid=["v1.jpg"], test=["x1.jpg", "x2.jpg", "x3.jpg"])
+    probs = np.full((3, 10), 0.05)
+    probs[0, 2], probs[1, 7], probs[2, 1] = 0.55, 0.3, 0.95
+    chosen = pseudo.make_pseudo_set(tables["test"], probs, PseudoConfig(labels="hard", threshold=0.5))
+    assert chosen.table.imgs == ["x1.jpg", "x3.jpg"]
+    assert chosen.targets.argmax(1).tolist() == [2, 1] and (chosen.targets.sum(1) == 1).all()
+    with pytest.raises(StageError, match="no test image reaches"):
+        pseudo.make_pseudo_set(tables["test"], probs, PseudoConfig(labels="hard", threshold=0.99))
+
+
+def test_distillation_targets_and_loss():
+    probs = np.array([[0.7, 0.2, 0.1] + [0.0] * 7])
+    soft = pseudo.temper(probs, 2.0)
+    assert soft.sum() == pytest.approx(1) and soft[0, 0] < 0.7 and soft[0, 1] > 0.2  # softer
+    np.testing.assert_allclose(pseudo.temper(probs, 1.0)[0, :3], probs[0, :3], rtol=1e-5)
+
+    logits = torch.randn(5, 10)
+    labels = torch.tensor([0, 3, 9, 2, 2])
+    one_hot = F.one_hot(labels, 10).float()
+    torch.testing.assert_close(soft_target_loss(logits, one_hot, torch.ones(5)), F.cross_entropy(logits, labels))
+    t = torch.full((5,), 3.0)
+    teacher = torch.softmax(torch.randn(5, 10) / 3, 1)
+    expected = 9 * -(teacher * F.log_softmax(logits / 3, 1)).sum(1).mean()
+    torch.testing.assert_close(soft_target_loss(logits, teacher, t), expected)
+
+
+# ---------------------------------------------------------------------------- stage
+
+
+def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # noqa: F811
+    cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"pseudo.iterations": 2, "pseudo.fraction": 0.25})
+    with pytest.raises(StageError, match="run the finetune stage first"):
+        pseudo.run(cfg)
+    finetune.run(cfg)
+    figures = pseudo.run(cfg)
+    assert read_json(cfg.paths.stage_metrics_file("pseudo")) == figures
+    assert figures["pseudo_per_batch"] == 2 and set(figures["iterations"]) == {"iteration_1", "iteration_2"}
+
+    split_df = pd.read_csv(cfg.paths.path("split_csv"))
+    valid_imgs = set(split_df.loc[split_df["split"] == "valid", "img"])
+    test_imgs = pd.read_csv(cfg.paths.path("raw") / "test_index.csv")["img"].tolist()
+    out = cfg.paths.path("models") / "pseudo"
+    for iteration in (1, 2):
+        labelled_imgs, targets = read_predictions(out / f"iteration_{iteration}" / "pseudo_labels.csv")
+        assert labelled_imgs == test_imgs and not set(labelled_imgs) & valid_imgs
+        assert np.allclose(targets.sum(1), 1, atol=1e-4)
+    # iteration 1 learns from the fine-tuned model's test predictions (soft labels)
+    _, teacher = read_predictions(cfg.paths.path("predictions") / "finetune" / "test.csv")
+    np.testing.assert_allclose(read_predictions(out / "iteration_1" / "pseudo_labels.csv")[1], teacher, atol=1e-5)
+    assert (out / "model.pt").exists()
+    for name in ("valid", "test"):
+        imgs, probs = read_predictions(cfg.paths.path("predictions") / "pseudo" / f"{name}.csv")
+        assert len(imgs) == (len(valid_imgs) if name == "valid" else len(test_imgs))
