@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     url = api_url(args.port)
     server = worker = None
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with SIGINT ignored
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(0))
     try:
         start = time.monotonic()
         server = start_server(args.port, env)

@@ -22,7 +22,7 @@ Epoch 0 runs every group at ``first_epoch_lr / lr`` of its rate (the course: a l
 Distributed. Lightning DDP re-executes the entry point per rank, so every rank runs the whole stage
 function: samplers shard batches by rank themselves (``use_distributed_sampler=False``), only the
 launcher process (rank 0) writes files, and prediction after a fit is sharded over the ranks and
-gathered, so every rank holds the same probabilities (pseudo-labels for the next round).
+gathered, so every rank holds the same probabilities (pseudo-labels for the next iteration).
 
 Resume. ``<out>/run.json`` holds a fingerprint of the config, inputs and code. A run of the same
 fingerprint that was interrupted resumes from ``last.ckpt``; a complete one is reused (its best
