@@ -10,6 +10,7 @@ Deployed as `statefarm-pipeline/full` (prefect.yaml): `prefect deployment run 's
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -95,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
     overrides = overrides_to_delta(args.overrides) or None
-    pipeline_flow(profile=args.profile, overrides=overrides, submit=args.submit, push=args.push, pull=args.pull,
-                  root=args.root)
+    state = pipeline_flow(profile=args.profile, overrides=overrides, submit=args.submit, push=args.push,
+                          pull=args.pull, root=args.root, return_state=True)
+    if not state.is_completed():
+        print(f"error: {state.message}", file=sys.stderr)  # names the failed stage (or the bad key)
+        return 1
     return 0
 
 

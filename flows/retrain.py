@@ -19,6 +19,12 @@ from flows.tasks import dvc_slot, publish_metrics, publish_submission, push_cach
 from pipeline.env import set_offline_env
 
 
+def kaggle_credentials() -> bool:
+    from pipeline.submit import has_kaggle_credentials
+
+    return has_kaggle_credentials()
+
+
 @flow(name="statefarm-retrain", log_prints=True)
 def retrain_flow(
     profile: Profile = "demo",
@@ -53,6 +59,10 @@ def retrain_flow(
         elif not submit_stage_present():
             text = f"{reason}; but dvc.yaml has no submit stage yet: submit step skipped (no-op)"
             logger.info(text)
+            publish_submission(text)
+        elif not kaggle_credentials():
+            text = f"{reason}; but this worker has no Kaggle credentials: not submitting"
+            logger.warning(text)
             publish_submission(text)
         else:
             upload = run.model_copy(update={"submit": True})

@@ -113,13 +113,58 @@ class ModelConfig(Section):
     # "vgg16_bn" is timm's model; "vgg16_bn_narrow" is the same layout and class with fewer channels.
     arch: Literal["vgg16_bn", "vgg16_bn_narrow"] = "vgg16_bn"
     width_divisor: int = Field(8, ge=1)  # only for vgg16_bn_narrow
-    weights: Literal["hub", "file", "none"] = "hub"
+    # hub: ImageNet weights (hub_tag); file: weights_file; pretrain: the `pretrain` stage's backbone
+    # (trained on a separate synthetic domain, the CPU stand-in for ImageNet); none: random init.
+    weights: Literal["hub", "file", "pretrain", "none"] = "hub"
     weights_file: str | None = None
     hub_tag: str = "vgg16_bn.tv_in1k"
     # Model input (height, width); None keeps timm's resolved default (224x224).
     input_size: tuple[int, int] | None = None
     # weights=none: the random init is drawn from this seed, so every stage builds the same network.
     init_seed: int = 0
+    # weights=pretrain: the pretrain stage's file (``<paths.models>/pretrain/backbone.pt``). Derived
+    # from ``paths`` by ``Config`` (it depends on the root), so it is not a param: never set it by hand.
+    pretrain_file: Path | None = Field(None, exclude=True)
+
+
+PRETRAIN_BACKBONE = "pretrain/backbone.pt"  # under paths.models
+
+
+def pretrain_backbone_file(paths: PathsConfig) -> Path:
+    """Where the ``pretrain`` stage writes the backbone that ``model.weights=pretrain`` loads."""
+    return paths.path("models") / PRETRAIN_BACKBONE
+
+
+class PretrainConfig(Section):
+    """``pretrain`` stage (runs only with ``model.weights=pretrain``): the CPU stand-in for ImageNet
+    weights. The narrow VGG classifier is trained on a separate synthetic dataset drawn from its own
+    ``seed`` (fresh drivers; never the competition's images or drivers) and its weights saved."""
+
+    n_drivers: int = Field(16, ge=2)  # labelled pretraining drivers
+    per_driver: tuple[int, int] = (60, 80)  # frames per pretraining driver, drawn from this range
+    n_holdout_drivers: int = Field(4, ge=1)  # further drivers, only to measure pretraining accuracy
+    n_holdout: int = Field(200, ge=1)  # images over the holdout drivers
+    # Rendered size (4:3); None: the profile's ingest.synthetic size. Decoded to model.input_size.
+    width: int | None = Field(None, ge=32)
+    height: int | None = Field(None, ge=24)
+    seed: int = 7919  # the pretraining domain's seed: must differ from ingest.synthetic.seed
+    epochs: int = Field(6, ge=1)  # epoch e trains on augmented copy e + 1 of every image
+    lr: float = Field(2e-3, gt=0)  # AdamW peak learning rate (one-cycle schedule)
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(32, ge=2)
+    num_workers: int = Field(0, ge=0)
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        lo, hi = self.per_driver
+        if not 10 <= lo <= hi:
+            raise ValueError("per_driver must be (lo, hi) with 10 <= lo <= hi (every driver has all 10 classes)")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("set both pretrain.width and pretrain.height, or neither")
+        if self.n_holdout < self.n_holdout_drivers:
+            raise ValueError("n_holdout must be at least n_holdout_drivers")
+        return self
 
 
 class AugmentConfig(Section):
@@ -301,6 +346,7 @@ class Config(Section):
     split: SplitConfig = SplitConfig()
     sample: SampleConfig = SampleConfig()
     model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     augment: AugmentConfig = AugmentConfig()
     features: FeaturesConfig = FeaturesConfig()
     head: HeadConfig = HeadConfig()
@@ -310,9 +356,16 @@ class Config(Section):
     calibrate: CalibrateConfig = CalibrateConfig()
     submit: SubmitConfig = SubmitConfig()
 
+    @model_validator(mode="after")
+    def _locate_pretrain_backbone(self) -> Config:
+        self.model.pretrain_file = pretrain_backbone_file(self.paths)
+        return self
+
     def at(self, root: Path | str) -> Config:
-        """The same config with its artifact paths under ``root``."""
-        return self.model_copy(update={"paths": self.paths.model_copy(update={"root": Path(root)})})
+        """The same config with its artifact paths (and the pretrain backbone it loads) under ``root``."""
+        paths = self.paths.model_copy(update={"root": Path(root)})
+        model = self.model.model_copy(update={"pretrain_file": pretrain_backbone_file(paths)})
+        return self.model_copy(update={"paths": paths, "model": model})
 
     def to_params(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -34,6 +34,7 @@ from pipeline.config import ModelConfig
 
 VGG16_LAYOUT: list[int | str] = list(cfgs["vgg16"])
 IMAGENET_CLASSES = 1000
+PRETRAIN_CLASSES = 10  # the pretrain stage's classifier: c0..c9 of its own synthetic domain
 
 
 # ---------------------------------------------------------------------------- backbone
@@ -54,6 +55,16 @@ def _pretrained_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
         if not path.exists():
             raise FileNotFoundError(f"model.weights_file {path} does not exist")
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    if model_cfg.weights == "pretrain":
+        # The same local-file path as weights=file. The pretrain stage's classifier has 10 classes:
+        # declared here so timm drops it (as it drops ImageNet's 1000) when num_classes differs.
+        path = model_cfg.pretrain_file
+        if path is None:
+            raise ValueError("model.weights=pretrain: the backbone file is located from cfg.paths; "
+                             "build the ModelConfig through Config (load_profile / load_params)")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"model.weights=pretrain: {path} does not exist: run the pretrain stage first")
+        return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path), "num_classes": PRETRAIN_CLASSES}}
     return {"pretrained": True}
 
 
@@ -79,10 +90,11 @@ def create_narrow_vgg16_bn(width_divisor: int, num_classes: int = IMAGENET_CLASS
 
 
 def create_backbone(model_cfg: ModelConfig, num_classes: int = IMAGENET_CLASSES) -> VGG:
-    """The batchnorm-VGG from ``cfg.model``: weights from the HF hub, a local file, or random."""
-    kwargs = _pretrained_kwargs(model_cfg)
+    """The batchnorm-VGG from ``cfg.model``: weights from the HF hub, a local file, the pretrain
+    stage's file, or random."""
     if model_cfg.arch == "vgg16_bn_narrow" and model_cfg.weights == "hub":
-        raise ValueError("vgg16_bn_narrow has no published weights: use model.weights=none or file")
+        raise ValueError("vgg16_bn_narrow has no published weights: use model.weights=pretrain, file or none")
+    kwargs = _pretrained_kwargs(model_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_cfg.init_seed)  # the same random init in every stage (weights=none)
         if model_cfg.arch == "vgg16_bn":

@@ -1,0 +1,252 @@
+"""``pretrain`` stage: the CPU stand-in for ImageNet weights.
+
+The real backbone starts from ImageNet weights (``vgg16_bn.tv_in1k``, from the HF hub). The narrow
+VGG-16-bn that the CPU demo and the tests use has no published weights, and with a random init its
+cached conv features carry no class information across drivers. So with ``model.weights=pretrain``
+this stage trains the narrow VGG classifier on a separate synthetic dataset and saves its weights;
+``pipeline.models.create_backbone`` then loads them through the same local-file path as
+``model.weights=file``.
+
+Honesty. The pretraining dataset is rendered by ``pipeline.synthetic.generate`` from its own seed
+(``pretrain.seed``, which must differ from ``ingest.synthetic.seed``): fresh drivers, looks and
+frames, in a temp folder that is deleted afterwards. The stage never reads the competition's files
+(``data/raw``, ``data/hidden``, the split or the sample), so no competition image or driver, valid
+or test included, is seen before the ``features`` stage. Caveat: the pretraining domain comes from
+the same generator with the same ten classes, so it is a closer relative of the task than ImageNet
+is of State Farm, and demo scores after pretraining are kinder than ImageNet transfer would be.
+
+Training. Epoch ``e`` sees augmented copy ``e + 1`` of every pretraining image (``cfg.augment``, via
+``pipeline.data``; never flipped), AdamW with a one-cycle schedule, cross-entropy on the VGG's own
+classifier (10 classes). The drivers of the generator's "test" split are held out to measure
+pretraining accuracy on unseen drivers of the pretraining domain.
+
+Outputs (the DVC out is the whole ``models/pretrain`` folder)
+- ``backbone.pt``: ``{"state_dict": <timm VGG state_dict, 10-class head>, "meta": {...}}``, written
+  atomically; timm's file loader reads ``state_dict``.
+- ``skipped.json`` instead, when ``model.weights`` is not ``pretrain`` (hub/file/none: there is
+  nothing to pretrain, but DVC needs the out to exist).
+- ``reports/stages/pretrain.json``: accuracy on the pretraining domain (train, held-out drivers),
+  sizes and seconds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.config import CLASSES, Config, SyntheticConfig, pretrain_backbone_file
+from pipeline.data import ImageRowsDataset, build_augmentation, class_index, seed_worker
+from pipeline.errors import StageError
+from pipeline.io import atomic_path, atomic_write_json
+from pipeline.metrics import write_stage_metrics
+from pipeline.models import PRETRAIN_CLASSES, Normalize, create_backbone, input_hw, resolve_preprocessing
+from pipeline.synthetic import generate
+
+SKIPPED_FILE = "skipped.json"
+
+
+# ---------------------------------------------------------------------------- the pretraining domain
+
+
+def pretrain_synthetic_config(cfg: Config) -> SyntheticConfig:
+    """The separate synthetic dataset: its own seed, drivers and size (default: the ingest size)."""
+    p = cfg.pretrain
+    width, height = (p.width, p.height) if p.width is not None else (cfg.ingest.synthetic.width, cfg.ingest.synthetic.height)
+    return SyntheticConfig(n_train_drivers=p.n_drivers, n_test_drivers=p.n_holdout_drivers, train_per_driver=p.per_driver,
+                           n_test=p.n_holdout, width=width, height=height, jpeg_quality=cfg.ingest.synthetic.jpeg_quality,
+                           seed=p.seed)
+
+
+def check_separate_domain(cfg: Config) -> None:
+    if cfg.pretrain.seed == cfg.ingest.synthetic.seed:
+        raise StageError(f"pretrain.seed ({cfg.pretrain.seed}) equals ingest.synthetic.seed: the pretraining data "
+                         f"would be the competition's own images; choose another pretrain.seed")
+
+
+def read_domain(raw_dir: Path, hidden_dir: Path) -> dict[str, pd.DataFrame]:
+    """path, label, subject of the generated train drivers and of the held-out drivers."""
+    train = pd.read_csv(raw_dir / "driver_imgs_list.csv", dtype=str)
+    train["path"] = [str(raw_dir / "imgs" / "train" / c / i) for c, i in zip(train["classname"], train["img"], strict=True)]
+    holdout = pd.read_csv(hidden_dir / "test_labels.csv", dtype=str)
+    holdout["path"] = [str(raw_dir / "imgs" / "test" / i) for i in holdout["img"]]
+    return {name: frame.assign(label=class_index(frame["classname"].tolist()))[["path", "label", "subject"]]
+            for name, frame in (("train", train), ("holdout", holdout))}
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def image_loader(dataset: ImageRowsDataset, batch_size: int, num_workers: int, shuffle: bool, seed: int,
+                 device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size,
+                      num_workers=num_workers, worker_init_fn=seed_worker, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_classifier(network: nn.Module, frames: pd.DataFrame, cfg: Config, target_hw: tuple[int, int],
+                     device: torch.device) -> dict[str, Any]:
+    """AdamW + one-cycle over ``pretrain.epochs``; epoch ``e`` uses augmented copy ``e + 1``."""
+    p = cfg.pretrain
+    augmentation = build_augmentation(cfg.augment)
+    n = len(frames)
+    steps_per_epoch = n // p.batch_size if n > p.batch_size else 1
+    optimizer = torch.optim.AdamW(network.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=steps_per_epoch * p.epochs,
+                                                   pct_start=0.25)
+    history = []
+    for epoch in range(p.epochs):
+        dataset = ImageRowsDataset(frames["path"].tolist(), target_hw, labels=frames["label"].to_numpy(),
+                                   copies=np.full(n, epoch + 1), augmentation=augmentation, seed=p.seed)
+        loader = image_loader(dataset, p.batch_size, p.num_workers, True, p.seed * 1_000_003 + epoch, device)
+        network.train()
+        loss_sum, correct, count = 0.0, 0, 0
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device):
+                logits = network(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += float(loss) * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            count += len(labels)
+        history.append({"epoch": epoch, "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1)})
+    return {"history": history, "steps": steps_per_epoch * p.epochs}
+
+
+@torch.no_grad()
+def evaluate_classifier(network: nn.Module, frames: pd.DataFrame, target_hw: tuple[int, int], batch_size: int,
+                        num_workers: int, device: torch.device) -> dict[str, float]:
+    """Log loss and accuracy on unaugmented images (eval mode)."""
+    dataset = ImageRowsDataset(frames["path"].tolist(), target_hw, labels=frames["label"].to_numpy())
+    network.eval()
+    loss_sum, correct = 0.0, 0
+    for images, labels in image_loader(dataset, batch_size, num_workers, False, 0, device):
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device)
+        with autocast(device):
+            logits = network(images).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+    n = max(len(dataset), 1)
+    return {"logloss": loss_sum / n, "acc": correct / n}
+
+
+# ---------------------------------------------------------------------------- stage
+
+
+def save_backbone(path: Path, backbone: nn.Module, meta: dict[str, Any]) -> Path:
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state, "meta": meta}, tmp)
+    return path
+
+
+WEIGHT_SOURCES = {"hub": "the HF hub (model.hub_tag)", "file": "model.weights_file", "none": "a random init"}
+
+
+def skip(cfg: Config, out_dir: Path, start: float) -> dict[str, Any]:
+    source = WEIGHT_SOURCES[cfg.model.weights]
+    reason = f"model.weights={cfg.model.weights}: the backbone's weights come from {source}; nothing to pretrain"
+    atomic_write_json(out_dir / SKIPPED_FILE, {"skipped": True, "reason": reason})
+    figures = {"skipped": True, "reason": reason, "seconds": round(time.perf_counter() - start, 3)}
+    write_stage_metrics(cfg.paths.stage_metrics_file("pretrain"), figures)
+    return figures
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Pretrain the backbone on a separate synthetic domain (``model.weights=pretrain``), or write
+    the skipped marker; return the stage figures."""
+    start = time.perf_counter()
+    out_file = Path(cfg.model.pretrain_file or pretrain_backbone_file(cfg.paths))
+    out_dir = out_file.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (out_file, out_dir / SKIPPED_FILE):  # only this run's outcome is left in the folder
+        stale.unlink(missing_ok=True)
+    if cfg.model.weights != "pretrain":
+        return skip(cfg, out_dir, start)
+    check_separate_domain(cfg)
+    p = cfg.pretrain
+    synthetic = pretrain_synthetic_config(cfg)
+    device = resolve_device(p.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.seed)
+        backbone = create_backbone(cfg.model.model_copy(update={"weights": "none"}), num_classes=PRETRAIN_CLASSES)
+        data_cfg = resolve_preprocessing(backbone, cfg.model)
+        target_hw = input_hw(data_cfg)
+        network = nn.Sequential(Normalize(data_cfg["mean"], data_cfg["std"]), backbone)
+        network = network.to(device, memory_format=torch.channels_last)
+        with tempfile.TemporaryDirectory(prefix="pretrain-domain-") as tmp:
+            raw_dir, hidden_dir = Path(tmp) / "raw", Path(tmp) / "hidden"
+            generated = generate(synthetic, raw_dir, hidden_dir)
+            frames = read_domain(raw_dir, hidden_dir)
+            train_start = time.perf_counter()
+            trained = train_classifier(network, frames["train"], cfg, target_hw, device)
+            train_seconds = time.perf_counter() - train_start
+            holdout = evaluate_classifier(network, frames["holdout"], target_hw, p.batch_size, p.num_workers, device)
+    last = trained["history"][-1]
+    figures: dict[str, Any] = {
+        "skipped": False,
+        "seed": p.seed,
+        "competition_seed": cfg.ingest.synthetic.seed,
+        "n_train_images": int(generated["n_train"]),
+        "n_train_drivers": p.n_drivers,
+        "n_holdout_images": int(generated["n_test"]),
+        "n_holdout_drivers": p.n_holdout_drivers,
+        "image_size": [synthetic.height, synthetic.width],
+        "input_size": list(target_hw),
+        "epochs": p.epochs,
+        "train_loss": round(last["train_loss"], 4),  # last epoch, augmented, train mode
+        "train_acc": round(last["train_acc"], 4),
+        "holdout_logloss": round(holdout["logloss"], 4),  # unseen drivers of the pretraining domain
+        "holdout_acc": round(holdout["acc"], 4),
+        "generate_seconds": generated["seconds"],
+        "train_seconds": round(train_seconds, 3),
+        "train_images_per_s": round(len(frames["train"]) * p.epochs / train_seconds, 1) if train_seconds > 0 else None,
+        "device": device.type,
+    }
+    meta = {
+        "arch": cfg.model.arch,
+        "width_divisor": cfg.model.width_divisor,
+        "num_classes": PRETRAIN_CLASSES,
+        "classes": list(CLASSES),
+        "input_size": list(target_hw),
+        "mean": [float(m) for m in data_cfg["mean"]],
+        "std": [float(s) for s in data_cfg["std"]],
+        "domain": synthetic.model_dump(mode="json"),
+        "history": [{k: float(v) for k, v in h.items()} for h in trained["history"]],
+        **{k: figures[k] for k in ("holdout_logloss", "holdout_acc", "train_acc")},
+    }
+    save_backbone(out_file, backbone.cpu(), meta)
+    figures["seconds"] = round(time.perf_counter() - start, 3)
+    write_stage_metrics(cfg.paths.stage_metrics_file("pretrain"), figures)
+    return figures
+
+
+def main() -> None:
+    """Run the stage with params.yaml (the same as ``python -m pipeline pretrain``)."""
+    from pipeline.cli import main as cli_main
+
+    raise SystemExit(cli_main(["pretrain"]))
