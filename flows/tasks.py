@@ -290,19 +290,22 @@ def headline(metrics: dict[str, Any]) -> tuple[str, float] | None:
     return stage, float(value)
 
 
+# The figures the metrics artifact shows (the stage files hold many more; see reports/report.html).
+TABLE_FIGURES = ("valid_logloss", "valid_acc", "test_logloss", "test_acc", "seconds")
+
+
 def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per stage with its scalar figures (rounded), for the UI."""
+    """One row per stage (DAG order) with its headline figures, rounded, for the UI."""
     rows = []
     for stage in sorted(metrics, key=stage_order):
         figures = metrics[stage] if isinstance(metrics[stage], dict) else {}
         row: dict[str, Any] = {"stage": stage}
-        for key, value in figures.items():
-            if isinstance(value, bool | str) or value is None:
-                row[key] = value
-            elif isinstance(value, int | float):
-                row[key] = round(value, 5) if isinstance(value, float) else value
+        for key in TABLE_FIGURES:
+            value = figures.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                row[key] = round(value, 5)
         rows.append(row)
-    columns = ["stage"] + sorted({k for row in rows for k in row} - {"stage"})
+    columns = ["stage"] + [k for k in TABLE_FIGURES if any(k in row for row in rows)]
     return [{c: row.get(c, "") for c in columns} for row in rows]
 
 

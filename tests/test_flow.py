@@ -138,6 +138,11 @@ def test_headline_is_the_last_stage_in_dag_order_with_a_validation_log_loss():
     assert should_submit(metrics, {"valid_logloss": 0.5})[0] is False
     assert should_submit(metrics, {"valid_logloss": 0.52}, min_improvement=0.05)[0] is False
     assert should_submit({"ingest": {}}, None)[0] is False
+    from flows.tasks import metrics_table
+
+    table = metrics_table(metrics)
+    assert [row["stage"] for row in table] == ["ingest", first, second]
+    assert table[1]["valid_logloss"] == 0.9 and table[0]["valid_logloss"] == ""
 
 
 def test_stage_failure_keeps_the_last_stderr_lines_and_names_the_stage():
