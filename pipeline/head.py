@@ -288,53 +288,59 @@ def head_meta(cfg: Config, features_meta: dict[str, Any], in_features: int) -> d
     }
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train the head on the feature cache, predict valid and test, report; return the figures."""
-    start = time.perf_counter()
-    quiet_lightning()
+def fit_head(cfg: Config, train: FeatureSplit, valid: FeatureSplit, out_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Fit a fresh head with ``cfg.head`` on ``train`` (early stopping on ``valid``); return the
+    best-checkpoint head (eval, CPU) and training facts. Shared by this stage and ensemble members."""
     L.seed_everything(cfg.head.seed, workers=True, verbose=False)
-    features_dir = cfg.paths.path("features")
-    features_meta = load_meta(features_dir)
-    train, valid, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
-    in_features = int(features_meta["feature_dim"])
-
-    head_dir = cfg.paths.path("models") / "head"
-    head_dir.mkdir(parents=True, exist_ok=True)
-    clear_previous_run(head_dir)
+    in_features = int(train.features.shape[1])
     module = HeadModule(create_dense_head(in_features, cfg.head.widths, cfg.head.dropout, len(CLASSES)), cfg.head)
     data = CachedFeaturesDataModule(train, valid, cfg.head.batch_size, cfg.head.seed)
-    trainer, checkpoint = build_trainer(cfg, head_dir)
-    train_start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(out_dir)
+    trainer, checkpoint = build_trainer(cfg, out_dir)
+    start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    train_seconds = time.perf_counter() - train_start
-
+    seconds = time.perf_counter() - start
     best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
     module.load_state_dict(best["state_dict"])
-    head = module.head.cpu().eval()
-    save_head(head_dir / HEAD_FILE, head, head_meta(cfg, features_meta, in_features))
+    epochs = int(trainer.current_epoch)
+    facts = {
+        "epochs": epochs,
+        "best_epoch": int(best.get("epoch", -1)),
+        "best_valid_logloss_during_training": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "train_seconds": round(seconds, 3),
+        "seconds_per_epoch": round(seconds / max(epochs, 1), 3),
+    }
+    return module.head.cpu().eval(), facts
 
+
+def predict_and_score(cfg: Config, head: torch.nn.Module, valid: FeatureSplit, test: FeatureSplit, pred_dir: Path) -> dict[str, Any]:
+    """Predict the unaugmented valid and test rows, write ``pred_dir/{valid,test}.csv``, return the
+    validation (and, with hidden labels, test) figures."""
     valid_rows, test_rows = valid.rows_of_copy(0), test.rows_of_copy(0)
     valid_probs = predict_probs(head, valid.features[valid_rows])
     test_probs = predict_probs(head, test.features[test_rows])
     valid_imgs = valid.index["img"].to_numpy()[valid_rows]
     test_imgs = test.index["img"].to_numpy()[test_rows]
-    pred_dir = cfg.paths.path("predictions") / "head"
     write_predictions(pred_dir / "valid.csv", valid_imgs, valid_probs)
     write_predictions(pred_dir / "test.csv", test_imgs, test_probs)
+    return evaluate(valid_probs, split_labels(valid)[valid_rows], list(test_imgs), test_probs,
+                    read_hidden_labels(cfg.paths.path("hidden")))
 
-    figures: dict[str, Any] = evaluate(valid_probs, split_labels(valid)[valid_rows], list(test_imgs), test_probs,
-                                       read_hidden_labels(cfg.paths.path("hidden")))
-    epochs = int(trainer.current_epoch)
-    figures.update({
-        "epochs": epochs,
-        "best_epoch": int(best.get("epoch", -1)),
-        "best_valid_logloss_during_training": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
-        "n_train_images": int(train.index["copy"].eq(0).sum()),
-        "copies": train.copies,
-        "train_seconds": round(train_seconds, 3),
-        "seconds_per_epoch": round(train_seconds / max(epochs, 1), 3),
-        "seconds": round(time.perf_counter() - start, 3),
-    })
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train the head on the feature cache, predict valid and test, report; return the figures."""
+    start = time.perf_counter()
+    quiet_lightning()
+    features_dir = cfg.paths.path("features")
+    features_meta = load_meta(features_dir)
+    train, valid, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
+    head_dir = cfg.paths.path("models") / "head"
+    head, facts = fit_head(cfg, train, valid, head_dir)
+    save_head(head_dir / HEAD_FILE, head, head_meta(cfg, features_meta, int(features_meta["feature_dim"])))
+    figures = predict_and_score(cfg, head, valid, test, cfg.paths.path("predictions") / "head")
+    figures.update({**facts, "n_train_images": int(train.index["copy"].eq(0).sum()), "copies": train.copies,
+                    "seconds": round(time.perf_counter() - start, 3)})
     write_stage_metrics(cfg.paths.stage_metrics_file("head"), figures)
     return figures
 

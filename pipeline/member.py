@@ -20,28 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pandas as pd
-import torch
 
-from pipeline.config import CLASSES, Config
+from pipeline.config import Config
 from pipeline.errors import StageError
 from pipeline.features import FeatureSplit, load_meta, load_split
-from pipeline.head import (
-    HEAD_FILE,
-    CachedFeaturesDataModule,
-    HeadModule,
-    build_trainer,
-    clear_previous_run,
-    head_meta,
-    predict_probs,
-    quiet_lightning,
-    save_head,
-    split_labels,
-)
-from pipeline.metrics import evaluate, read_hidden_labels, write_predictions, write_stage_metrics
-from pipeline.models import create_dense_head
+from pipeline.head import HEAD_FILE, fit_head, head_meta, predict_and_score, quiet_lightning, save_head
+from pipeline.metrics import write_stage_metrics
 
 STAGE = "member"
 
@@ -103,25 +89,6 @@ def member_config(cfg: Config, member: int) -> Config:
     return cfg.model_copy(update={"head": cfg.head.model_copy(update={"seed": member_seed(cfg, member)})})
 
 
-def train_head(cfg: Config, train: FeatureSplit, valid: FeatureSplit, out_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Adapter over pipeline.head's pieces (its ``run`` trains on the whole train split only): fit a
-    fresh head with ``cfg.head`` and return the best-checkpoint head (eval, CPU) and training facts."""
-    L.seed_everything(cfg.head.seed, workers=True, verbose=False)
-    in_features = int(train.features.shape[1])
-    module = HeadModule(create_dense_head(in_features, cfg.head.widths, cfg.head.dropout, len(CLASSES)), cfg.head)
-    data = CachedFeaturesDataModule(train, valid, cfg.head.batch_size, cfg.head.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_previous_run(out_dir)
-    trainer, checkpoint = build_trainer(cfg, out_dir)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
-    best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(best["state_dict"])
-    facts = {"epochs": int(trainer.current_epoch), "best_epoch": int(best.get("epoch", -1)), "train_seconds": round(seconds, 3)}
-    return module.head.cpu().eval(), facts
-
-
 def run_member(cfg: Config, member: int) -> dict[str, Any]:
     """Train member ``member``, write its head, plain predictions and figures; return the figures."""
     start = time.perf_counter()
@@ -136,19 +103,12 @@ def run_member(cfg: Config, member: int) -> dict[str, Any]:
 
     member_cfg = member_config(cfg, member)
     out_dir = model_dir(cfg, member)
-    head, facts = train_head(member_cfg, member_train, valid, out_dir)
+    head, facts = fit_head(member_cfg, member_train, valid, out_dir)
     meta = {**head_meta(member_cfg, features_meta, int(train.features.shape[1])),
             "member": member, "seed": member_seed(cfg, member), "held_out_fold": fold}
     save_head(out_dir / HEAD_FILE, head, meta)
 
-    valid_rows, test_rows = valid.rows_of_copy(0), test.rows_of_copy(0)
-    valid_probs, test_probs = predict_probs(head, valid.features[valid_rows]), predict_probs(head, test.features[test_rows])
-    valid_imgs, test_imgs = valid.index["img"].to_numpy()[valid_rows], test.index["img"].to_numpy()[test_rows]
-    write_predictions(predictions_dir(cfg, member) / "valid.csv", valid_imgs, valid_probs)
-    write_predictions(predictions_dir(cfg, member) / "test.csv", test_imgs, test_probs)
-
-    figures: dict[str, Any] = evaluate(valid_probs, split_labels(valid)[valid_rows], list(test_imgs), test_probs,
-                                       read_hidden_labels(cfg.paths.path("hidden")))
+    figures = predict_and_score(cfg, head, valid, test, predictions_dir(cfg, member))
     train_drivers = folds.loc[folds["img"].isin(kept), "subject"].nunique()
     figures.update({"member": member, "seed": member_seed(cfg, member), "held_out_fold": fold,
                     "n_train_images": len(kept), "n_train_drivers": int(train_drivers), **facts,
