@@ -140,16 +140,20 @@ class PretrainConfig(Section):
     weights. The narrow VGG classifier is trained on a separate synthetic dataset drawn from its own
     ``seed`` (fresh drivers; never the competition's images or drivers) and its weights saved."""
 
-    n_drivers: int = Field(16, ge=2)  # labelled pretraining drivers
-    per_driver: tuple[int, int] = (60, 80)  # frames per pretraining driver, drawn from this range
+    n_drivers: int = Field(32, ge=2)  # labelled pretraining drivers
+    per_driver: tuple[int, int] = (50, 70)  # frames per pretraining driver, drawn from this range
     n_holdout_drivers: int = Field(4, ge=1)  # further drivers, only to measure pretraining accuracy
     n_holdout: int = Field(200, ge=1)  # images over the holdout drivers
     # Rendered size (4:3); None: the profile's ingest.synthetic size. Decoded to model.input_size.
     width: int | None = Field(None, ge=32)
     height: int | None = Field(None, ge=24)
     seed: int = 7919  # the pretraining domain's seed: must differ from ingest.synthetic.seed
-    epochs: int = Field(6, ge=1)  # epoch e trains on augmented copy e + 1 of every image
-    lr: float = Field(2e-3, gt=0)  # AdamW peak learning rate (one-cycle schedule)
+    # The classifier trained: conv base, pool5 average-pooled to grid x grid, dense head without
+    # hidden layers (BatchNorm1d -> Dropout -> Linear): the shape the features stage uses.
+    grid: int = Field(2, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(8, ge=1)  # epoch e trains on augmented copy e + 1 of every image
+    lr: float = Field(3e-3, gt=0)  # AdamW peak learning rate (one-cycle schedule)
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(32, ge=2)
     num_workers: int = Field(0, ge=0)

@@ -147,12 +147,16 @@ def index_table(rows: SplitRows, chunk_size: int) -> pd.DataFrame:
 
 
 def weights_identity(cfg: Config) -> dict[str, Any]:
+    """The model config plus a content hash of a local weights file (a re-run pretrain or a new
+    download must invalidate the cached chunks; a touched-but-equal file must not)."""
     model = cfg.model.model_dump(mode="json")
-    if cfg.model.weights == "file" and cfg.model.weights_file:
-        path = Path(cfg.model.weights_file).expanduser()
-        if path.exists():
-            stat = path.stat()
-            model["weights_file_stat"] = [stat.st_size, stat.st_mtime_ns]
+    weights = {"file": cfg.model.weights_file, "pretrain": cfg.model.pretrain_file}.get(cfg.model.weights)
+    if weights and Path(weights).expanduser().exists():
+        digest = hashlib.sha256()
+        with Path(weights).expanduser().open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        model["weights_sha256"] = digest.hexdigest()
     return model
 
 

@@ -34,7 +34,6 @@ from pipeline.config import ModelConfig
 
 VGG16_LAYOUT: list[int | str] = list(cfgs["vgg16"])
 IMAGENET_CLASSES = 1000
-PRETRAIN_CLASSES = 10  # the pretrain stage's classifier: c0..c9 of its own synthetic domain
 
 
 # ---------------------------------------------------------------------------- backbone
@@ -55,16 +54,13 @@ def _pretrained_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
         if not path.exists():
             raise FileNotFoundError(f"model.weights_file {path} does not exist")
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
-    if model_cfg.weights == "pretrain":
-        # The same local-file path as weights=file. The pretrain stage's classifier has 10 classes:
-        # declared here so timm drops it (as it drops ImageNet's 1000) when num_classes differs.
-        path = model_cfg.pretrain_file
-        if path is None:
+    if model_cfg.weights == "pretrain":  # a local file too: the one the pretrain stage wrote
+        if model_cfg.pretrain_file is None:
             raise ValueError("model.weights=pretrain: the backbone file is located from cfg.paths; "
                              "build the ModelConfig through Config (load_profile / load_params)")
-        if not Path(path).exists():
-            raise FileNotFoundError(f"model.weights=pretrain: {path} does not exist: run the pretrain stage first")
-        return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path), "num_classes": PRETRAIN_CLASSES}}
+        if not Path(model_cfg.pretrain_file).exists():
+            raise FileNotFoundError(f"model.weights=pretrain: {model_cfg.pretrain_file} does not exist: run the pretrain stage")
+        return _pretrained_kwargs(model_cfg.model_copy(update={"weights": "file", "weights_file": str(model_cfg.pretrain_file)}))
     return {"pretrained": True}
 
 

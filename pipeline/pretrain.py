@@ -15,14 +15,19 @@ or test included, is seen before the ``features`` stage. Caveat: the pretraining
 the same generator with the same ten classes, so it is a closer relative of the task than ImageNet
 is of State Farm, and demo scores after pretraining are kinder than ImageNet transfer would be.
 
-Training. Epoch ``e`` sees augmented copy ``e + 1`` of every pretraining image (``cfg.augment``, via
-``pipeline.data``; never flipped), AdamW with a one-cycle schedule, cross-entropy on the VGG's own
-classifier (10 classes). The drivers of the generator's "test" split are held out to measure
-pretraining accuracy on unseen drivers of the pretraining domain.
+Training. The classifier is the backbone's trainable conv base (pool5 average-pooled to
+``pretrain.grid``, as the features stage pools it) followed by a dense head without hidden layers
+(``pipeline.models``: ``ConvNet(create_conv_base(..., frozen=False), create_dense_head(...))``).
+(VGG's own 7x7-conv classifier did not learn at all in this budget; the pooled head does.) Epoch
+``e`` sees augmented copy ``e + 1`` of every pretraining image (``cfg.augment`` via
+``pipeline.data``; never flipped); AdamW with a one-cycle schedule. The drivers of the generator's
+"test" split are held out to measure accuracy on unseen drivers of the pretraining domain.
 
 Outputs (the DVC out is the whole ``models/pretrain`` folder)
-- ``backbone.pt``: ``{"state_dict": <timm VGG state_dict, 10-class head>, "meta": {...}}``, written
-  atomically; timm's file loader reads ``state_dict``.
+- ``backbone.pt``: ``{"state_dict", "head_state_dict", "meta"}``, written atomically. ``state_dict``
+  is the whole timm VGG as ``create_backbone`` builds it (timm's file loader reads this key, strict):
+  trained ``features``; ``pre_logits`` and ``head.fc`` keep their random init (no stage uses them).
+  ``head_state_dict`` is the pretraining classifier's dense head.
 - ``skipped.json`` instead, when ``model.weights`` is not ``pretrain`` (hub/file/none: there is
   nothing to pretrain, but DVC needs the out to exist).
 - ``reports/stages/pretrain.json``: accuracy on the pretraining domain (train, held-out drivers),
@@ -48,10 +53,18 @@ from pipeline.data import ImageRowsDataset, build_augmentation, class_index, see
 from pipeline.errors import StageError
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.metrics import write_stage_metrics
-from pipeline.models import PRETRAIN_CLASSES, Normalize, create_backbone, input_hw, resolve_preprocessing
+from pipeline.models import (
+    ConvNet,
+    create_backbone,
+    create_conv_base,
+    create_dense_head,
+    input_hw,
+    resolve_preprocessing,
+)
 from pipeline.synthetic import generate
 
 SKIPPED_FILE = "skipped.json"
+NUM_CLASSES = len(CLASSES)
 
 
 # ---------------------------------------------------------------------------- the pretraining domain
@@ -102,6 +115,17 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def create_pretrain_network(cfg: Config) -> tuple[ConvNet, nn.Module, dict[str, Any]]:
+    """The classifier that is pretrained: the backbone's conv base (trainable, pool5 average-pooled to
+    ``pretrain.grid``) and a dense head, the shape the downstream stages use the backbone in. Returns
+    (network, backbone, data config); training the network trains ``backbone.features`` in place."""
+    backbone = create_backbone(cfg.model.model_copy(update={"weights": "none"}))
+    data_cfg = resolve_preprocessing(backbone, cfg.model)
+    conv_base = create_conv_base(backbone, data_cfg, cfg.pretrain.grid, frozen=False)
+    head = create_dense_head(conv_base.out_features, [], cfg.pretrain.dropout, NUM_CLASSES)
+    return ConvNet(conv_base, head), backbone, data_cfg
+
+
 def train_classifier(network: nn.Module, frames: pd.DataFrame, cfg: Config, target_hw: tuple[int, int],
                      device: torch.device) -> dict[str, Any]:
     """AdamW + one-cycle over ``pretrain.epochs``; epoch ``e`` uses augmented copy ``e + 1``."""
@@ -129,7 +153,7 @@ def train_classifier(network: nn.Module, frames: pd.DataFrame, cfg: Config, targ
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_sum += float(loss) * len(labels)
+            loss_sum += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             count += len(labels)
         history.append({"epoch": epoch, "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1)})
@@ -157,10 +181,15 @@ def evaluate_classifier(network: nn.Module, frames: pd.DataFrame, target_hw: tup
 # ---------------------------------------------------------------------------- stage
 
 
-def save_backbone(path: Path, backbone: nn.Module, meta: dict[str, Any]) -> Path:
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_backbone(path: Path, backbone: nn.Module, head: nn.Module, meta: dict[str, Any]) -> Path:
+    """``state_dict``: the whole timm VGG (what ``create_backbone`` loads); ``head_state_dict``: the
+    pretraining classifier's dense head; ``meta``. Written atomically."""
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp)
+        torch.save({"state_dict": cpu_state(backbone), "head_state_dict": cpu_state(head), "meta": meta}, tmp)
     return path
 
 
@@ -192,11 +221,9 @@ def run(cfg: Config) -> dict[str, Any]:
     synthetic = pretrain_synthetic_config(cfg)
     device = resolve_device(p.device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(p.seed)
-        backbone = create_backbone(cfg.model.model_copy(update={"weights": "none"}), num_classes=PRETRAIN_CLASSES)
-        data_cfg = resolve_preprocessing(backbone, cfg.model)
+        torch.manual_seed(p.seed)  # head init, shuffling: the backbone's init comes from model.init_seed
+        network, backbone, data_cfg = create_pretrain_network(cfg)
         target_hw = input_hw(data_cfg)
-        network = nn.Sequential(Normalize(data_cfg["mean"], data_cfg["std"]), backbone)
         network = network.to(device, memory_format=torch.channels_last)
         with tempfile.TemporaryDirectory(prefix="pretrain-domain-") as tmp:
             raw_dir, hidden_dir = Path(tmp) / "raw", Path(tmp) / "hidden"
@@ -230,8 +257,10 @@ def run(cfg: Config) -> dict[str, Any]:
     meta = {
         "arch": cfg.model.arch,
         "width_divisor": cfg.model.width_divisor,
-        "num_classes": PRETRAIN_CLASSES,
         "classes": list(CLASSES),
+        "trained": "features (conv base); pre_logits and head.fc keep their random init (unused downstream)",
+        "classifier": "ConvNet(conv base pooled to grid, dense head): head_state_dict",
+        "grid": p.grid,
         "input_size": list(target_hw),
         "mean": [float(m) for m in data_cfg["mean"]],
         "std": [float(s) for s in data_cfg["std"]],
@@ -239,7 +268,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "history": [{k: float(v) for k, v in h.items()} for h in trained["history"]],
         **{k: figures[k] for k in ("holdout_logloss", "holdout_acc", "train_acc")},
     }
-    save_backbone(out_file, backbone.cpu(), meta)
+    save_backbone(out_file, backbone.cpu(), network.head.cpu(), meta)
     figures["seconds"] = round(time.perf_counter() - start, 3)
     write_stage_metrics(cfg.paths.stage_metrics_file("pretrain"), figures)
     return figures
