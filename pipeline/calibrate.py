@@ -193,7 +193,13 @@ def run(cfg: Config) -> dict:
     labels, drivers = valid_targets(cfg.paths.path("split_csv"), valid_imgs, source / "valid.csv")
 
     opts = cfg.calibrate
-    calibration = fit_calibration(valid_probs, labels, opts.temperature, opts.clip)
+    crossfit = cross_fitted_probs(valid_probs, labels, drivers, opts.temperature, opts.clip, opts.cross_fit_folds, opts.seed)
+    crossfit_logloss = None if crossfit is None else kaggle_logloss(crossfit, labels)
+    fitted = fit_calibration(valid_probs, labels, opts.temperature, opts.clip)
+    # Trust the calibration only if it also helps drivers it was not fitted on: a fit on a few
+    # validation drivers can lower their own log loss and still raise everyone else's.
+    trusted = crossfit_logloss is None or crossfit_logloss < kaggle_logloss(valid_probs, labels)
+    calibration = fitted if trusted else Calibration()
     valid_cal, test_cal = apply_calibration(valid_probs, calibration), apply_calibration(test_probs, calibration)
     write_predictions(out / "valid.csv", valid_imgs, valid_cal)
     write_predictions(out / "test.csv", test_imgs, test_cal)
@@ -201,12 +207,13 @@ def run(cfg: Config) -> dict:
     hidden = read_hidden_labels(cfg.paths.path("hidden"))
     before = evaluate(valid_probs, labels, test_imgs, test_probs, hidden)
     after = evaluate(valid_cal, labels, test_imgs, test_cal, hidden)
-    crossfit = cross_fitted_probs(valid_probs, labels, drivers, opts.temperature, opts.clip, opts.cross_fit_folds, opts.seed)
     figures: dict = {
         **rounded(after),
         **rounded({f"{key}_before": value for key, value in before.items()}),
         # Honest estimate: fitted on other validation drivers (None with a single valid driver).
-        "valid_logloss_crossfit": None if crossfit is None else round(kaggle_logloss(crossfit, labels), 6),
+        "valid_logloss_crossfit": None if crossfit_logloss is None else round(crossfit_logloss, 6),
+        "applied": trusted,
+        **rounded({f"fitted_{key}": value for key, value in asdict(fitted).items()}),
         **rounded(asdict(calibration)),
         "n_valid": len(valid_imgs),
         "n_valid_drivers": int(len(np.unique(drivers))),

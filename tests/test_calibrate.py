@@ -147,6 +147,25 @@ def test_stage_switches_off(tmp_path):
     assert figures["valid_logloss"] == pytest.approx(figures["valid_logloss_before"])
 
 
+def test_stage_keeps_predictions_when_the_fit_does_not_transfer_across_drivers(smoke_cfg, tmp_path):
+    """One validation driver over-confident, the other under-confident: a temperature fitted on both
+    looks good in-sample, but fitted on one driver it hurts the other, so it is not applied."""
+    write_inputs(tmp_path, n_valid=200)
+    labels_a, over = model_outputs(100, sharpness=3.0, seed=2)
+    labels_b, under = model_outputs(100, sharpness=0.4, seed=3, accuracy=1.0)
+    valid_imgs = [f"img_v{i}.jpg" for i in range(200)]
+    split = pd.read_csv(tmp_path / "data/split.csv")
+    split.loc[:199, "subject"] = ["p001"] * 100 + ["p002"] * 100
+    split.loc[:199, "classname"] = [f"c{c}" for c in np.concatenate([labels_a, labels_b])]
+    split.to_csv(tmp_path / "data/split.csv", index=False)
+    write_predictions(tmp_path / "data/predictions/ensemble/valid.csv", valid_imgs, np.concatenate([over, under]))
+    figures = run(smoke_cfg)
+    assert figures["valid_logloss_crossfit"] > figures["valid_logloss_before"]
+    assert figures["applied"] is False
+    assert figures["valid_logloss"] == pytest.approx(figures["valid_logloss_before"])
+    assert figures["test_logloss"] == pytest.approx(figures["test_logloss_before"])
+
+
 def test_stage_refuses_predictions_for_images_outside_validation(smoke_cfg, tmp_path):
     write_inputs(tmp_path)
     path = tmp_path / "data/predictions/ensemble/valid.csv"
