@@ -36,11 +36,10 @@ def write_stage_metrics(path: Path, figures: dict[str, Any]) -> Path:
 
 
 def collect_stage_metrics(folder: Path, order: list[str]) -> dict[str, Any]:
-    """Map of stage name to its figures, in DAG order, for the stages that wrote any."""
-    found = {p.stem: read_json(p) for p in folder.glob("*.json")} if folder.exists() else {}
-    ordered = {name: found.pop(name) for name in order if name in found}
-    ordered.update(sorted(found.items()))
-    return ordered
+    """Map of stage name to its figures, in ``order`` (the DAG), for the stages that wrote any;
+    files of names outside ``order`` are ignored."""
+    files = {name: folder / f"{name}.json" for name in order}
+    return {name: read_json(path) for name, path in files.items() if path.exists()}
 
 
 # ---------------------------------------------------------------------------- predictions

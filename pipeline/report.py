@@ -64,19 +64,20 @@ def note(text: str) -> str:
     return f"<p class='note'>{html.escape(text)}</p>"
 
 
-def stage_order(names: list[str]) -> list[str]:
-    """DAG order with each foreach item (``member@0``...) right after its stage's position."""
+def stage_order(members: list[int]) -> list[str]:
+    """The current DAG in order, each foreach item (``member@0``...) right after its stage."""
     order: list[str] = []
     for stage in STAGES:
         order.append(stage)
-        items = [n for n in names if n.startswith(f"{stage}@")]
-        order += sorted(items, key=lambda n: (len(n), n))
+        if stage == "member":
+            order += [f"member@{m}" for m in members]
     return order
 
 
-def collect_metrics(folder: Path) -> dict[str, dict]:
-    names = [p.stem for p in folder.glob("*.json")] if folder.exists() else []
-    return collect_stage_metrics(folder, stage_order(names))
+def collect_metrics(folder: Path, members: list[int]) -> dict[str, dict]:
+    """Figures of the stages in the current DAG only: a file left by a stage or member that has
+    since been removed from the config is stale and must not reach metrics.json."""
+    return collect_stage_metrics(folder, stage_order(members))
 
 
 # ---------------------------------------------------------------------------- SVG charts
@@ -421,7 +422,7 @@ def render_html(metrics: dict[str, dict], profile: str, body: str = "") -> str:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    metrics = collect_metrics(cfg.paths.path("stage_metrics"))
+    metrics = collect_metrics(cfg.paths.path("stage_metrics"), cfg.ensemble.members)
     # Not atomic_write_json: it sorts keys, and this map keeps DAG order.
     atomic_write_text(cfg.paths.path("metrics"), json.dumps(metrics, indent=2) + "\n")
     body = (f"<h2>Learning curves</h2>{learning_curves_section(cfg.paths.path('models'))}"

@@ -100,6 +100,16 @@ def test_foreach_items_follow_their_stage_in_dag_order(smoke_cfg, monkeypatch):
     monkeypatch.setattr(report, "STAGES", {"head": "", "member": "", "ensemble": ""})
     for name in ("ensemble", "member@10", "member@2", "head"):
         write_stage_metrics(smoke_cfg.paths.stage_metrics_file(name), {"valid_logloss": 1.0})
+    smoke_cfg.ensemble.members = [2, 10]
     run(smoke_cfg)
     metrics = json.loads(smoke_cfg.paths.path("metrics").read_text())
     assert list(metrics) == ["head", "member@2", "member@10", "ensemble"]
+
+
+def test_stale_figures_of_removed_members_are_left_out(smoke_cfg):
+    """ensemble.members shrank from [0, 1, 2] to the smoke default: member@2.json is stale."""
+    for member in (0, 1, 2):
+        write_stage_metrics(smoke_cfg.paths.stage_metrics_file(f"member@{member}"), {"valid_logloss": 0.5})
+    run(smoke_cfg)
+    metrics = json.loads(smoke_cfg.paths.path("metrics").read_text())
+    assert [k for k in metrics if k.startswith("member@")] == [f"member@{m}" for m in smoke_cfg.ensemble.members]
