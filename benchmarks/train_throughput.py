@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--compile", choices=["auto", "on", "off", "both"], default="auto",
                         help="auto: eager and compiled on CUDA, eager only on CPU")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="as the finetune trainer's deterministic: warn (deterministic algorithms, no cuDNN "
+                             "autotune); default: cuDNN autotune on")
     parser.add_argument("--images", type=Path, help="folder of JPEGs to read (default: synthetic 640x480)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     return parser.parse_args(argv)
@@ -170,6 +173,7 @@ def measure(args: argparse.Namespace, device: torch.device, paths: list[Path], c
         train_step(to_device(batch_images, device), batch_labels.to(device, non_blocking=True))
 
     out["together_train"] = timed(together, args.batches, args.warmup, bs, device)
+    network.eval()  # inference as the stages predict: batchnorm on running statistics, no dropout
     out["model_infer"] = timed(lambda: infer_step(images), args.batches, args.warmup, bs, device)
     model_ips, together_ips = out["model_train"]["images_per_s"], out["together_train"]["images_per_s"]
     out["together_vs_model"] = round(together_ips / model_ips, 3)
@@ -188,13 +192,16 @@ def compile_modes(choice: str, device: torch.device) -> list[bool]:
 
 def run(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if args.deterministic:  # what Lightning does for Trainer(deterministic="warn")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "arch": args.arch, "size": args.size, "batch_size": args.batch_size, "workers": args.workers,
         "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
-        "channels_last": device.type == "cuda", "torch": torch.__version__,
+        "channels_last": device.type == "cuda", "deterministic": args.deterministic, "torch": torch.__version__,
     }
     bs = args.batch_size
     for name, augment in (("loader_train", True), ("loader_infer", False)):
@@ -214,7 +221,8 @@ def run(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     lines = [f"{results['arch']} {results['size']}px batch {results['batch_size']} on {results['device']} "
-             f"({results['precision']}, channels_last={results['channels_last']}, {results['workers']} workers)",
+             f"({results['precision']}, channels_last={results['channels_last']}, deterministic={results['deterministic']}, "
+             f"{results['workers']} workers)",
              f"  loader alone: train (augmented) {results['loader_train']['images_per_s']} img/s, "
              f"inference {results['loader_infer']['images_per_s']} img/s"]
     for key in ("eager", "compiled"):

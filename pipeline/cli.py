@@ -14,6 +14,7 @@ from pipeline.env import set_offline_env
 from pipeline.errors import StageError
 from pipeline.stages import STAGES, stage_module
 
+
 def build_parser() -> argparse.ArgumentParser:
     stage_list = "\n".join(f"  {name:<10} {text}" for name, text in STAGES.items())
     parser = argparse.ArgumentParser(

@@ -230,6 +230,9 @@ class TrainerConfig(Section):
     # CUDA's adaptive average pooling has no deterministic backward; the conv base pools pool5 to
     # grid x grid adaptively (and timm's VGG head does below 224 px), so "warn" rather than True.
     deterministic: bool | Literal["warn"] = "warn"
+    # cuDNN autotuning (torch.backends.cudnn.benchmark). None: Lightning's choice, off while
+    # deterministic is set. Measure both with benchmarks/train_throughput.py [--deterministic].
+    benchmark: bool | None = None
     resume: bool = True  # resume an interrupted run of the same config, inputs and code from last.ckpt
     log_every_n_steps: int = Field(10, ge=1)
 

@@ -562,6 +562,7 @@ def build_trainer(trainer_cfg: TrainerConfig, out_dir: Path, max_epochs: int, pa
         strategy=build_strategy(trainer_cfg),
         precision=resolve_precision(trainer_cfg),
         deterministic=trainer_cfg.deterministic,
+        benchmark=trainer_cfg.benchmark,
         max_epochs=max_epochs,
         callbacks=[checkpoint, stopping, *bars, *callbacks],
         logger=[CSVLogger(save_dir=out_dir, name="logs", version=""),
