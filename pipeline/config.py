@@ -309,7 +309,8 @@ class EnsembleConfig(Section):
     mean: Literal["arithmetic", "geometric"] = "arithmetic"
     fit_weights: bool = True  # weights on the simplex fitted on validation log loss; else equal
     # Test-neighbour smoothing: average each prediction with its k nearest neighbours (cosine on the
-    # cached conv features), applied only when it lowers validation log loss. 0 switches it off.
+    # cached conv features), k the best of 1, 2, 3, 5, 10 ... up to this on validation log loss,
+    # applied only when it lowers it. 0 switches it off.
     neighbours: int = Field(10, ge=0)
     # Folds over validation drivers for the honest, cross-fitted estimate of the fitted ensemble.
     cross_fit_folds: int = Field(2, ge=2)

@@ -177,7 +177,8 @@ def ensemble_section(metrics: dict[str, dict]) -> str:
                                               for m in ("logloss", "acc") for w in ("before", "after")) + "</tr>"
             for split in ("valid", "test") if f"smoothing_{split}_logloss_before" in figs
         )
-        lines.append(f"Test-neighbour smoothing (k = {format_value(figs.get('neighbours', ''))}): {verdict}.")
+        lines.append(f"Test-neighbour smoothing (k = {format_value(figs.get('smoothing_k', ''))}, the best of 1 to "
+                     f"{format_value(figs.get('neighbours', ''))} on validation): {verdict}.")
         table += ("<table><tr><th>smoothing</th><th>log loss before</th><th>log loss after</th><th>acc before</th>"
                   f"<th>acc after</th></tr>{cells}</table>")
     else:

@@ -90,8 +90,23 @@ def test_smoothing_helps_when_neighbours_share_labels():
     features = clustered(labels, rng, spread=0.5)
     smoothed = neighbour_smoothing(probs, features, k=5)
     assert kaggle_logloss(smoothed, labels) < kaggle_logloss(probs, labels) - 0.1
-    trusted, _ = smoothing_decision(probs, labels, features, k=5)
-    assert trusted
+    k, smoothed_valid, by_k = smoothing_decision(probs, labels, features, max_k=5)
+    assert list(by_k) == [1, 2, 3, 5] and k == min(by_k, key=by_k.get) and k > 0
+    assert np.array_equal(smoothed_valid, neighbour_smoothing(probs, features, k))
+
+
+def test_smoothing_k_stops_at_the_frames_a_group_has():
+    """Groups of 4 near-duplicate frames: 3 neighbours share the label, a 4th or 10th does not."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(10), 4)
+    wrong = rng.random(len(labels)) < 0.3
+    predicted = np.where(wrong, (labels + rng.integers(1, 10, len(labels))) % 10, labels)
+    probs = np.full((len(labels), 10), 0.2 / 9)
+    probs[np.arange(len(labels)), predicted] = 0.8
+    groups = np.repeat(np.arange(10), 4)
+    features = rng.normal(size=(10, 16))[groups] * 5 + rng.normal(size=(len(labels), 16)) * 0.1
+    k, _, by_k = smoothing_decision(probs, labels, features, max_k=10)
+    assert k in (2, 3) and by_k[10] > by_k[k]
 
 
 def test_smoothing_is_switched_off_when_it_hurts_validation():
@@ -99,9 +114,10 @@ def test_smoothing_is_switched_off_when_it_hurts_validation():
     labels = np.repeat(np.arange(10), 12)
     probs = noisy_predictions(labels, np.full(len(labels), 20.0), rng)  # confident and right
     features = rng.normal(size=(len(labels), 16))  # neighbours unrelated to labels
-    trusted, smoothed = smoothing_decision(probs, labels, features, k=5)
-    assert not trusted and kaggle_logloss(smoothed, labels) > kaggle_logloss(probs, labels)
-    assert not smoothing_decision(probs, labels, features, k=0)[0]  # k = 0: off
+    k, smoothed, by_k = smoothing_decision(probs, labels, features, max_k=5)
+    assert k == 0 and np.array_equal(smoothed, probs)
+    assert min(by_k.values()) > kaggle_logloss(probs, labels)
+    assert smoothing_decision(probs, labels, features, max_k=0)[0] == 0  # neighbours = 0: off
 
 
 def test_cross_fitting_holds_out_whole_drivers(complementary_members):
@@ -166,6 +182,7 @@ def test_report_renders_every_section_from_the_ensembled_chain(ensembled):
     report.run(cfg)
     page = cfg.paths.path("report_html").read_text()
     for text in ("Validation predictions: ensemble", "Confusion matrix", "log loss per true class", "reliability diagram",
-                 "member/0/logs", "<h3>most uncertain</h3>", "data:image/jpeg;base64,", "Test-neighbour smoothing (k = 3)"):
+                 "member/0/logs", "<h3>most uncertain</h3>", "data:image/jpeg;base64,",
+                 f"Test-neighbour smoothing (k = {ensembled[2]['smoothing_k']}, the best of 1 to 3 on validation)"):
         assert text in page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # opens offline
