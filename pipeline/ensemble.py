@@ -301,6 +301,8 @@ def valid_groups(split_csv: Path, imgs: np.ndarray) -> np.ndarray:
 def rounded(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return round(float(value), 6)
     if isinstance(value, np.bool_):
@@ -342,7 +344,7 @@ def run(cfg: Config) -> dict[str, Any]:
         test_smoothed = neighbour_smoothing(test, plain["test"], shown_k)
         shown_valid = valid_smoothed if k else neighbour_smoothing(valid, plain["valid"], shown_k)
         smoothing = {**smoothing_figures(labels, valid, shown_valid, test_labels, test, test_smoothed),
-                     "smoothing_valid_logloss_by_k": {str(k_): v for k_, v in valid_by_k.items()}}
+                     "smoothing_valid_logloss_by_k": [[k_, v] for k_, v in valid_by_k.items()]}
         if k:
             valid, test = valid_smoothed, test_smoothed
 
