@@ -79,14 +79,19 @@ def clustered(labels: np.ndarray, rng: np.random.Generator, spread: float) -> np
     return centres[labels] + rng.normal(size=(len(labels), 16)) * spread
 
 
-def test_smoothing_helps_when_neighbours_share_labels():
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(10), 12)
-    # Frame-level mistakes: 30% of frames confidently on a random wrong class, the rest right.
+def frame_mistakes(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Frame-level mistakes: 30% of frames confidently on a random wrong class, the rest right."""
     wrong = rng.random(len(labels)) < 0.3
     predicted = np.where(wrong, (labels + rng.integers(1, 10, len(labels))) % 10, labels)
     probs = np.full((len(labels), 10), 0.2 / 9)
     probs[np.arange(len(labels)), predicted] = 0.8
+    return probs
+
+
+def test_smoothing_helps_when_neighbours_share_labels():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 12)
+    probs = frame_mistakes(labels, rng)
     features = clustered(labels, rng, spread=0.5)
     smoothed = neighbour_smoothing(probs, features, k=5)
     assert kaggle_logloss(smoothed, labels) < kaggle_logloss(probs, labels) - 0.1
@@ -99,12 +104,8 @@ def test_smoothing_k_stops_at_the_frames_a_group_has():
     """Groups of 4 near-duplicate frames: 3 neighbours share the label, a 4th or 10th does not."""
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(10), 4)
-    wrong = rng.random(len(labels)) < 0.3
-    predicted = np.where(wrong, (labels + rng.integers(1, 10, len(labels))) % 10, labels)
-    probs = np.full((len(labels), 10), 0.2 / 9)
-    probs[np.arange(len(labels)), predicted] = 0.8
-    groups = np.repeat(np.arange(10), 4)
-    features = rng.normal(size=(10, 16))[groups] * 5 + rng.normal(size=(len(labels), 16)) * 0.1
+    probs = frame_mistakes(labels, rng)
+    features = clustered(labels, rng, spread=0.1)  # one tight cluster per group of 4
     k, _, by_k = smoothing_decision(probs, labels, features, max_k=10)
     assert k in (2, 3) and by_k[10] > by_k[k]
 
