@@ -46,7 +46,7 @@ from pipeline.metrics import (
     write_predictions,
     write_stage_metrics,
 )
-from pipeline.neighbours import neighbour_smoothing
+from pipeline.neighbours import nearest_neighbours, neighbour_smoothing, smooth_with_neighbours
 
 Mean = Literal["arithmetic", "geometric"]
 
@@ -144,12 +144,16 @@ def smoothing_decision(valid: np.ndarray, labels: np.ndarray, valid_features: np
 
     k is chosen, not fixed, because the right k is about the number of frames a driver has per class
     (real data: ~80, the 1st place used 10; the demo: ~10): past it, neighbours are other classes."""
-    base = kaggle_logloss(valid, labels)
-    by_k = {k: kaggle_logloss(neighbour_smoothing(valid, valid_features, k), labels) for k in candidate_ks(max_k)}
-    k = min(by_k, key=by_k.get, default=0)
-    if k == 0 or by_k[k] >= base:
+    ks = candidate_ks(max_k)
+    if not ks:
+        return 0, valid, {}
+    neighbours = nearest_neighbours(valid_features, ks[-1])  # nearest first: the k nearest are [:, :k]
+    smoothed = {k: smooth_with_neighbours(valid, neighbours[:, :k]) for k in ks}
+    by_k = {k: kaggle_logloss(probs, labels) for k, probs in smoothed.items()}
+    k = min(by_k, key=by_k.get)
+    if by_k[k] >= kaggle_logloss(valid, labels):
         return 0, valid, by_k
-    return k, neighbour_smoothing(valid, valid_features, k), by_k
+    return k, smoothed[k], by_k
 
 
 def smoothing_figures(labels: np.ndarray, before: np.ndarray, after: np.ndarray, test_labels: np.ndarray | None,

@@ -51,7 +51,14 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data import ImageRowsDataset, build_augmentation, class_index, seed_worker
 from pipeline.errors import StageError
-from pipeline.io import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
+from pipeline.io import (
+    atomic_path,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    read_json,
+)
 from pipeline.metrics import write_stage_metrics
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
 
@@ -152,11 +159,7 @@ def weights_identity(cfg: Config) -> dict[str, Any]:
     model = cfg.model.model_dump(mode="json")
     weights = {"file": cfg.model.weights_file, "pretrain": cfg.model.pretrain_file}.get(cfg.model.weights)
     if weights and Path(weights).expanduser().exists():
-        digest = hashlib.sha256()
-        with Path(weights).expanduser().open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        model["weights_sha256"] = digest.hexdigest()
+        model["weights_sha256"] = file_sha256(Path(weights).expanduser())
     return model
 
 

@@ -4,6 +4,7 @@ so a killed stage never leaves a half-written file or folder that a later stage 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -72,6 +73,15 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights files run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: Path | str) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import email.utils
-import hashlib
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.errors import BadInputError, StageError
-from pipeline.io import atomic_path, atomic_write_json
+from pipeline.io import atomic_path, atomic_write_json, file_sha256
 from pipeline.metrics import CLASS_COLUMNS, write_stage_metrics
 
 log = logging.getLogger(__name__)
@@ -192,14 +191,6 @@ def code_revision(repo: Path = PROJECT_ROOT) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "") if sha else "unknown"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def submission_message(base: str, code_rev: str, data_rev: str) -> str:

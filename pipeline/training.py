@@ -63,7 +63,7 @@ from pipeline.data import ImageRowsDataset, build_augmentation, class_index, see
 from pipeline.errors import StageError
 from pipeline.features import read_image_tables
 from pipeline.head import HEAD_FILE, first_epoch_schedule, load_head, quiet_lightning
-from pipeline.io import atomic_path, atomic_write_json, read_json
+from pipeline.io import atomic_path, atomic_write_json, file_sha256, read_json
 from pipeline.models import ConvNet, create_backbone, create_conv_base, input_hw, resolve_preprocessing
 
 MONITOR = "valid/logloss"
@@ -593,20 +593,12 @@ def is_launcher_process() -> bool:
     return all(int(os.environ.get(var, "0") or 0) == 0 for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"))
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(settings: dict[str, Any], files: Sequence[Path] = (), modules: Sequence[ModuleType] = (),
                 arrays: Sequence[np.ndarray] = ()) -> str:
     """A hash of what a training run depends on: settings, input files, source code, arrays."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in files:
-        digest.update(file_digest(Path(path)).encode())
+        digest.update(file_sha256(path).encode())
     for module in modules:
         digest.update(Path(inspect.getsourcefile(module) or "").read_bytes())
     for array in arrays:

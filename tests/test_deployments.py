@@ -12,7 +12,6 @@ real prefect.yaml deployed with `prefect deploy --all`, and a real process worke
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from flows.local import api_url, prefect_cli, start_server, start_worker, stop, wait_for_api
+from pipeline.io import file_sha256
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def git(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 def file_digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(folder)): file_sha256(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 

@@ -17,11 +17,11 @@ from kaggle_stub import STUB_KEY, KaggleStub, use_stub
 
 from pipeline.config import load_profile, write_params
 from pipeline.errors import BadInputError
+from pipeline.io import file_sha256
 from pipeline.metrics import CLASS_COLUMNS, write_predictions
 from pipeline.submit import (
     SubmitError,
     code_revision,
-    file_sha256,
     retry_delay,
     run,
     submit_command,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from PIL import Image
 
 from pipeline import synthetic
 from pipeline.config import CLASSES, SyntheticConfig, load_profile
+from pipeline.io import file_sha256
 
 HEADER_DRIVERS = "subject,classname,img"
 HEADER_SUBMISSION = "img," + ",".join(CLASSES)
@@ -31,7 +31,7 @@ def dataset(tmp_path_factory, smoke_synthetic) -> tuple[Path, Path, dict]:
 
 
 def file_digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(folder)): file_sha256(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
