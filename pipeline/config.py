@@ -28,6 +28,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def item_stage(stage: str, item: object) -> str:
+    """The DVC name of one ``foreach`` item of ``stage``: ``member@0``."""
+    return f"{stage}@{item}"
+
+
 class PathsConfig(Section):
     """Every artifact path, declared once, relative to ``root`` (the project directory)."""
 
@@ -52,6 +57,14 @@ class PathsConfig(Section):
 
     def stage_metrics_file(self, stage: str) -> Path:
         return self.path("stage_metrics") / f"{stage}.json"
+
+    def member_models(self, member: int) -> Path:
+        """The ``member@<m>`` stage's model folder (one DVC foreach item each)."""
+        return self.path("models") / "member" / str(member)
+
+    def member_predictions(self, member: int) -> Path:
+        """The ``member@<m>`` stage's ``valid.csv`` and ``test.csv``."""
+        return self.path("predictions") / "member" / str(member)
 
 
 class SyntheticConfig(Section):
@@ -295,19 +308,27 @@ class PseudoConfig(Section):
 
 
 class EnsembleConfig(Section):
-    """Members are dense heads on the cached features, one DVC stage each (``member@<id>``, a
+    """Members are models trained for the ensemble, one DVC stage each (``member@<id>``, a
     ``foreach`` over ``members``), plus the predictions of the stages in ``include`` that exist."""
 
-    # Member ids. Member m trains with seed head.seed + 1 + m and, with hold_out_fold, without the
-    # drivers of fold m % split.n_folds (bagging over drivers). A count n means [0, ..., n-1].
+    # Member ids. Member m trains with seed <model's section>.seed + 1 + m and, with hold_out_fold,
+    # without the drivers of fold m % split.n_folds (bagging over drivers). A count n means [0, ..., n-1].
     members: list[int] = [0, 1, 2]
+    # What a member is. finetune: the CNN fine-tuned like the finetune stage (its settings, the member's
+    # seed and train drivers), the strong and diverse kind. head: a dense head on the cached features
+    # (seconds even on CPU, but weaker than and correlated with the fine-tuned model).
+    member_model: Literal["finetune", "head"] = "finetune"
     hold_out_fold: bool = True
-    include: list[Literal["head", "finetune", "pseudo"]] = ["head", "finetune", "pseudo"]
+    # The dense head is left out by default: fine-tuning starts from it and beats it.
+    include: list[Literal["head", "finetune", "pseudo"]] = ["finetune", "pseudo"]
     # Test-time augmentation: augmented passes (copies 1..tta, never flipped) averaged with the
     # plain one; kept for a member only when it lowers that member's validation log loss. 0: off.
     tta: int = Field(4, ge=0)
     mean: Literal["arithmetic", "geometric"] = "arithmetic"
-    fit_weights: bool = True  # weights on the simplex fitted on validation log loss; else equal
+    # Weights on the simplex fitted on validation log loss, else equal. Off by default: the members
+    # are the same recipe with other seeds, and a few validation drivers pick noise (measured in
+    # valid_logloss_crossfit, reported for both choices).
+    fit_weights: bool = False
     # Test-neighbour smoothing: average each prediction with its k nearest neighbours (cosine on the
     # cached conv features), k the best of 1, 2, 3, 5, 10 ... up to this on validation log loss,
     # applied only when it lowers it. 0 switches it off.

@@ -1,18 +1,21 @@
 """``ensemble`` stage: combine the members' predictions, with test-time augmentation and test-neighbour
 smoothing, into ``data/predictions/ensemble/{valid,test}.csv``.
 
-1. **Members.** Each ``member@<m>`` head (``models/member/<m>/head.pt``) predicts valid and test from
-   the cached conv features; the predictions of the stages in ``ensemble.include`` (head, finetune,
-   pseudo) join as they are, when they exist.
-2. **TTA.** A member head also predicts ``ensemble.tta`` augmented copies of every valid and test
-   image (the features stage's augmentation, never a flip), and the passes are averaged; a member
-   keeps TTA only when it lowers that member's validation log loss. Augmented valid/test features
-   come from the cache when it holds them, else they are computed here with the same conv base.
-3. **Mean.** Arithmetic or geometric (``exp(sum w log p)``, renormalised), weights on the simplex
-   fitted on validation log loss (``ensemble.fit_weights``) or equal. Equal weights and every single
-   member are candidates too, so the fitted ensemble is never worse on validation than the best
-   member. Fitting on the validation it is scored on is optimistic, so ``valid_logloss_crossfit``
-   reports weights fitted on some validation drivers and scored on the others.
+1. **Members.** Each ``member@<m>`` stage's predictions: a fine-tuned member's
+   (``data/predictions/member/<m>``, TTA already decided by the member stage), or a head member's,
+   predicted here from the cached conv features by ``models/member/<m>/head.pt``. The predictions of
+   the stages in ``ensemble.include`` (head, finetune, pseudo) join as they are, when they exist.
+2. **TTA** (head members). A member head also predicts ``ensemble.tta`` augmented copies of every
+   valid and test image (the features stage's augmentation, never a flip), and the passes are
+   averaged; a member keeps TTA only when it lowers that member's validation log loss. Augmented
+   valid/test features come from the cache when it holds them, else they are computed here with the
+   same conv base.
+3. **Mean.** Arithmetic or geometric (``exp(sum w log p)``, renormalised), equal weights or weights on
+   the simplex fitted on validation log loss (``ensemble.fit_weights``; equal weights and every
+   single member are candidates too, so the fitted ensemble is never worse on validation than the
+   best member). Fitting on the validation it is scored on is optimistic, so
+   ``valid_logloss_crossfit`` reports weights fitted on some validation drivers and scored on the
+   others, for fitted and for equal weights alike: the evidence for choosing ``fit_weights``.
 4. **Test-neighbour smoothing** (``pipeline.neighbours``): each prediction averaged with its k
    nearest neighbours (cosine, cached features), k chosen among 1, 2, 3, 5, 10 ... up to
    ``ensemble.neighbours`` by validation log loss, smoothing among the validation images; applied to
@@ -31,11 +34,10 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from pipeline.config import Config
+from pipeline.config import Config, item_stage
 from pipeline.errors import BadInputError, StageError
 from pipeline.features import FeatureSplit, load_split
 from pipeline.head import HEAD_FILE, load_head, predict_probs, split_labels
-from pipeline.member import model_dir, stage_name
 from pipeline.metrics import (
     KAGGLE_EPS,
     accuracy,
@@ -49,6 +51,10 @@ from pipeline.metrics import (
 from pipeline.neighbours import nearest_neighbours, neighbour_smoothing, smooth_with_neighbours
 
 Mean = Literal["arithmetic", "geometric"]
+
+
+def member_stage(member: int) -> str:
+    return item_stage("member", member)
 
 
 @dataclass
@@ -254,9 +260,9 @@ def tta_probs(head: Any, plain: np.ndarray, augmented: list[np.ndarray]) -> np.n
 def head_member(cfg: Config, member: int, plain: dict[str, np.ndarray], augmented: dict[str, list[np.ndarray]],
                 labels: np.ndarray) -> Member:
     """A ``member@<m>`` head's predictions, with TTA when it lowers this member's validation loss."""
-    path = model_dir(cfg, member) / HEAD_FILE
+    path = cfg.paths.member_models(member) / HEAD_FILE
     if not path.exists():
-        raise StageError(f"{path} not found: run the {stage_name(member)} stage first")
+        raise StageError(f"{path} not found: run the {member_stage(member)} stage first")
     head, _meta = load_head(path)
     valid, test = predict_probs(head, plain["valid"]), predict_probs(head, plain["test"])
     figures: dict[str, Any] = {"valid_logloss_plain": kaggle_logloss(valid, labels)}
@@ -266,7 +272,7 @@ def head_member(cfg: Config, member: int, plain: dict[str, np.ndarray], augmente
         figures["tta_used"] = figures["valid_logloss_tta"] < figures["valid_logloss_plain"]
         if figures["tta_used"]:
             valid, test = valid_tta, tta_probs(head, plain["test"], augmented["test"])
-    return Member(stage_name(member), valid, test, figures)
+    return Member(member_stage(member), valid, test, figures)
 
 
 def aligned_predictions(path: Path, imgs: np.ndarray) -> np.ndarray | None:
@@ -280,15 +286,29 @@ def aligned_predictions(path: Path, imgs: np.ndarray) -> np.ndarray | None:
     return frame.loc[imgs].to_numpy(dtype=np.float64)
 
 
-def stage_member(cfg: Config, stage: str, valid_imgs: np.ndarray, test_imgs: np.ndarray) -> Member | None:
-    """Another stage's predictions as a member, when both files exist and cover every image."""
-    folder = cfg.paths.path("predictions") / stage
+def predictions_member(name: str, folder: Path, valid_imgs: np.ndarray, test_imgs: np.ndarray) -> Member | None:
+    """The predictions in ``folder`` as a member, when both files exist and cover every image."""
     if not ((folder / "valid.csv").exists() and (folder / "test.csv").exists()):
         return None
     valid, test = aligned_predictions(folder / "valid.csv", valid_imgs), aligned_predictions(folder / "test.csv", test_imgs)
     if valid is None or test is None:
         return None
-    return Member(stage, normalise(valid), normalise(test))
+    return Member(name, normalise(valid), normalise(test))
+
+
+def stage_member(cfg: Config, stage: str, valid_imgs: np.ndarray, test_imgs: np.ndarray) -> Member | None:
+    """Another stage's predictions (``ensemble.include``), when they exist."""
+    return predictions_member(stage, cfg.paths.path("predictions") / stage, valid_imgs, test_imgs)
+
+
+def finetuned_member(cfg: Config, member: int, imgs: dict[str, np.ndarray]) -> Member:
+    """A fine-tuned ``member@<m>``'s predictions, as its stage wrote them (TTA decided there)."""
+    folder = cfg.paths.member_predictions(member)
+    found = predictions_member(member_stage(member), folder, imgs["valid"], imgs["test"])
+    if found is None:
+        raise StageError(f"{folder}/valid.csv and test.csv with every valid and test image not found: "
+                         f"run the {member_stage(member)} stage first")
+    return found
 
 
 # ---------------------------------------------------------------------------- stage
@@ -300,6 +320,10 @@ def valid_groups(split_csv: Path, imgs: np.ndarray) -> np.ndarray:
         raise StageError(f"{split_csv} not found: run the split stage first")
     split = pd.read_csv(split_csv, dtype={"img": str, "subject": str}).set_index("img")
     return split.loc[imgs, "subject"].to_numpy()
+
+
+def crossfit_logloss(probs: np.ndarray | None, labels: np.ndarray) -> float | None:
+    return None if probs is None else kaggle_logloss(probs, labels)
 
 
 def rounded(value: Any) -> Any:
@@ -326,8 +350,11 @@ def run(cfg: Config) -> dict[str, Any]:
     hidden = read_hidden_labels(cfg.paths.path("hidden"))
     test_labels = np.array([hidden[i] for i in imgs["test"]]) if hidden is not None else None
 
-    augmented = augmented_features(cfg, splits, imgs, plain, opts.tta if opts.members else 0)
-    members = [head_member(cfg, m, plain, augmented, labels) for m in opts.members]
+    if opts.member_model == "head":
+        augmented = augmented_features(cfg, splits, imgs, plain, opts.tta if opts.members else 0)
+        members = [head_member(cfg, m, plain, augmented, labels) for m in opts.members]
+    else:
+        members = [finetuned_member(cfg, m, imgs) for m in opts.members]
     members += [m for m in (stage_member(cfg, s, imgs["valid"], imgs["test"]) for s in opts.include) if m is not None]
     if not members:
         raise StageError(f"no ensemble members: ensemble.members is empty and none of {opts.include} has predictions")
@@ -338,8 +365,8 @@ def run(cfg: Config) -> dict[str, Any]:
     weights = ensemble_weights(stacked_valid, labels, opts.mean, opts.fit_weights)
     valid = combine(stacked_valid, weights, opts.mean)
     test = combine(np.stack([m.test for m in members]), weights, opts.mean)
-    crossfit = cross_fitted(stacked_valid, labels, valid_groups(cfg.paths.path("split_csv"), imgs["valid"]),
-                            opts.mean, opts.fit_weights, opts.cross_fit_folds)
+    groups = valid_groups(cfg.paths.path("split_csv"), imgs["valid"])
+    crossfit = {fit: cross_fitted(stacked_valid, labels, groups, opts.mean, fit, opts.cross_fit_folds) for fit in (True, False)}
 
     k, valid_smoothed, valid_by_k = smoothing_decision(valid, labels, plain["valid"], opts.neighbours)
     shown_k = k or min(valid_by_k, key=valid_by_k.get, default=0)  # figures for the best k even when off
@@ -359,7 +386,12 @@ def run(cfg: Config) -> dict[str, Any]:
     best = min(members, key=lambda m: m.figures["valid_logloss"])
     figures: dict[str, Any] = {
         **evaluate(valid, labels, list(imgs["test"]), test, hidden),
-        "valid_logloss_crossfit": None if crossfit is None else kaggle_logloss(crossfit, labels),
+        # the chosen weighting's, then both: fitted weights earn their keep only where they beat equal ones
+        "valid_logloss_crossfit": crossfit_logloss(crossfit[opts.fit_weights], labels),
+        "valid_logloss_crossfit_fitted": crossfit_logloss(crossfit[True], labels),
+        "valid_logloss_crossfit_equal": crossfit_logloss(crossfit[False], labels),
+        "fit_weights": opts.fit_weights,
+        "member_model": opts.member_model,
         "mean": opts.mean,
         "weights": {m.name: float(w) for m, w in zip(members, weights, strict=True)},
         "n_members": len(members),

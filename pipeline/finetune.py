@@ -19,19 +19,23 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import Callback
 
 from pipeline import data, models, training
-from pipeline.config import Config
+from pipeline.config import AugmentConfig, Config, FinetuneConfig
 from pipeline.metrics import evaluate, read_hidden_labels, write_predictions, write_stage_metrics
 from pipeline.models import input_hw
 from pipeline.training import (
     MODEL_FILE,
     ClassifierModule,
+    FitOutcome,
     ImageDataModule,
     ImageTable,
     build_network,
@@ -52,26 +56,42 @@ def finetune_dir(cfg: Config) -> Path:
     return cfg.paths.path("models") / STAGE
 
 
-def run_fingerprint(cfg: Config, head_path: Path, tables: dict[str, ImageTable]) -> str:
-    """What the checkpoints in models/finetune depend on (``trainer.resume`` itself excluded)."""
+def run_fingerprint(cfg: Config, ft: FinetuneConfig, head_path: Path, tables: dict[str, ImageTable],
+                    modules: Sequence[ModuleType] = ()) -> str:
+    """What the checkpoints in a fine-tune's folder depend on (``trainer.resume`` itself excluded)."""
     settings = {
         "model": cfg.model.model_dump(mode="json"),
         "augment": cfg.augment.model_dump(mode="json"),
-        "finetune": cfg.finetune.model_dump(mode="json", exclude={"trainer": {"resume"}}),
+        "finetune": ft.model_dump(mode="json", exclude={"trainer": {"resume"}}),
         "images": {name: [t.imgs, t.labels.tolist()] for name, t in tables.items() if name != "test"},
     }
-    return fingerprint(settings, files=[head_path], modules=[training, data, models, sys.modules[__name__]])
+    return fingerprint(settings, files=[head_path],
+                       modules=[training, data, models, sys.modules[__name__], *modules])
 
 
-def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Fine-tune from the head stage's weights, predict valid and test with the best checkpoint,
-    report; return the figures (``{}`` on DDP ranks other than 0, which write nothing).
-    ``callbacks`` are extra Lightning callbacks (tests use one to simulate a kill)."""
-    start = time.perf_counter()
-    quiet_training()
-    ft = cfg.finetune
+@dataclass
+class FineTuned:
+    """A fine-tuned network (best checkpoint, eval mode) and how to run it."""
+
+    outcome: FitOutcome
+    target_hw: tuple[int, int]
+    cuda: bool
+    batch_size: int
+    num_workers: int
+    meta: dict[str, Any]  # the head stage's meta plus input_size
+
+    def predict(self, table: ImageTable, copy: int = 0, augment: AugmentConfig | None = None, seed: int = 0) -> np.ndarray:
+        """Probabilities of every row of ``table``: plain, or its augmented copy ``copy`` (TTA)."""
+        return predict_probs(self.outcome.network, table, self.target_hw, self.batch_size * 2, self.num_workers,
+                             self.outcome.device, self.cuda, copy=copy, augment=augment, seed=seed)
+
+
+def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], out_dir: Path,
+              callbacks: Sequence[Callback] = (), modules: Sequence[ModuleType] = ()) -> FineTuned:
+    """Fine-tune from the head stage's weights with the settings ``ft`` on ``tables["train"]``
+    (validation: ``tables["valid"]``), checkpoints in ``out_dir``. Used by this stage and by the
+    fine-tuned ensemble members (``pipeline.member``), which pass their own seed and train rows."""
     L.seed_everything(ft.seed, workers=True, verbose=False)
-    tables = read_tables(cfg, ft.use_sample)
     head_path = head_file(cfg)
     network, data_cfg, head_meta = build_network(cfg, head_path)
     target_hw = input_hw(data_cfg)
@@ -81,29 +101,42 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
         network.compile()  # in place: state_dict keys stay those of the plain network
     datamodule = ImageDataModule(tables["train"], tables["valid"], target_hw, cfg.augment, ft.batch_size,
                                  ft.num_workers, ft.seed, copies=ft.max_epochs, pin_memory=cuda)
-    out_dir = finetune_dir(cfg)
     outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ft.max_epochs, ft.patience,
-                            run_fingerprint(cfg, head_path, tables), callbacks)
+                            run_fingerprint(cfg, ft, head_path, tables, modules), callbacks)
+    return FineTuned(outcome, target_hw, cuda, ft.batch_size, ft.num_workers,
+                     {**head_meta, "input_size": list(target_hw)})
 
-    def predict(table: ImageTable) -> Any:
-        return predict_probs(outcome.network, table, target_hw, ft.batch_size * 2, ft.num_workers, outcome.device, cuda)
 
-    valid_probs, test_probs = predict(tables["valid"]), predict(tables["test"])
-    if not outcome.is_global_zero:
+def training_figures(fitted: FineTuned, n_train_images: int) -> dict[str, Any]:
+    """Training facts (epochs, best epoch, resumed ...) and throughput."""
+    facts = dict(fitted.outcome.facts)
+    facts["n_train_images"] = n_train_images
+    if facts.get("train_seconds") and facts.get("global_step"):
+        samples = facts["global_step"] * fitted.batch_size * facts.get("world_size", 1)
+        facts["train_images_per_s"] = round(samples / facts["train_seconds"], 1)  # validation time included
+    return facts
+
+
+def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Fine-tune from the head stage's weights, predict valid and test with the best checkpoint,
+    report; return the figures (``{}`` on DDP ranks other than 0, which write nothing).
+    ``callbacks`` are extra Lightning callbacks (tests use one to simulate a kill)."""
+    start = time.perf_counter()
+    quiet_training()
+    tables = read_tables(cfg, cfg.finetune.use_sample)
+    out_dir = finetune_dir(cfg)
+    fitted = fine_tune(cfg, cfg.finetune, tables, out_dir, callbacks)
+    valid_probs, test_probs = fitted.predict(tables["valid"]), fitted.predict(tables["test"])
+    if not fitted.outcome.is_global_zero:
         return {}
-    save_network(out_dir / MODEL_FILE, outcome.network, {**head_meta, "stage": STAGE, "input_size": list(target_hw)})
+    save_network(out_dir / MODEL_FILE, fitted.outcome.network, {**fitted.meta, "stage": STAGE})
     pred_dir = cfg.paths.path("predictions") / STAGE
     write_predictions(pred_dir / "valid.csv", tables["valid"].imgs, valid_probs)
     write_predictions(pred_dir / "test.csv", tables["test"].imgs, test_probs)
 
     figures: dict[str, Any] = evaluate(valid_probs, tables["valid"].labels, tables["test"].imgs, test_probs,
                                        read_hidden_labels(cfg.paths.path("hidden")))
-    facts = outcome.facts
-    figures.update(facts)
-    figures["n_train_images"] = len(tables["train"])
-    if facts.get("train_seconds") and facts.get("global_step"):
-        samples = facts["global_step"] * ft.batch_size * facts.get("world_size", 1)
-        figures["train_images_per_s"] = round(samples / facts["train_seconds"], 1)  # validation time included
+    figures.update(training_figures(fitted, len(tables["train"])))
     figures["seconds"] = round(time.perf_counter() - start, 3)
     write_stage_metrics(cfg.paths.stage_metrics_file(STAGE), figures)
     return figures

@@ -1,21 +1,31 @@
-"""``member`` stage: one ensemble member, a dense head trained on the cached conv features with its own
-seed and, by default, without one driver fold (bagging over drivers), so members disagree where a
-single head is unsure. One DVC stage per member id (``member@<id>``, a ``foreach`` over
-``ensemble.members``), so each member is cached on its own and adding one trains only that one.
+"""``member`` stage: one ensemble member, trained with its own seed and, by default, without one
+driver fold (bagging over drivers), so members disagree where a single model is unsure. One DVC stage
+per member id (``member@<id>``, a ``foreach`` over ``ensemble.members``), so each member is cached on
+its own and adding one trains only that one.
 
-Member ``m`` trains with seed ``head.seed + 1 + m`` (never the head stage's own seed) on every cached
-copy of the train images outside driver fold ``m % split.n_folds`` (all of them when
-``ensemble.hold_out_fold`` is off, or when that fold holds every train driver), using the head
-stage's model, data module and trainer (``pipeline.head``). Validation (early stopping, checkpoint)
-is the held-out validation drivers, as for the head.
+What a member is follows ``ensemble.member_model``:
 
-Outputs: ``models/member/<m>/`` (``head.pt`` as ``pipeline.head.load_head`` reads it, Lightning
-checkpoints, ``logs/metrics.csv``), ``data/predictions/member/<m>/{valid,test}.csv`` (plain, no TTA:
-the ensemble stage adds TTA) and ``reports/stages/member@<m>.json``.
+- ``finetune`` (default): the CNN fine-tuned from the head stage's weights exactly as the finetune
+  stage does (``pipeline.finetune.fine_tune``: its settings, DDP and resume included), with seed
+  ``finetune.seed + 1 + m``. Test-time augmentation happens here, since it needs the CNN:
+  ``ensemble.tta`` augmented passes of every valid and test image (the features stage's copies
+  1..tta, never flipped) averaged with the plain pass, kept only when that lowers this member's
+  validation log loss. Outputs ``models/member/<m>/`` (``model.pt`` as the finetune stage writes it,
+  checkpoints, ``run.json``, ``logs/``).
+- ``head``: a dense head on the cached conv features (``pipeline.head``), seed ``head.seed + 1 + m``:
+  seconds on a CPU, but weaker than and correlated with the fine-tuned model. Writes ``head.pt``;
+  its predictions are plain (the ensemble stage adds TTA from the feature cache).
+
+Member ``m`` trains on the train images outside driver fold ``m % split.n_folds`` (all of them when
+``ensemble.hold_out_fold`` is off, or when that fold holds every train driver). Validation (early
+stopping, checkpoint) is the held-out validation drivers, as everywhere.
+
+Outputs also ``data/predictions/member/<m>/{valid,test}.csv`` and ``reports/stages/member@<m>.json``.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +33,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config
+from pipeline.config import AugmentConfig, Config, item_stage
 from pipeline.errors import StageError
 from pipeline.features import FeatureSplit, load_meta, load_split
+from pipeline.finetune import FineTuned, fine_tune, training_figures
 from pipeline.head import HEAD_FILE, fit_head, head_meta, predict_and_score, quiet_lightning, save_head
-from pipeline.metrics import write_stage_metrics
+from pipeline.metrics import (
+    evaluate,
+    kaggle_logloss,
+    read_hidden_labels,
+    write_predictions,
+    write_stage_metrics,
+)
+from pipeline.training import MODEL_FILE, ImageTable, quiet_training, read_tables, save_network
 
 STAGE = "member"
 
@@ -36,20 +54,13 @@ STAGE = "member"
 
 
 def stage_name(member: int) -> str:
-    """The DVC name of member ``member``'s stage (foreach items are ``<stage>@<item>``)."""
-    return f"{STAGE}@{member}"
-
-
-def model_dir(cfg: Config, member: int) -> Path:
-    return cfg.paths.path("models") / STAGE / str(member)
-
-
-def predictions_dir(cfg: Config, member: int) -> Path:
-    return cfg.paths.path("predictions") / STAGE / str(member)
+    return item_stage(STAGE, member)
 
 
 def member_seed(cfg: Config, member: int) -> int:
-    return cfg.head.seed + 1 + member
+    """Never the seed of the stage the member copies (finetune or head), so members differ from it."""
+    section = cfg.finetune if cfg.ensemble.member_model == "finetune" else cfg.head
+    return section.seed + 1 + member
 
 
 def held_out_fold(cfg: Config, member: int) -> int | None:
@@ -89,30 +100,83 @@ def member_config(cfg: Config, member: int) -> Config:
     return cfg.model_copy(update={"head": cfg.head.model_copy(update={"seed": member_seed(cfg, member)})})
 
 
-def run_member(cfg: Config, member: int) -> dict[str, Any]:
-    """Train member ``member``, write its head, plain predictions and figures; return the figures."""
-    start = time.perf_counter()
+def train_head_member(cfg: Config, member: int, folds: pd.DataFrame, fold: int | None) -> dict[str, Any]:
+    """A dense head on the cached features of the member's train images; plain predictions."""
     quiet_lightning()
     features_dir = cfg.paths.path("features")
     features_meta = load_meta(features_dir)
     train, valid, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
-    folds = read_train_folds(cfg.paths.path("split_csv"))
-    fold = held_out_fold(cfg, member)
     kept = images_outside_fold(folds[folds["img"].isin(train.index["img"])], fold)
-    member_train = subset_split(train, kept)
-
     member_cfg = member_config(cfg, member)
-    out_dir = model_dir(cfg, member)
-    head, facts = fit_head(member_cfg, member_train, valid, out_dir)
+    out_dir = cfg.paths.member_models(member)
+    head, facts = fit_head(member_cfg, subset_split(train, kept), valid, out_dir)
     meta = {**head_meta(member_cfg, features_meta, int(train.features.shape[1])),
             "member": member, "seed": member_seed(cfg, member), "held_out_fold": fold}
     save_head(out_dir / HEAD_FILE, head, meta)
+    figures = predict_and_score(cfg, head, valid, test, cfg.paths.member_predictions(member))
+    return {**figures, **facts, "n_train_images": len(kept), "n_train_drivers": driver_count(folds, kept)}
 
-    figures = predict_and_score(cfg, head, valid, test, predictions_dir(cfg, member))
-    train_drivers = folds.loc[folds["img"].isin(kept), "subject"].nunique()
-    figures.update({"member": member, "seed": member_seed(cfg, member), "held_out_fold": fold,
-                    "n_train_images": len(kept), "n_train_drivers": int(train_drivers), **facts,
-                    "seconds": round(time.perf_counter() - start, 3)})
+
+def tta_predictions(fitted: FineTuned, tables: dict[str, ImageTable], passes: int, augment: AugmentConfig,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Valid and test probabilities: the plain pass, or its mean with ``passes`` augmented passes
+    when that lowers validation log loss (test is augmented only then)."""
+    labels = tables["valid"].labels
+
+    def averaged(table: ImageTable, plain: np.ndarray) -> np.ndarray:
+        return np.mean([plain, *(fitted.predict(table, k, augment, seed) for k in range(1, passes + 1))], axis=0)
+
+    valid, test = fitted.predict(tables["valid"]), fitted.predict(tables["test"])
+    figures: dict[str, Any] = {"valid_logloss_plain": kaggle_logloss(valid, labels)}
+    if passes:
+        valid_tta = averaged(tables["valid"], valid)
+        figures["valid_logloss_tta"] = kaggle_logloss(valid_tta, labels)
+        figures["tta_used"] = figures["valid_logloss_tta"] < figures["valid_logloss_plain"]
+        if figures["tta_used"]:
+            valid, test = valid_tta, averaged(tables["test"], test)
+    return valid, test, figures
+
+
+def train_finetuned_member(cfg: Config, member: int, folds: pd.DataFrame, fold: int | None) -> dict[str, Any]:
+    """The CNN fine-tuned like the finetune stage with this member's seed and train drivers; TTA
+    predictions. ``{}`` on DDP ranks other than 0, which write nothing."""
+    quiet_training()
+    tables = read_tables(cfg, cfg.finetune.use_sample)
+    train = tables["train"]
+    kept = images_outside_fold(folds[folds["img"].isin(train.imgs)], fold)
+    tables["train"] = train.subset(np.flatnonzero(np.isin(train.imgs, sorted(kept))))
+    settings = cfg.finetune.model_copy(update={"seed": member_seed(cfg, member)})
+    out_dir = cfg.paths.member_models(member)
+    fitted = fine_tune(cfg, settings, tables, out_dir, modules=[sys.modules[__name__]])
+    valid, test, tta = tta_predictions(fitted, tables, cfg.ensemble.tta, cfg.augment, cfg.features.seed)
+    if not fitted.outcome.is_global_zero:
+        return {}
+    save_network(out_dir / MODEL_FILE, fitted.outcome.network,
+                 {**fitted.meta, "stage": stage_name(member), "seed": settings.seed, "held_out_fold": fold})
+    pred_dir = cfg.paths.member_predictions(member)
+    write_predictions(pred_dir / "valid.csv", tables["valid"].imgs, valid)
+    write_predictions(pred_dir / "test.csv", tables["test"].imgs, test)
+    figures = evaluate(valid, tables["valid"].labels, tables["test"].imgs, test, read_hidden_labels(cfg.paths.path("hidden")))
+    return {**figures, **tta, **training_figures(fitted, len(kept)), "n_train_drivers": driver_count(folds, kept)}
+
+
+def driver_count(folds: pd.DataFrame, imgs: set[str]) -> int:
+    return int(folds.loc[folds["img"].isin(imgs), "subject"].nunique())
+
+
+TRAINERS = {"finetune": train_finetuned_member, "head": train_head_member}
+
+
+def run_member(cfg: Config, member: int) -> dict[str, Any]:
+    """Train member ``member``, write its model, predictions and figures; return the figures."""
+    start = time.perf_counter()
+    folds = read_train_folds(cfg.paths.path("split_csv"))
+    fold = held_out_fold(cfg, member)
+    figures = TRAINERS[cfg.ensemble.member_model](cfg, member, folds, fold)
+    if not figures:  # a DDP rank other than 0
+        return {}
+    figures.update({"member": member, "model": cfg.ensemble.member_model, "seed": member_seed(cfg, member),
+                    "held_out_fold": fold, "seconds": round(time.perf_counter() - start, 3)})
     write_stage_metrics(cfg.paths.stage_metrics_file(stage_name(member)), figures)
     return figures
 

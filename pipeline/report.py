@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import CLASSES, Config
+from pipeline.config import CLASSES, Config, item_stage
 from pipeline.io import atomic_write_text
 from pipeline.metrics import KAGGLE_EPS, collect_stage_metrics, read_predictions
 from pipeline.stages import STAGES
@@ -70,7 +70,7 @@ def stage_order(members: list[int]) -> list[str]:
     for stage in STAGES:
         order.append(stage)
         if stage == "member":
-            order += [f"member@{m}" for m in members]
+            order += [item_stage(stage, m) for m in members]
     return order
 
 
@@ -159,16 +159,21 @@ def ensemble_section(metrics: dict[str, dict]) -> str:
     weights = figs.get("weights", {})
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{format_value(float(weights.get(name, 0.0)))}</td>"
-        + "".join(f"<td>{format_value(m.get(k, ''))}</td>" for k in ("valid_logloss", "test_logloss", "tta_used")) + "</tr>"
+        + "".join(f"<td>{format_value(m.get(k, metrics.get(name, {}).get(k, '')))}</td>"  # fine-tuned: TTA in member@<m>
+                  for k in ("valid_logloss", "test_logloss", "tta_used")) + "</tr>"
         for name, m in members.items()
     )
     table = (f"<table><tr><th>member</th><th>weight</th><th>valid_logloss</th><th>test_logloss</th><th>TTA kept</th></tr>"
              f"{rows}</table>") if rows else ""
-    lines = [f"{figs.get('mean', '?')} mean of {figs.get('n_members', len(members))} members; "
-             f"ensemble valid log loss {format_value(figs.get('valid_logloss', ''))} "
-             f"(cross-fitted over validation drivers: {format_value(figs.get('valid_logloss_crossfit', ''))}), "
+    weighting = "fitted" if figs.get("fit_weights") else "equal"
+    lines = [f"{figs.get('mean', '?')} mean of {figs.get('n_members', len(members))} members "
+             f"({html.escape(str(figs.get('member_model', '?')))} members), {weighting} weights; "
+             f"ensemble valid log loss {format_value(figs.get('valid_logloss', ''))}, "
              f"best single member {html.escape(str(figs.get('best_member', '?')))} "
-             f"{format_value(figs.get('best_member_valid_logloss', ''))}."]
+             f"{format_value(figs.get('best_member_valid_logloss', ''))}. "
+             f"Cross-fitted over validation drivers (weights chosen on the others): fitted weights "
+             f"{format_value(figs.get('valid_logloss_crossfit_fitted', ''))}, equal weights "
+             f"{format_value(figs.get('valid_logloss_crossfit_equal', ''))}."]
     if "smoothing_valid_logloss_before" in figs:
         applied = figs.get("smoothing_applied")
         verdict = "<b class='ok'>applied</b>" if applied else "<b class='bad'>not applied</b> (it did not lower validation log loss)"

@@ -17,7 +17,7 @@ STAGES: dict[str, str] = {
     "head": "dense batchnorm + dropout head trained on the cached features",
     "finetune": "Lightning fine-tuning of the batchnorm VGG, starting from the head",
     "pseudo": "retraining with a fixed pseudo-labelled fraction of every batch",
-    "member": "ensemble members (DVC foreach): heads with their own seed and held-out fold",
+    "member": "ensemble members (DVC foreach): fine-tuned CNNs (or heads) with their own seed and held-out fold",
     "ensemble": "weighted mean of members with TTA and test-neighbour smoothing",
     "calibrate": "temperature scaling and clipping chosen on validation log loss",
     "submit": "validated submissions/submission.csv; Kaggle upload or dry run",

@@ -547,6 +547,11 @@ class EpochSummary(Callback):
               f"{shown} ({time.perf_counter() - self.start:.0f}s)", file=sys.stderr, flush=True)
 
 
+def run_label(out_dir: Path) -> str:
+    """What epoch lines are prefixed with: the folder's name, ``member@0`` for a foreach item's ``member/0``."""
+    return f"{out_dir.parent.name}@{out_dir.name}" if out_dir.name.isdigit() else out_dir.name
+
+
 def build_trainer(trainer_cfg: TrainerConfig, out_dir: Path, max_epochs: int, patience: int,
                   callbacks: Sequence[Callback] = ()) -> tuple[L.Trainer, ModelCheckpoint]:
     """Lightning trainer from config: best (by valid/logloss) and last checkpoints in ``out_dir``,
@@ -554,7 +559,7 @@ def build_trainer(trainer_cfg: TrainerConfig, out_dir: Path, max_epochs: int, pa
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
                                  save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
     stopping = EarlyStopping(monitor=MONITOR, mode="min", patience=patience)
-    bars: list[Callback] = [RichProgressBar()] if interactive() else [EpochSummary(out_dir.name)]
+    bars: list[Callback] = [RichProgressBar()] if interactive() else [EpochSummary(run_label(out_dir))]
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -689,10 +694,16 @@ def distributed_world() -> tuple[int, int]:
 
 @torch.no_grad()
 def predict_rows(network: nn.Module, table: ImageTable, rows: np.ndarray, target_hw: tuple[int, int], batch_size: int,
-                 num_workers: int, device: torch.device, channels_last: bool) -> np.ndarray:
-    """Softmax probabilities of ``table``'s ``rows`` (unaugmented), bf16 autocast on CUDA."""
+                 num_workers: int, device: torch.device, channels_last: bool, copy: int = 0,
+                 augment: AugmentConfig | None = None, seed: int = 0) -> np.ndarray:
+    """Softmax probabilities of ``table``'s ``rows``, bf16 autocast on CUDA. Copy 0 is the plain
+    image; copy ``k >= 1`` with ``augment`` is augmented as the features stage's copy k (seed
+    ``(seed, k, file name)``): a test-time augmentation pass."""
     network = network.to(device).eval()
-    dataset = Subset(ImageRowsDataset(table.paths, target_hw, labels=table.labels), rows.tolist())
+    augmentation = build_augmentation(augment) if copy > 0 and augment is not None else None
+    images = ImageRowsDataset(table.paths, target_hw, labels=table.labels, copies=[copy] * len(table),
+                              augmentation=augmentation, seed=seed)
+    dataset = Subset(images, rows.tolist())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
     cuda = device.type == "cuda"
@@ -708,12 +719,14 @@ def predict_rows(network: nn.Module, table: ImageTable, rows: np.ndarray, target
 
 
 def predict_probs(network: nn.Module, table: ImageTable, target_hw: tuple[int, int], batch_size: int,
-                  num_workers: int, device: torch.device, channels_last: bool = False) -> np.ndarray:
-    """Probabilities for every row of ``table``; under DDP each rank predicts every ``world``-th row
-    and all ranks receive the whole result."""
+                  num_workers: int, device: torch.device, channels_last: bool = False, copy: int = 0,
+                  augment: AugmentConfig | None = None, seed: int = 0) -> np.ndarray:
+    """Probabilities for every row of ``table`` (copy ``copy``, see ``predict_rows``); under DDP each
+    rank predicts every ``world``-th row and all ranks receive the whole result."""
     rank, world = distributed_world()
     rows = np.arange(rank, len(table), world)
-    probs = predict_rows(network, table, rows, target_hw, batch_size, num_workers, device, channels_last)
+    probs = predict_rows(network, table, rows, target_hw, batch_size, num_workers, device, channels_last,
+                         copy, augment, seed)
     if world == 1:
         return probs
     gathered: list[Any] = [None] * world

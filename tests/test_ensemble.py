@@ -1,5 +1,5 @@
 """Ensemble combination, weight fitting, test-neighbour smoothing (pure functions on constructed
-predictions), and one tiny end-to-end run: features -> member@0,1 -> ensemble -> report."""
+predictions), and one tiny end-to-end run: features -> head -> member@0,1 -> ensemble -> report."""
 
 import json
 
@@ -137,35 +137,94 @@ def test_cross_fitting_holds_out_whole_drivers(complementary_members):
 
 @pytest.fixture(scope="module")
 def ensembled(tmp_path_factory):
-    """The smoke chain up to the ensemble (tiny: ~100 images at 48x64, 3 head epochs per member)."""
-    from pipeline import ensemble, features, ingest, member, split
+    """The smoke chain up to the ensemble with fine-tuned members (tiny: ~100 images at 48x64, one
+    fine-tuning epoch per member, 1 TTA pass)."""
+    from pipeline import ensemble, features, head, ingest, member, split
     from pipeline.config import load_profile
 
     cfg = load_profile("smoke", ["head.max_epochs=2"]).at(tmp_path_factory.mktemp("ensemble"))
-    for stage in (ingest, split, features):
+    for stage in (ingest, split, features, head):
         stage.run(cfg)
     members = member.run(cfg)
     return cfg, members, ensemble.run(cfg)
 
 
+def train_images_outside_fold(cfg, fold: int) -> int:
+    import pandas as pd
+
+    split = pd.read_csv(cfg.paths.path("split_csv"))
+    return int(((split["split"] == "train") & (split["fold"] != fold)).sum())
+
+
+def test_finetuned_members_train_on_their_own_seed_and_drivers(ensembled):
+    cfg, members, _ = ensembled
+    assert set(members) == {"member@0", "member@1"}
+    for m in (0, 1):
+        figures = members[f"member@{m}"]
+        assert figures["model"] == "finetune" and figures["seed"] == cfg.finetune.seed + 1 + m
+        assert figures["held_out_fold"] == m
+        assert figures["n_train_images"] == train_images_outside_fold(cfg, m)  # its fold's drivers left out
+        assert (cfg.paths.path("models") / "member" / str(m) / "model.pt").exists()
+        assert "valid_logloss_tta" in figures and "tta_used" in figures  # smoke: tta=1
+        saved = json.loads(cfg.paths.stage_metrics_file(f"member@{m}").read_text())
+        assert saved["valid_logloss"] == pytest.approx(figures["valid_logloss"])
+
+
 def test_ensemble_stage_writes_predictions_and_honest_figures(ensembled):
     from pipeline.metrics import read_predictions
 
-    cfg, members, figures = ensembled
-    assert set(members) == {"member@0", "member@1"}
-    assert members["member@0"]["held_out_fold"] == 0 and members["member@1"]["seed"] == cfg.head.seed + 2
-    assert (cfg.paths.path("models") / "member" / "1" / "head.pt").exists()
+    cfg, _, figures = ensembled
     imgs, probs = read_predictions(cfg.paths.path("predictions") / "ensemble" / "test.csv")
     assert len(imgs) == cfg.ingest.synthetic.n_test and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
-    assert set(figures["members"]) == {"member@0", "member@1"}  # no head/finetune/pseudo predictions here
-    assert sum(figures["weights"].values()) == pytest.approx(1, abs=1e-5)
-    assert figures["valid_logloss"] <= figures["best_member_valid_logloss"] + 1e-6
-    assert "valid_logloss_tta" in figures["members"]["member@0"]  # smoke: tta=1, computed (cache has 1 copy)
-    for key in ("test_logloss", "valid_logloss_crossfit", "smoothing_applied", "smoothing_valid_logloss_before",
-                "smoothing_valid_logloss_after", "smoothing_test_logloss_before", "smoothing_test_logloss_after"):
+    assert set(figures["members"]) == {"member@0", "member@1"}  # no finetune/pseudo predictions here
+    assert figures["member_model"] == "finetune" and figures["weights"] == {"member@0": 0.5, "member@1": 0.5}
+    # An equal-weight arithmetic mean is never worse than its members on average (log loss is convex),
+    # and smoothing is applied only when it lowers validation log loss.
+    mean_member = np.mean([m["valid_logloss"] for m in figures["members"].values()])
+    assert figures["valid_logloss"] <= mean_member + 1e-6
+    for key in ("test_logloss", "valid_logloss_crossfit", "valid_logloss_crossfit_fitted", "valid_logloss_crossfit_equal",
+                "smoothing_applied", "smoothing_valid_logloss_before", "smoothing_valid_logloss_after",
+                "smoothing_test_logloss_before", "smoothing_test_logloss_after"):
         assert key in figures
+    assert figures["valid_logloss_crossfit"] == figures["valid_logloss_crossfit_equal"]  # fit_weights is off
     saved = json.loads(cfg.paths.stage_metrics_file("ensemble").read_text())
     assert saved["smoothing_applied"] == figures["smoothing_applied"]
+
+
+def linked_inputs(cfg, root):
+    """A fresh project at ``root`` sharing ``cfg``'s ingested data, split, features and head."""
+    for name in ("raw", "hidden", "split_csv", "features"):
+        target = root / getattr(cfg.paths, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(cfg.paths.path(name).resolve())
+    return cfg.at(root)
+
+
+def with_ensemble(cfg, **changes):
+    """``cfg`` with ensemble settings changed (a copy: the module's shared config stays as it is)."""
+    return cfg.model_copy(update={"ensemble": cfg.ensemble.model_copy(update=changes)})
+
+
+def test_head_members_ensemble_with_tta_from_the_feature_cache(ensembled, tmp_path):
+    from pipeline import ensemble, member
+
+    cfg = with_ensemble(linked_inputs(ensembled[0], tmp_path), member_model="head")
+    members = member.run(cfg)
+    assert members["member@1"]["seed"] == cfg.head.seed + 2 and members["member@1"]["model"] == "head"
+    assert members["member@0"]["n_train_images"] == train_images_outside_fold(cfg, 0)
+    assert (cfg.paths.path("models") / "member" / "1" / "head.pt").exists()
+    figures = ensemble.run(cfg)
+    assert figures["member_model"] == "head"
+    assert "valid_logloss_tta" in figures["members"]["member@0"]  # tta=1, computed (the cache has 1 copy)
+
+
+def test_ensemble_names_a_member_stage_that_has_not_run(ensembled, tmp_path):
+    from pipeline import ensemble
+    from pipeline.errors import StageError
+
+    cfg = linked_inputs(ensembled[0], tmp_path)  # members 0 and 1 have not run there
+    with pytest.raises(StageError, match="run the member@0 stage first"):
+        ensemble.run(cfg)
 
 
 def test_member_rejects_an_id_not_in_the_config(ensembled):
