@@ -6,7 +6,8 @@ its own and adding one trains only that one.
 What a member is follows ``ensemble.member_model``:
 
 - ``finetune`` (default): the CNN fine-tuned from the head stage's weights exactly as the finetune
-  stage does (``pipeline.finetune.fine_tune``: its settings, DDP and resume included), with seed
+  stage does (``pipeline.finetune.fine_tune``: its settings and DDP; under DVC a killed member starts
+  over, since its outputs are not persistent: see dvc.yaml), with seed
   ``finetune.seed + 1 + m``. Test-time augmentation happens here, since it needs the CNN:
   ``ensemble.tta`` augmented passes of every valid and test image (the features stage's copies
   1..tta, never flipped) averaged with the plain pass, kept only when that lowers this member's

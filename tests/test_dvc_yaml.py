@@ -91,3 +91,16 @@ def test_params_yaml_has_every_param_section():
     for stage in DVC.values():
         for param in stage.get("params", []):
             assert param.split(".")[0] in params
+
+
+FOREACH = [name for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items() if "foreach" in spec]
+
+
+@pytest.mark.parametrize("stage", FOREACH)
+def test_fan_out_stages_can_be_restored_from_the_run_cache(stage):
+    """foreach items (member@<m>) are what separate workers run (docs/deploy.md); another checkout
+    restores them from DVC's run cache, which skips a stage with any persistent or uncached output."""
+    for out in DVC[stage].get("outs", []) + DVC[stage].get("metrics", []):
+        options = next(iter(out.values())) if isinstance(out, dict) else {}
+        assert not options.get("persist", False), f"{stage}: {out} is persistent"
+        assert options.get("cache", True), f"{stage}: {out} is not cached"
