@@ -166,8 +166,9 @@ def ensemble_section(metrics: dict[str, dict]) -> str:
     table = (f"<table><tr><th>member</th><th>weight</th><th>valid_logloss</th><th>test_logloss</th><th>TTA kept</th></tr>"
              f"{rows}</table>") if rows else ""
     weighting = "fitted" if figs.get("fit_weights") else "equal"
+    kind = {"finetune": "fine-tuned CNNs", "head": "dense heads on the feature cache"}.get(figs.get("member_model"), "?")
     lines = [f"{figs.get('mean', '?')} mean of {figs.get('n_members', len(members))} members "
-             f"({html.escape(str(figs.get('member_model', '?')))} members), {weighting} weights; "
+             f"(the member@&lt;m&gt; stages are {kind}), {weighting} weights; "
              f"ensemble valid log loss {format_value(figs.get('valid_logloss', ''))}, "
              f"best single member {html.escape(str(figs.get('best_member', '?')))} "
              f"{format_value(figs.get('best_member_valid_logloss', ''))}. "
