@@ -43,6 +43,7 @@ from pipeline.metrics import (
     accuracy,
     evaluate,
     kaggle_logloss,
+    keep_tta_if_better,
     read_hidden_labels,
     read_predictions,
     write_predictions,
@@ -264,14 +265,10 @@ def head_member(cfg: Config, member: int, plain: dict[str, np.ndarray], augmente
     if not path.exists():
         raise StageError(f"{path} not found: run the {member_stage(member)} stage first")
     head, _meta = load_head(path)
-    valid, test = predict_probs(head, plain["valid"]), predict_probs(head, plain["test"])
-    figures: dict[str, Any] = {"valid_logloss_plain": kaggle_logloss(valid, labels)}
-    if augmented["valid"]:
-        valid_tta = tta_probs(head, plain["valid"], augmented["valid"])
-        figures["valid_logloss_tta"] = kaggle_logloss(valid_tta, labels)
-        figures["tta_used"] = figures["valid_logloss_tta"] < figures["valid_logloss_plain"]
-        if figures["tta_used"]:
-            valid, test = valid_tta, tta_probs(head, plain["test"], augmented["test"])
+    valid, test, figures = keep_tta_if_better(
+        labels, predict_probs(head, plain["valid"]), predict_probs(head, plain["test"]),
+        (lambda: tta_probs(head, plain["valid"], augmented["valid"])) if augmented["valid"] else None,
+        lambda: tta_probs(head, plain["test"], augmented["test"]))
     return Member(member_stage(member), valid, test, figures)
 
 

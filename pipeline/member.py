@@ -41,7 +41,7 @@ from pipeline.finetune import FineTuned, fine_tune, training_figures
 from pipeline.head import HEAD_FILE, fit_head, head_meta, predict_and_score, quiet_lightning, save_head
 from pipeline.metrics import (
     evaluate,
-    kaggle_logloss,
+    keep_tta_if_better,
     read_hidden_labels,
     write_predictions,
     write_stage_metrics,
@@ -122,20 +122,13 @@ def tta_predictions(fitted: FineTuned, tables: dict[str, ImageTable], passes: in
                     seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Valid and test probabilities: the plain pass, or its mean with ``passes`` augmented passes
     when that lowers validation log loss (test is augmented only then)."""
-    labels = tables["valid"].labels
-
     def averaged(table: ImageTable, plain: np.ndarray) -> np.ndarray:
         return np.mean([plain, *(fitted.predict(table, k, augment, seed) for k in range(1, passes + 1))], axis=0)
 
     valid, test = fitted.predict(tables["valid"]), fitted.predict(tables["test"])
-    figures: dict[str, Any] = {"valid_logloss_plain": kaggle_logloss(valid, labels)}
-    if passes:
-        valid_tta = averaged(tables["valid"], valid)
-        figures["valid_logloss_tta"] = kaggle_logloss(valid_tta, labels)
-        figures["tta_used"] = figures["valid_logloss_tta"] < figures["valid_logloss_plain"]
-        if figures["tta_used"]:
-            valid, test = valid_tta, averaged(tables["test"], test)
-    return valid, test, figures
+    return keep_tta_if_better(tables["valid"].labels, valid, test,
+                              (lambda: averaged(tables["valid"], valid)) if passes else None,
+                              lambda: averaged(tables["test"], test))
 
 
 def train_finetuned_member(cfg: Config, member: int, folds: pd.DataFrame, fold: int | None) -> dict[str, Any]:

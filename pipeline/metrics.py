@@ -7,6 +7,7 @@ clipped to [1e-15, 1 - 1e-15]. Each stage writes its figures to reports/stages/<
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,20 @@ def evaluate(valid_probs: np.ndarray, valid_labels: np.ndarray, test_imgs: list[
         figures["test_logloss"] = kaggle_logloss(test_probs, labels)
         figures["test_acc"] = accuracy(test_probs, labels)
     return figures
+
+
+def keep_tta_if_better(labels: np.ndarray, valid: np.ndarray, test: np.ndarray,
+                       valid_tta: Callable[[], np.ndarray] | None,
+                       test_tta: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Test-time augmentation is kept only when it lowers validation log loss: (valid, test, figures)
+    with the TTA predictions or the plain ones. ``valid_tta`` None means no TTA passes; ``test_tta`` is
+    called only when TTA is kept (it is the expensive half)."""
+    figures: dict[str, Any] = {"valid_logloss_plain": kaggle_logloss(valid, labels)}
+    if valid_tta is None:
+        return valid, test, figures
+    augmented = valid_tta()
+    figures["valid_logloss_tta"] = kaggle_logloss(augmented, labels)
+    figures["tta_used"] = figures["valid_logloss_tta"] < figures["valid_logloss_plain"]
+    if figures["tta_used"]:
+        return augmented, test_tta(), figures
+    return valid, test, figures
