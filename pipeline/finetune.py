@@ -87,7 +87,7 @@ class FineTuned:
 
 
 def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], out_dir: Path,
-              callbacks: Sequence[Callback] = (), modules: Sequence[ModuleType] = ()) -> FineTuned:
+              callbacks: Sequence[Callback] = (), modules: Sequence[ModuleType] = (), label: str = STAGE) -> FineTuned:
     """Fine-tune from the head stage's weights with the settings ``ft`` on ``tables["train"]``
     (validation: ``tables["valid"]``), checkpoints in ``out_dir``. Used by this stage and by the
     fine-tuned ensemble members (``pipeline.member``), which pass their own seed and train rows."""
@@ -102,7 +102,7 @@ def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], ou
     datamodule = ImageDataModule(tables["train"], tables["valid"], target_hw, cfg.augment, ft.batch_size,
                                  ft.num_workers, ft.seed, copies=ft.max_epochs, pin_memory=cuda)
     outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ft.max_epochs, ft.patience,
-                            run_fingerprint(cfg, ft, head_path, tables, modules), callbacks)
+                            run_fingerprint(cfg, ft, head_path, tables, modules), callbacks, label)
     return FineTuned(outcome, target_hw, cuda, ft.batch_size, ft.num_workers,
                      {**head_meta, "input_size": list(target_hw)})
 

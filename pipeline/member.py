@@ -141,7 +141,7 @@ def train_finetuned_member(cfg: Config, member: int, folds: pd.DataFrame, fold: 
     tables["train"] = train.subset(np.flatnonzero(np.isin(train.imgs, sorted(kept))))
     settings = cfg.finetune.model_copy(update={"seed": member_seed(cfg, member)})
     out_dir = cfg.paths.member_models(member)
-    fitted = fine_tune(cfg, settings, tables, out_dir, modules=[sys.modules[__name__]])
+    fitted = fine_tune(cfg, settings, tables, out_dir, modules=[sys.modules[__name__]], label=stage_name(member))
     valid, test, tta = tta_predictions(fitted, tables, cfg.ensemble.tta, cfg.augment, cfg.features.seed)
     if not fitted.outcome.is_global_zero:
         return {}

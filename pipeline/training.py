@@ -547,19 +547,15 @@ class EpochSummary(Callback):
               f"{shown} ({time.perf_counter() - self.start:.0f}s)", file=sys.stderr, flush=True)
 
 
-def run_label(out_dir: Path) -> str:
-    """What epoch lines are prefixed with: the folder's name, ``member@0`` for a foreach item's ``member/0``."""
-    return f"{out_dir.parent.name}@{out_dir.name}" if out_dir.name.isdigit() else out_dir.name
-
-
 def build_trainer(trainer_cfg: TrainerConfig, out_dir: Path, max_epochs: int, patience: int,
-                  callbacks: Sequence[Callback] = ()) -> tuple[L.Trainer, ModelCheckpoint]:
+                  callbacks: Sequence[Callback] = (), label: str | None = None) -> tuple[L.Trainer, ModelCheckpoint]:
     """Lightning trainer from config: best (by valid/logloss) and last checkpoints in ``out_dir``,
-    early stopping, CSV + TensorBoard logs, a rich progress bar on a terminal only."""
+    early stopping, CSV + TensorBoard logs, a rich progress bar on a terminal only (else epoch lines
+    prefixed with ``label``, by default the folder's name)."""
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
                                  save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
     stopping = EarlyStopping(monitor=MONITOR, mode="min", patience=patience)
-    bars: list[Callback] = [RichProgressBar()] if interactive() else [EpochSummary(run_label(out_dir))]
+    bars: list[Callback] = [RichProgressBar()] if interactive() else [EpochSummary(label or out_dir.name)]
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -650,7 +646,7 @@ def load_module_weights(module: ClassifierModule, checkpoint: Path) -> None:
 
 def fit_or_resume(module: ClassifierModule, data: ImageDataModule, trainer_cfg: TrainerConfig, out_dir: Path,
                   max_epochs: int, patience: int, run_fingerprint: str,
-                  callbacks: Sequence[Callback] = ()) -> FitOutcome:
+                  callbacks: Sequence[Callback] = (), label: str | None = None) -> FitOutcome:
     """Fit (fresh, resumed from last.ckpt, or reused when complete) and load the best weights."""
     mode, checkpoint_path = plan_run(out_dir, run_fingerprint, trainer_cfg.resume)
     if mode == "reuse":
@@ -659,7 +655,7 @@ def fit_or_resume(module: ClassifierModule, data: ImageDataModule, trainer_cfg: 
         device = torch.device("cuda") if uses_cuda(trainer_cfg) else torch.device("cpu")
         return FitOutcome(module.network.eval(), facts, device, is_launcher_process())
 
-    trainer, checkpoint = build_trainer(trainer_cfg, out_dir, max_epochs, patience, callbacks)
+    trainer, checkpoint = build_trainer(trainer_cfg, out_dir, max_epochs, patience, callbacks, label)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=checkpoint_path)
     seconds = time.perf_counter() - start
