@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, load_profile
-from pipeline.stages import stage_module
+from pipeline.registry import stage_module
 
 SHARED = ("ingest", "split", "pretrain", "features")
 PER_SEED = ("head", "finetune", "pseudo", "member", "ensemble", "calibrate")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.config import HeadConfig, ModelConfig
-from pipeline.head import FeatureBatches, RandomCopyBatches, create_optimizer
+from pipeline.datamodules import FeatureBatches, RandomCopyBatches
 from pipeline.models import (
     ConvNet,
     create_backbone,
@@ -32,6 +32,7 @@ from pipeline.models import (
     create_dense_head,
     resolve_preprocessing,
 )
+from pipeline.training import TrainSettings, create_optimizer
 
 
 def sync(device: torch.device) -> None:
@@ -86,13 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
     # Head on the cache: features computed once (what the features stage does), then epochs.
     feats = cache_features(model_cfg, images, args.grid, args.full_batch, device)
     head = create_dense_head(feats.shape[1], head_cfg.widths, head_cfg.dropout).to(device).train()
-    head_opt = create_optimizer(head.parameters(), head_cfg)
-    loader = DataLoader(FeatureBatches(feats, labels), batch_size=None,
+    head_opt = create_optimizer([{"params": list(head.parameters())}], TrainSettings.from_section(head_cfg))
+    loader = DataLoader(FeatureBatches(feats, labels, n_classes=10), batch_size=None,
                         sampler=RandomCopyBatches(torch.arange(args.images).view(-1, 1), args.head_batch))
 
     def head_epoch() -> None:
-        for x, y in loader:
-            loss = F.cross_entropy(head(x.to(device).float()), y.to(device))
+        for batch in loader:
+            loss = F.cross_entropy(head(batch["input"].to(device)), batch["label"].to(device))
             head_opt.zero_grad(set_to_none=True)
             loss.backward()
             head_opt.step()
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     conv_base = create_conv_base(backbone, resolve_preprocessing(backbone, model_cfg), args.grid, frozen=False)
     full = ConvNet(conv_base, create_dense_head(conv_base.out_features, head_cfg.widths, head_cfg.dropout)).to(device).train()
     full = full.to(memory_format=torch.channels_last)
-    full_opt = create_optimizer(full.parameters(), head_cfg)
+    full_opt = create_optimizer([{"params": list(full.parameters())}], TrainSettings.from_section(head_cfg))
 
     def full_epoch() -> None:
         order = torch.randperm(args.images)

@@ -20,7 +20,7 @@ from pipeline.env import set_offline_env
 
 
 def kaggle_credentials() -> bool:
-    from pipeline.submit import has_kaggle_credentials
+    from pipeline.kaggle_client import credentials_found as has_kaggle_credentials
 
     return has_kaggle_credentials()
 

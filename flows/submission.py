@@ -12,7 +12,7 @@ from prefect import get_run_logger
 from flows.tasks import headline, publish_submission
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.io import atomic_write_json, read_json
-from pipeline.stages import STAGES
+from pipeline.registry import STAGES
 
 SUBMIT_STAGE = "submit"
 STATE_NAME = "last_submission.json"  # under paths.reports

@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import PARAMS_FILE, Config, load_params, load_profile, write_params
-from pipeline.stages import STAGES
+from pipeline.registry import STAGES
 
 # One DVC run per repository at a time: DVC locks the repo, and a second run would otherwise fail on
 # the lock (or interleave its params.yaml with the first). A Prefect global concurrency limit of 1,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pipeline.config import PARAMS_FILE, PROFILES, ConfigError, load_params, load_profile, write_params
 from pipeline.env import set_offline_env
 from pipeline.errors import StageError
-from pipeline.stages import STAGES, stage_module
+from pipeline.registry import STAGES, stage_module
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -211,7 +211,7 @@ class FeaturesConfig(Section):
     seed: int = 0  # augmented copy k of image i depends only on (seed, k, image name)
 
 
-Optimizer = Literal["adam", "sgd", "nesterov", "rmsprop"]
+Optimizer = Literal["adam", "adamw", "sgd", "nesterov", "rmsprop"]
 
 
 class HeadConfig(Section):

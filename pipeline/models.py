@@ -202,6 +202,17 @@ def create_dense_head(in_features: int, widths: Sequence[int], dropout: float = 
     return nn.Sequential(*layers)
 
 
+def backbone_blocks(conv_base: ConvBase) -> list[list[nn.Module]]:
+    """The conv base's layers in blocks, first to last, for staged unfreezing and layer-wise learning
+    rates: VGG's conv stack split after each max pool (5 blocks for the vgg16 layout)."""
+    blocks: list[list[nn.Module]] = [[]]
+    for layer in conv_base.features:
+        blocks[-1].append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            blocks.append([])
+    return [b for b in blocks if b]
+
+
 class ConvNet(nn.Module):
     """The whole network: conv base (uint8 images in) followed by the dense head (logits out)."""
 

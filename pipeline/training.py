@@ -1,33 +1,27 @@
-"""End-to-end training shared by the ``finetune`` and ``pseudo`` stages: the image DataModule, the
-batch samplers, the LightningModule (which receives its network), the trainer factory, resumable
-fits and (distributed) prediction.
+"""The one training path of every stage that trains (pretrain stand-in, dense head, finetune,
+pseudo, ensemble members): one optimiser factory, one LightningModule (which receives its network),
+one trainer factory, one checkpoint format, resumable fits and (distributed) prediction.
 
-Batches. A training batch is a dict: ``image`` (uint8 NCHW), ``target`` (a class distribution:
-one-hot for labelled rows, the teacher's probabilities for soft pseudo-labels), ``pseudo`` (bool)
-and ``temperature`` (1, or the distillation temperature for pseudo rows). One loss covers all of
-them: ``T^2 * cross_entropy(softmax(logits / T), target)``, which is plain cross-entropy for a
-labelled row. Every batch is full: ``MixedBatchSampler`` composes it of exactly
-``round(fraction * batch_size)`` pseudo rows and the rest labelled (0 pseudo rows for finetune).
+One loss covers every batch: ``T^2 * cross_entropy(softmax(logits / T), target)``, plain
+cross-entropy for a labelled row, distillation for tempered pseudo-labels (batches: see
+``pipeline.datamodules``).
 
-Augmentation. Train row ``c * n + i`` is augmented copy ``c + 1`` of image ``i`` (pipeline.data:
-a pure function of seed, copy and file name); epoch ``e`` uses copy ``e % copies``, so a resumed
-epoch sees the same pixels as the original. Validation and test rows are never augmented.
-
-Staged unfreezing. VGG's conv stack is 5 blocks (each ends in a max pool). The head and the last
-``unfreeze_blocks`` blocks train first; every ``unfreeze_every`` epochs one more block joins. Every
-parameter is in the optimiser from the start (block ``k`` from the end at ``lr * layer_lr_decay**k``);
-a frozen one has no gradient, so the optimiser skips it, and its batchnorm stays in eval mode.
-Epoch 0 runs every group at ``first_epoch_lr / lr`` of its rate (the course: a low first epoch).
+Staged unfreezing. The backbone is split into blocks (``pipeline.models.backbone_blocks``: VGG's 5
+conv blocks, or timm's own block grouping). The head and the last ``unfreeze_blocks`` blocks train
+first; every ``unfreeze_every`` epochs one more block joins. Every parameter is in the optimiser from
+the start (block ``k`` from the end at ``lr * layer_lr_decay**k``); a frozen one has no gradient, so
+the optimiser skips it, and its batchnorm stays in eval mode. Epoch 0 runs every group at
+``first_epoch_lr / lr`` of its rate (the course: a low first epoch).
 
 Distributed. Lightning DDP re-executes the entry point per rank, so every rank runs the whole stage
-function: samplers shard batches by rank themselves (``use_distributed_sampler=False``), only the
-launcher process (rank 0) writes files, and prediction after a fit is sharded over the ranks and
-gathered, so every rank holds the same probabilities (pseudo-labels for the next iteration).
+function: only the launcher process (rank 0) writes files, and prediction after a fit is sharded
+over the ranks and gathered, so every rank holds the same probabilities.
 
 Resume. ``<out>/run.json`` holds a fingerprint of the config, inputs and code. A run of the same
-fingerprint that was interrupted resumes from ``last.ckpt``; a complete one is reused (its best
-checkpoint loaded) without training; anything else starts fresh. Checkpoints must be on a file
-system every rank sees (multi-node), as Lightning's ``ckpt_path`` needs anyway.
+fingerprint that was interrupted resumes from ``last.ckpt`` (at an epoch boundary: Lightning saves
+``last.ckpt`` after each epoch, and every epoch's sampling and global RNGs are reseeded from
+``(seed, epoch)``); a complete one is reused (its best checkpoint loaded) without training; anything
+else starts fresh. Checkpoints must be on a file system every rank sees (multi-node).
 """
 
 from __future__ import annotations
@@ -35,345 +29,128 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
+import logging
 import os
 import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 
-from pipeline.config import CLASSES, AugmentConfig, Config, FinetuneConfig, TrainerConfig
-from pipeline.data import ImageRowsDataset, build_augmentation, class_index, seed_worker
+from pipeline.config import AugmentConfig, TrainerConfig
+from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
+from pipeline.datamodules import epoch_seed
 from pipeline.errors import StageError
-from pipeline.features import read_image_tables
-from pipeline.head import HEAD_FILE, first_epoch_schedule, load_head, quiet_lightning
 from pipeline.io import atomic_path, atomic_write_json, file_sha256, read_json
-from pipeline.models import ConvNet, create_backbone, create_conv_base, input_hw, resolve_preprocessing
+from pipeline.tables import ImageTable
 
 MONITOR = "valid/logloss"
 RUN_FILE = "run.json"
 MODEL_FILE = "model.pt"
-NUM_CLASSES = len(CLASSES)
 
 
-# ---------------------------------------------------------------------------- image tables
-
-
-@dataclass(frozen=True)
-class ImageTable:
-    """Images of one split: names, absolute paths and class indices (-1 for test images)."""
-
-    imgs: list[str]
-    paths: list[str]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.imgs)
-
-    @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> ImageTable:
-        return cls(frame["img"].tolist(), frame["path"].tolist(), class_index(frame["classname"].tolist()))
-
-    def subset(self, rows: np.ndarray) -> ImageTable:
-        rows = np.asarray(rows, dtype=np.int64)
-        return ImageTable([self.imgs[i] for i in rows], [self.paths[i] for i in rows], self.labels[rows])
-
-
-def read_tables(cfg: Config, use_sample: bool) -> dict[str, ImageTable]:
-    """train (split train rows), valid (split valid rows) and test, as the features stage reads them
-    (adapter: ``features.read_image_tables`` takes its sample switch from ``cfg.features``)."""
-    features_cfg = cfg.features.model_copy(update={"use_sample": use_sample})
-    frames = read_image_tables(cfg.model_copy(update={"features": features_cfg}))
-    return {name: ImageTable.from_frame(frame) for name, frame in frames.items()}
-
-
-def one_hot(labels: np.ndarray) -> np.ndarray:
-    return np.eye(NUM_CLASSES, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
-
-
-# ---------------------------------------------------------------------------- datasets
-
-
-class TargetRows(Dataset):
-    """Training rows with target distributions. Row ``r`` is augmented copy ``r // n + 1`` of image
-    ``r % n`` (copy-major, like the feature cache); without augmentation every copy is the plain image."""
-
-    def __init__(self, table: ImageTable, targets: np.ndarray, target_hw: tuple[int, int], copies: int,
-                 augmentation: Any | None, seed: int, pseudo: bool, temperature: float = 1.0):
-        if targets.shape != (len(table), NUM_CLASSES):
-            raise ValueError(f"targets must be ({len(table)}, {NUM_CLASSES}), got {targets.shape}")
-        self.n = len(table)
-        copy_of_row = np.repeat(np.arange(1, copies + 1), self.n)
-        self.images = ImageRowsDataset(table.paths * copies, target_hw, copies=copy_of_row,
-                                       augmentation=augmentation, seed=seed)
-        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
-        self.pseudo = bool(pseudo)
-        self.temperature = float(temperature)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, r: int) -> dict[str, Any]:
-        image, _ = self.images[r]
-        return {"image": image, "target": self.targets[r % self.n], "pseudo": self.pseudo, "temperature": self.temperature}
-
-
-class PaddedRows(Dataset):
-    """Unaugmented labelled rows plus one blank padding row (index ``n``, label -1) that the
-    metrics ignore, so every rank can run the same number of validation batches."""
-
-    def __init__(self, table: ImageTable, target_hw: tuple[int, int]):
-        self.images = ImageRowsDataset(table.paths, target_hw, labels=table.labels)
-        self.target_hw = target_hw
-
-    def __len__(self) -> int:
-        return len(self.images) + 1
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i == len(self.images):
-            return {"image": torch.zeros(3, *self.target_hw, dtype=torch.uint8), "label": -1}
-        image, label = self.images[i]
-        return {"image": image, "label": label}
-
-
-# ---------------------------------------------------------------------------- samplers
-
-
-def epoch_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def pseudo_per_batch(fraction: float, batch_size: int) -> int:
-    """``round(fraction * batch_size)`` (halves up), at least 1 and leaving at least 1 labelled row."""
-    count = int(math.floor(fraction * batch_size + 0.5))
-    if not 1 <= count < batch_size:
-        raise StageError(f"pseudo.fraction={fraction:.4g} of a batch of {batch_size} gives {count} pseudo-labelled "
-                         f"rows: raise finetune.batch_size (needs at least 1 pseudo and 1 labelled row)")
-    return count
-
-
-def cycled_permutations(gen: torch.Generator, n: int, length: int) -> torch.Tensor:
-    """``length`` indices: fresh permutations of ``range(n)`` back to back (each index once per lap)."""
-    if length == 0:
-        return torch.zeros(0, dtype=torch.long)
-    laps = -(-length // n)
-    return torch.cat([torch.randperm(n, generator=gen) for _ in range(laps)])[:length]
-
-
-class MixedBatchSampler(Sampler[list[int]]):
-    """Full batches of ``batch_size - k`` labelled and exactly ``k`` pseudo-labelled rows.
-
-    Indices address ``ConcatDataset([labelled TargetRows, pseudo TargetRows])``, each holding
-    ``copies`` copies. An epoch covers every labelled image at least once (the last batch is filled
-    from the next lap); pseudo rows cycle the same way. The global batch list depends only on
-    ``(seed, epoch)``; rank ``r`` of ``w`` takes batches ``r, r + w, ...`` (the count is rounded up
-    to a multiple of ``w`` so every rank steps equally). Lightning calls ``set_epoch`` through
-    ``batch_sampler.sampler`` (this object)."""
-
-    def __init__(self, n_labelled: int, n_pseudo: int, batch_size: int, pseudo_count: int = 0, copies: int = 1,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
-        if n_labelled < 1:
-            raise StageError("no labelled training images")
-        if pseudo_count and n_pseudo < 1:
-            raise StageError("pseudo-labelled rows requested but the pseudo set is empty")
-        if not 0 <= pseudo_count < batch_size:
-            raise ValueError(f"pseudo_count must be in [0, batch_size), got {pseudo_count} of {batch_size}")
-        self.n_labelled, self.n_pseudo = int(n_labelled), int(n_pseudo)
-        self.batch_size, self.pseudo_count = int(batch_size), int(pseudo_count)
-        self.labelled_count = self.batch_size - self.pseudo_count
-        self.copies, self.seed = int(copies), int(seed)
-        self.rank, self.world_size = int(rank), int(world_size)
-        batches = -(-self.n_labelled // self.labelled_count)
-        self.total_batches = -(-batches // self.world_size) * self.world_size
-        self.epoch = 0
-
-    @property
-    def sampler(self) -> MixedBatchSampler:
-        return self
-
-    @property
-    def pseudo_offset(self) -> int:
-        """Dataset indices from here on are pseudo-labelled rows."""
-        return self.copies * self.n_labelled
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.total_batches // self.world_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        total, lab, k = self.total_batches, self.labelled_count, self.pseudo_count
-        copy = self.epoch % self.copies
-        labelled = copy * self.n_labelled + cycled_permutations(gen, self.n_labelled, total * lab)
-        pseudo = self.pseudo_offset + copy * max(self.n_pseudo, 1) + cycled_permutations(gen, self.n_pseudo, total * k)
-        for b in range(self.rank, total, self.world_size):
-            yield labelled[b * lab:(b + 1) * lab].tolist() + pseudo[b * k:(b + 1) * k].tolist()
-
-
-class ShardedBatches(Sampler[list[int]]):
-    """Rows ``rank::world_size`` in order, in batches, padded with the sentinel row ``n`` (see
-    ``PaddedRows``) so that every rank has ``ceil(n / world_size)`` rows."""
-
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.rank, self.world_size = int(n), int(batch_size), int(rank), int(world_size)
-
-    def rows(self) -> list[int]:
-        rows = list(range(self.rank, self.n, self.world_size))
-        return rows + [self.n] * (-(-self.n // self.world_size) - len(rows))
-
-    def __len__(self) -> int:
-        return -(-len(self.rows()) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rows = self.rows()
-        for start in range(0, len(rows), self.batch_size):
-            yield rows[start:start + self.batch_size]
-
-
-# ---------------------------------------------------------------------------- data module
-
-
-@dataclass(frozen=True)
-class PseudoSet:
-    """Test images with the teacher's targets (never validation or train images)."""
-
-    table: ImageTable
-    targets: np.ndarray  # (n, 10) class distributions
-    fraction: float
-    temperature: float = 1.0
-
-
-class ImageDataModule(L.LightningDataModule):
-    """Train: the labelled train rows (augmented), plus a pseudo set mixed into every batch;
-    valid: the split's valid rows, unaugmented."""
-
-    def __init__(self, train: ImageTable, valid: ImageTable, target_hw: tuple[int, int], augment: AugmentConfig,
-                 batch_size: int, num_workers: int = 0, seed: int = 0, copies: int = 1,
-                 pseudo: PseudoSet | None = None, pin_memory: bool = False):
-        super().__init__()
-        self.train_table, self.valid_table, self.pseudo = train, valid, pseudo
-        self.target_hw, self.augment = (int(target_hw[0]), int(target_hw[1])), augment
-        self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
-        self.copies, self.pin_memory = max(int(copies), 1), pin_memory
-        self.pseudo_count = pseudo_per_batch(pseudo.fraction, batch_size) if pseudo is not None else 0
-
-    def rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def train_dataset(self) -> Dataset:
-        augmentation = build_augmentation(self.augment)
-        parts: list[Dataset] = [TargetRows(self.train_table, one_hot(self.train_table.labels), self.target_hw,
-                                           self.copies, augmentation, self.seed, pseudo=False)]
-        if self.pseudo is not None:
-            parts.append(TargetRows(self.pseudo.table, self.pseudo.targets, self.target_hw, self.copies, augmentation,
-                                    self.seed, pseudo=True, temperature=self.pseudo.temperature))
-        return ConcatDataset(parts)
-
-    def train_sampler(self) -> MixedBatchSampler:
-        rank, world = self.rank_and_world()
-        n_pseudo = len(self.pseudo.table) if self.pseudo is not None else 0
-        return MixedBatchSampler(len(self.train_table), n_pseudo, self.batch_size, self.pseudo_count, self.copies,
-                                 self.seed, rank, world)
-
-    def loader(self, dataset: Dataset, batch_sampler: Sampler[list[int]], persistent: bool) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, worker_init_fn=seed_worker,
-                          pin_memory=self.pin_memory, persistent_workers=persistent and workers > 0,
-                          prefetch_factor=4 if workers else None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_dataset(), self.train_sampler(), persistent=True)
-
-    def val_dataloader(self) -> DataLoader:
-        rank, world = self.rank_and_world()
-        sampler = ShardedBatches(len(self.valid_table), self.batch_size * 2, rank, world)
-        return self.loader(PaddedRows(self.valid_table, self.target_hw), sampler, persistent=True)
-
-
-# ---------------------------------------------------------------------------- network
-
-
-def head_file(cfg: Config) -> Path:
-    path = cfg.paths.path("models") / "head" / HEAD_FILE
-    if not path.exists():
-        raise StageError(f"{path} not found: run the features and head stages first")
-    return path
-
-
-def check_head_matches(cfg: Config, meta: dict[str, Any], data_cfg: dict[str, Any], head_path: Path) -> None:
-    """The head was trained on this backbone's features at this input size (else its weights mean nothing)."""
-    want = {"arch": cfg.model.arch, "weights": cfg.model.weights, "input_size": list(input_hw(data_cfg)),
-            "width_divisor": cfg.model.width_divisor if cfg.model.arch == "vgg16_bn_narrow" else 1}
-    for key, value in want.items():
-        if key in meta and meta[key] != value:
-            raise StageError(f"{head_path} was trained on features with {key}={meta[key]}, the config says {value}: "
-                             "rerun the features and head stages")
-
-
-def build_network(cfg: Config, head_path: Path) -> tuple[ConvNet, dict[str, Any], dict[str, Any]]:
-    """``ConvNet(trainable conv base of cfg.model, the head stage's head)`` in train mode, the
-    backbone's preprocessing and the head's meta. At init it computes exactly what the head stage's
-    head computes on the cached features' conv base."""
-    head, meta = load_head(head_path)
-    backbone = create_backbone(cfg.model)
-    data_cfg = resolve_preprocessing(backbone, cfg.model)
-    check_head_matches(cfg, meta, data_cfg, head_path)
-    conv_base = create_conv_base(backbone, data_cfg, int(meta["grid"]), frozen=False)
-    if conv_base.out_features != int(meta["in_features"]):
-        raise StageError(f"{head_path}: head takes {meta['in_features']} features, the conv base gives "
-                         f"{conv_base.out_features}: rerun the features and head stages")
-    return ConvNet(conv_base, head).train(), data_cfg, meta
+# ---------------------------------------------------------------------------- checkpoints
 
 
 def save_network(path: Path, network: nn.Module, meta: dict[str, Any]) -> Path:
-    """``{"state_dict": ConvNet state, "meta": ...}``, atomically; rebuild with build_network + load_state_dict."""
-    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    """The one checkpoint format of every stage's network (pretrain backbone, dense head, fine-tuned
+    CNN): ``{"state_dict", "meta"}``, written atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"state_dict": state, "meta": meta}, tmp)
     return Path(path)
 
 
-def load_network_state(path: Path) -> dict[str, torch.Tensor]:
-    if not Path(path).exists():
-        raise StageError(f"{path} not found: run the finetune stage first")
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+def load_network_file(path: Path | str, writer: str = "stage that writes it") -> dict[str, Any]:
+    """``{"state_dict", "meta"}`` saved by ``save_network``; a StageError naming the file when it is
+    missing or unreadable (a truncated file would otherwise fail with a pickle traceback)."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found: run the {writer} stage first")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign bytes: torch raises several kinds
+        raise StageError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it and rerun the stage "
+                         "that writes it") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob:
+        raise StageError(f"{path}: not a checkpoint of this pipeline (no state_dict)")
+    return blob
 
 
-def conv_blocks(network: ConvNet) -> list[list[nn.Module]]:
-    """VGG's conv stack split after each max pool: 5 blocks for the vgg16 layout, first to last."""
-    blocks: list[list[nn.Module]] = [[]]
-    for layer in network.conv_base.features:
-        blocks[-1].append(layer)
-        if isinstance(layer, nn.MaxPool2d):
-            blocks.append([])
-    return [b for b in blocks if b]
+def load_network_state(path: Path, writer: str = "stage that writes it") -> dict[str, torch.Tensor]:
+    return load_network_file(path, writer)["state_dict"]
+
+
+# ---------------------------------------------------------------------------- optimisation
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the one optimiser factory and the one LightningModule need, whichever stage trains:
+    the head (``head`` section), fine-tuning and pseudo (``finetune``), the pretrain stand-in."""
+
+    optimizer: str = "adam"  # adam | adamw | sgd | nesterov | rmsprop
+    lr: float = 1e-3
+    first_epoch_lr: float | None = None  # None: no low first epoch
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    layer_lr_decay: float = 1.0  # block k from the end at lr * decay**k
+    unfreeze_blocks: int | None = None  # None: every block trains from the start
+    unfreeze_every: int = 0
+    schedule: str = "first_epoch"  # first_epoch (constant after a low epoch 0) | onecycle
+
+    @classmethod
+    def from_section(cls, section: Any, **changes: Any) -> TrainSettings:
+        """From a config section (``cfg.head``, ``cfg.finetune``): the fields it has, then ``changes``."""
+        names = {f.name for f in fields(cls)}
+        values = {name: getattr(section, name) for name in names if hasattr(section, name)}
+        return replace(cls(**values), **changes)
+
+
+def create_optimizer(groups: list[dict[str, Any]], settings: TrainSettings) -> torch.optim.Optimizer:
+    """adam | adamw | sgd (momentum) | nesterov | rmsprop over param groups that carry their own lr."""
+    wd, momentum = settings.weight_decay, settings.momentum
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=settings.lr, weight_decay=wd)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=wd)
+    if settings.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=momentum, nesterov=settings.optimizer == "nesterov",
+                               weight_decay=wd)
+    if settings.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=settings.lr, alpha=0.9, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}")
+
+
+def first_epoch_schedule(optimizer: torch.optim.Optimizer, first_epoch_lr: float, lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """``first_epoch_lr`` during epoch 0, ``lr`` afterwards (stepped once per epoch)."""
+    ratio = first_epoch_lr / lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: ratio if epoch == 0 else 1.0)
 
 
 def block_parameters(block: list[nn.Module]) -> list[nn.Parameter]:
     return [p for layer in block for p in layer.parameters()]
 
 
-def trainable_block_count(epoch: int, settings: FinetuneConfig, n_blocks: int) -> int:
-    """How many conv blocks (counted from the last) train in ``epoch`` under staged unfreezing."""
+def trainable_block_count(epoch: int, settings: TrainSettings, n_blocks: int) -> int:
+    """How many blocks (counted from the last) train in ``epoch`` under staged unfreezing."""
+    if settings.unfreeze_blocks is None:
+        return n_blocks
     extra = epoch // settings.unfreeze_every if settings.unfreeze_every else 0
     return min(n_blocks, settings.unfreeze_blocks + extra)
 
@@ -389,25 +166,16 @@ def set_trainable_blocks(blocks: list[list[nn.Module]], count: int) -> None:
                 p.requires_grad_(trainable)
 
 
-def layer_param_groups(network: ConvNet, blocks: list[list[nn.Module]], lr: float, decay: float) -> list[dict[str, Any]]:
-    """The head at ``lr``; conv block ``k`` from the end at ``lr * decay**k`` (earlier layers, smaller steps)."""
-    groups = [{"params": list(network.head.parameters()), "lr": lr, "name": "head"}]
+def layer_param_groups(network: nn.Module, blocks: list[list[nn.Module]], lr: float, decay: float) -> list[dict[str, Any]]:
+    """Every parameter outside ``blocks`` (the head) at ``lr``; block ``k`` from the end at
+    ``lr * decay**k`` (earlier layers, smaller steps)."""
+    in_blocks = {id(p) for block in blocks for p in block_parameters(block)}
+    groups = [{"params": [p for p in network.parameters() if id(p) not in in_blocks], "lr": lr, "name": "head"}]
     for k, block in enumerate(reversed(blocks), start=1):
         params = block_parameters(block)
         if params:
             groups.append({"params": params, "lr": lr * decay**k, "name": f"block{len(blocks) - k + 1}"})
     return groups
-
-
-def create_optimizer(groups: list[dict[str, Any]], settings: FinetuneConfig) -> torch.optim.Optimizer:
-    """adam | sgd (momentum) | nesterov | rmsprop over param groups that carry their own lr."""
-    wd, momentum = settings.weight_decay, settings.momentum
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=settings.lr, weight_decay=wd)
-    if settings.optimizer in ("sgd", "nesterov"):
-        return torch.optim.SGD(groups, lr=settings.lr, momentum=momentum, nesterov=settings.optimizer == "nesterov",
-                               weight_decay=wd)
-    return torch.optim.RMSprop(groups, lr=settings.lr, alpha=0.9, weight_decay=wd)
 
 
 # ---------------------------------------------------------------------------- lightning module
@@ -429,25 +197,28 @@ def reseed_globals(seed: int) -> None:
 
 
 class ClassifierModule(L.LightningModule):
-    """Trains an injected ``ConvNet`` end to end with staged unfreezing and layer-wise learning
-    rates. Logs ``train/loss``, ``valid/logloss``, ``valid/acc`` (plus ``train/lr``,
-    ``train/trainable_blocks``)."""
+    """The one LightningModule: trains an injected network (a ConvNet on images, or a dense head on
+    cached features) on batch dicts (``pipeline.datamodules``), with optional staged unfreezing of
+    ``blocks`` and layer-wise learning rates. Logs ``train/loss``, ``valid/logloss``, ``valid/acc``
+    (plus ``train/lr``, ``train/trainable_blocks``). A non-finite training loss stops the run with
+    an error instead of writing NaN weights."""
 
-    def __init__(self, network: ConvNet, settings: FinetuneConfig, channels_last: bool = False):
+    def __init__(self, network: nn.Module, settings: TrainSettings, blocks: Sequence[list[nn.Module]] = (),
+                 channels_last: bool = False):
         super().__init__()
         self.network = network
         self.settings = settings
         self.channels_last = channels_last
-        self.blocks = conv_blocks(network)  # plain list: the layers are registered through `network`
+        self.blocks = list(blocks)  # plain list: the layers are registered through `network`
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
-        self.save_hyperparameters({"finetune": settings.model_dump(mode="json"), "channels_last": channels_last})
+        self.save_hyperparameters({"settings": asdict(settings), "channels_last": channels_last})
         self._valid_sums = torch.zeros(3)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.network(images)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.network(inputs)
 
     def on_train_epoch_start(self) -> None:
         count = trainable_block_count(self.current_epoch, self.settings, len(self.blocks))
@@ -457,8 +228,11 @@ class ClassifierModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = soft_target_loss(self(batch["image"]), batch["target"], batch["temperature"])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["image"]), sync_dist=True)
+        loss = soft_target_loss(self(batch["input"]), batch["target"], batch["temperature"])
+        if not torch.isfinite(loss):
+            raise StageError(f"training loss is {float(loss)} at epoch {self.current_epoch}, batch {batch_idx}: "
+                             "non-finite inputs or a learning rate too high; nothing was written")
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["input"]), sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -467,7 +241,7 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         labels = batch["label"]
         keep = labels >= 0  # the padding row is -1
-        logits = self(batch["image"]).float()[keep]
+        logits = self(batch["input"]).float()[keep]
         labels = labels[keep]
         if len(labels):
             self._valid_sums += torch.stack([
@@ -485,7 +259,12 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         s = self.settings
         optimizer = create_optimizer(layer_param_groups(self.network, self.blocks, s.lr, s.layer_lr_decay), s)
-        scheduler = first_epoch_schedule(optimizer, s.first_epoch_lr, s.lr)
+        if s.schedule == "onecycle":
+            peaks = [g["lr"] for g in optimizer.param_groups]
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, pct_start=0.25,
+                                                            total_steps=max(int(self.trainer.estimated_stepping_batches), 1))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = first_epoch_schedule(optimizer, s.first_epoch_lr or s.lr, s.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
@@ -578,7 +357,10 @@ def build_trainer(trainer_cfg: TrainerConfig, out_dir: Path, max_epochs: int, pa
 
 
 def quiet_training() -> None:
-    quiet_lightning()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*does not have many workers.*", ".*LeafSpec.*", ".*exists and is not empty.*"):
+        warnings.filterwarnings("ignore", message=message)
     for message in (".*smaller than the logging interval.*", ".*sync_dist=True.*", ".*Checkpoint directory.*exists.*",
                     ".*Experiment logs directory.*exists.*", ".*find_unused_parameters=True.*",
                     ".*is not writable.*", ".*isn't a `Sampler`.*"):
@@ -620,9 +402,9 @@ def plan_run(out_dir: Path, run_fingerprint: str, resume: bool) -> tuple[str, Pa
     wrote before they were launched, and so reach the same answer."""
     state = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).exists() else {}
     same = resume and state.get("fingerprint") == run_fingerprint
-    if same and state.get("status") == "complete" and (out_dir / "best.ckpt").exists():
+    if same and state.get("status") == "complete" and checkpoint_loads(out_dir / "best.ckpt"):
         return "reuse", out_dir / "best.ckpt"
-    if same and state.get("status") == "running" and (out_dir / "last.ckpt").exists():
+    if same and state.get("status") == "running" and checkpoint_loads(out_dir / "last.ckpt"):
         return "resume", out_dir / "last.ckpt"
     if is_launcher_process():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -631,9 +413,21 @@ def plan_run(out_dir: Path, run_fingerprint: str, resume: bool) -> tuple[str, Pa
     return "fresh", None
 
 
+def checkpoint_loads(path: Path) -> bool:
+    """Whether a Lightning checkpoint exists and loads (a truncated one, from a kill mid-write by an
+    older version or a full disk, means start afresh rather than fail on every rerun)."""
+    if not path.exists():
+        return False
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # any unreadable bytes
+        return False
+    return True
+
+
 @dataclass
 class FitOutcome:
-    network: ConvNet  # the best checkpoint's weights, eval mode
+    network: nn.Module  # the best checkpoint's weights, eval mode
     facts: dict[str, Any]
     device: torch.device  # where this rank predicts
     is_global_zero: bool
@@ -644,7 +438,7 @@ def load_module_weights(module: ClassifierModule, checkpoint: Path) -> None:
     module.load_state_dict(state["state_dict"])
 
 
-def fit_or_resume(module: ClassifierModule, data: ImageDataModule, trainer_cfg: TrainerConfig, out_dir: Path,
+def fit_or_resume(module: ClassifierModule, data: L.LightningDataModule, trainer_cfg: TrainerConfig, out_dir: Path,
                   max_epochs: int, patience: int, run_fingerprint: str,
                   callbacks: Sequence[Callback] = (), label: str | None = None) -> FitOutcome:
     """Fit (fresh, resumed from last.ckpt, or reused when complete) and load the best weights."""
@@ -711,7 +505,7 @@ def predict_rows(network: nn.Module, table: ImageTable, rows: np.ndarray, target
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
             logits = network(images)
         out.append(F.softmax(logits.float(), dim=1).double().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES))
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
 def predict_probs(network: nn.Module, table: ImageTable, target_hw: tuple[int, int], batch_size: int,
@@ -727,7 +521,17 @@ def predict_probs(network: nn.Module, table: ImageTable, target_hw: tuple[int, i
         return probs
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, (rows, probs))
-    result = np.zeros((len(table), NUM_CLASSES))
+    result = np.zeros((len(table), max(p.shape[1] for _, p in gathered)))
     for shard_rows, shard_probs in gathered:
         result[shard_rows] = shard_probs
     return result
+
+
+@torch.no_grad()
+def predict_features(network: nn.Module, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities of a network on cached feature rows (the dense head), on its device."""
+    network = network.eval()
+    device = next(network.parameters()).device
+    out = [F.softmax(network(torch.as_tensor(features[i:i + batch_size]).to(device).float()), dim=1).cpu()
+           for i in range(0, len(features), batch_size)]
+    return torch.cat(out).double().numpy() if out else np.zeros((0, 0))

@@ -10,21 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.calibrate import (
+from pipeline.config import load_profile
+from pipeline.errors import BadInputError, StageError
+from pipeline.folds import group_folds as driver_folds
+from pipeline.metrics import kaggle_logloss, read_predictions, write_predictions
+from pipeline.stages.calibrate import (
     Calibration,
     apply_calibration,
     clip_probs,
     cross_fitted_probs,
-    driver_folds,
     fit_calibration,
     fit_clip,
     fit_temperature,
     run,
     temperature_scale,
 )
-from pipeline.config import load_profile
-from pipeline.errors import BadInputError, StageError
-from pipeline.metrics import kaggle_logloss, read_predictions, write_predictions
 
 
 def model_outputs(n: int, sharpness: float, seed: int = 0, accuracy: float = 0.7) -> tuple[np.ndarray, np.ndarray]:

@@ -60,7 +60,7 @@ def test_cli_configure_rejects_unknown_key_with_exit_2(tmp_path, capsys):
 
 
 def test_cli_help_lists_every_stage(capsys):
-    from pipeline.stages import STAGES
+    from pipeline.registry import STAGES
 
     with pytest.raises(SystemExit):
         cli_main(["--help"])

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.ensemble import combine, cross_fitted, driver_folds, fit_weights, smoothing_decision
+from pipeline.folds import group_folds as driver_folds
 from pipeline.metrics import kaggle_logloss
 from pipeline.neighbours import drop_self, nearest_neighbours, neighbour_smoothing
+from pipeline.stages.ensemble import combine, cross_fitted, fit_weights, smoothing_decision
 
 
 def noisy_predictions(labels: np.ndarray, strength: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -139,8 +140,8 @@ def test_cross_fitting_holds_out_whole_drivers(complementary_members):
 def ensembled(tmp_path_factory):
     """The smoke chain up to the ensemble with fine-tuned members (tiny: ~100 images at 48x64, one
     fine-tuning epoch per member, 1 TTA pass)."""
-    from pipeline import ensemble, features, head, ingest, member, split
     from pipeline.config import load_profile
+    from pipeline.stages import ensemble, features, head, ingest, member, split
 
     cfg = load_profile("smoke", ["head.max_epochs=2"]).at(tmp_path_factory.mktemp("ensemble"))
     for stage in (ingest, split, features, head):
@@ -206,7 +207,7 @@ def with_ensemble(cfg, **changes):
 
 
 def test_head_members_ensemble_with_tta_from_the_feature_cache(ensembled, tmp_path):
-    from pipeline import ensemble, member
+    from pipeline.stages import ensemble, member
 
     cfg = with_ensemble(linked_inputs(ensembled[0], tmp_path), member_model="head")
     members = member.run(cfg)
@@ -219,8 +220,8 @@ def test_head_members_ensemble_with_tta_from_the_feature_cache(ensembled, tmp_pa
 
 
 def test_ensemble_names_a_member_stage_that_has_not_run(ensembled, tmp_path):
-    from pipeline import ensemble
     from pipeline.errors import StageError
+    from pipeline.stages import ensemble
 
     cfg = linked_inputs(ensembled[0], tmp_path)  # members 0 and 1 have not run there
     with pytest.raises(StageError, match="run the member@0 stage first"):
@@ -228,15 +229,15 @@ def test_ensemble_names_a_member_stage_that_has_not_run(ensembled, tmp_path):
 
 
 def test_member_rejects_an_id_not_in_the_config(ensembled):
-    from pipeline import member
     from pipeline.errors import StageError
+    from pipeline.stages import member
 
     with pytest.raises(StageError, match="not in ensemble.members"):
         member.run(ensembled[0], member=7)
 
 
 def test_report_renders_every_section_from_the_ensembled_chain(ensembled):
-    from pipeline import report
+    from pipeline.stages import report
 
     cfg = ensembled[0]
     report.run(cfg)

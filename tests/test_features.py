@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import features
+from pipeline import featurecache
 from pipeline.config import CLASSES, Config
 from pipeline.data import ImageRowsDataset
 from pipeline.errors import StageError
 from pipeline.io import atomic_write_csv
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
+from pipeline.stages import features
 
 # Class colours and positions of the "hand" blob: easy enough that random conv features separate them.
 CLASS_COLOURS = [(230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 40), (230, 40, 230),
@@ -79,14 +80,14 @@ def with_section(cfg: Config, section: str, **values) -> Config:
     return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
 
 
-def cached(cfg: Config) -> dict[str, features.FeatureSplit]:
-    return {s: features.load_split(cfg.paths.path("features"), s) for s in features.SPLITS}
+def cached(cfg: Config) -> dict[str, featurecache.FeatureSplit]:
+    return {s: featurecache.load_split(cfg.paths.path("features"), s) for s in features.SPLITS}
 
 
 def test_cache_layout_shapes_dtype_and_index(tiny_cfg):
     figures = features.run(tiny_cfg)
     out = tiny_cfg.paths.path("features")
-    meta = features.load_meta(out)
+    meta = featurecache.load_meta(out)
     split = pd.read_csv(tiny_cfg.paths.path("split_csv"))
     n_train, n_valid = (split["split"] == "train").sum(), (split["split"] == "valid").sum()
     dim = meta["channels"] * meta["grid"] ** 2
@@ -154,9 +155,9 @@ def test_resume_after_kill_skips_finished_chunks_and_matches_a_clean_run(tiny_cf
 
     with pytest.raises(Killed):
         features.run(tiny_cfg, on_chunk_written=kill_mid_train)
-    assert not (out / features.META_FILE).exists()
+    assert not (out / featurecache.META_FILE).exists()
     with pytest.raises(StageError, match="no complete feature cache"):
-        features.load_split(out, "valid")
+        featurecache.load_split(out, "valid")
     finished = {(s, j): (out / s / f"chunk_{j:05d}.npy").stat().st_mtime_ns for s, j in written}
 
     recomputed: list[tuple[str, int]] = []
@@ -196,7 +197,7 @@ def test_a_complete_cache_is_reused_and_a_changed_config_is_not(tiny_cfg):
     regrid = with_section(changed, "features", grid=1)
     figures = features.run(regrid)
     assert figures["chunks_reused"] == 0
-    assert cached(regrid)["test"].features.shape[1] == features.load_meta(regrid.paths.path("features"))["channels"]
+    assert cached(regrid)["test"].features.shape[1] == featurecache.load_meta(regrid.paths.path("features"))["channels"]
 
 
 def test_partial_cache_is_never_read_as_complete(tiny_cfg):
@@ -204,14 +205,14 @@ def test_partial_cache_is_never_read_as_complete(tiny_cfg):
     out = tiny_cfg.paths.path("features")
     (out / "train" / "chunk_00001.npy").unlink()
     with pytest.raises(StageError, match="chunk"):
-        features.load_split(out, "train")
-    (out / "valid" / features.FINGERPRINT_FILE).write_text("something else\n")
+        featurecache.load_split(out, "train")
+    (out / "valid" / featurecache.FINGERPRINT_FILE).write_text("something else\n")
     with pytest.raises(StageError, match="fingerprint"):
-        features.load_split(out, "valid")
+        featurecache.load_split(out, "valid")
     # A rerun repairs exactly what is missing or stale.
     figures = features.run(tiny_cfg)
-    assert figures["chunks_computed"] == 1 + features.load_meta(out)["splits"]["valid"]["n_chunks"]
-    features.load_split(out, "train")
+    assert figures["chunks_computed"] == 1 + featurecache.load_meta(out)["splits"]["valid"]["n_chunks"]
+    featurecache.load_split(out, "train")
 
 
 def test_missing_inputs_say_what_to_run(smoke_cfg):
@@ -221,16 +222,16 @@ def test_missing_inputs_say_what_to_run(smoke_cfg):
 
 def test_chunk_writes_are_atomic(tmp_path):
     path = tmp_path / "chunk_00000.npy"
-    features.write_chunk(path, np.ones((3, 4), dtype=np.float16))
-    assert features.chunk_is_valid(path, 3, 4) and not features.chunk_is_valid(path, 4, 4)
+    featurecache.write_chunk(path, np.ones((3, 4), dtype=np.float16))
+    assert featurecache.chunk_is_valid(path, 3, 4) and not featurecache.chunk_is_valid(path, 4, 4)
     assert [p.name for p in tmp_path.iterdir()] == ["chunk_00000.npy"]
     path.write_bytes(path.read_bytes()[:40])  # a torn file (what a non-atomic write could leave)
-    assert not features.chunk_is_valid(path, 3, 4)
+    assert not featurecache.chunk_is_valid(path, 3, 4)
     assert os.path.getsize(path) == 40
 
 
 def test_use_sample_caches_the_sample_mirror(tiny_cfg):
-    from pipeline import sample
+    from pipeline.stages import sample
 
     cfg = with_section(with_section(tiny_cfg, "sample", n_train=20, n_valid=10), "features", use_sample=True, copies=2)
     sample.run(cfg)

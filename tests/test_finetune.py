@@ -17,29 +17,30 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
-from pipeline import finetune, ingest, split
 from pipeline.config import Config, TrainerConfig, load_profile
-from pipeline.features import build_meta
-from pipeline.head import HEAD_FILE, head_meta, load_head, save_head
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
 from pipeline.models import (
+    backbone_blocks,
     create_backbone,
     create_conv_base,
     create_dense_head,
     input_hw,
     resolve_preprocessing,
 )
+from pipeline.recipes import HEAD_FILE, build_network, head_meta, load_head
+from pipeline.stages import finetune, ingest, split
+from pipeline.stages.features import build_meta
 from pipeline.training import (
     ClassifierModule,
-    build_network,
+    TrainSettings,
     build_strategy,
-    conv_blocks,
     layer_param_groups,
     resolve_precision,
     set_trainable_blocks,
     trainable_block_count,
 )
+from pipeline.training import save_network as save_head
 
 ROOT = Path(__file__).resolve().parent.parent
 # Smaller than the smoke profile's dataset: 5 drivers x 10 frames (2 held out), 16 test frames.
@@ -113,7 +114,7 @@ def test_finetune_network_starts_as_the_head_stage_classifier(prepared, tmp_path
     cfg = tiny_cfg(link_inputs(prepared, tmp_path))
     head_path = cfg.paths.path("models") / "head" / HEAD_FILE
     network, data_cfg, meta = build_network(cfg, head_path)
-    module = ClassifierModule(network, cfg.finetune).eval()
+    module = ClassifierModule(network, TrainSettings.from_section(cfg.finetune)).eval()
 
     head, _ = load_head(head_path)
     conv_base = create_conv_base(create_backbone(cfg.model), data_cfg, meta["grid"])
@@ -129,9 +130,9 @@ def test_finetune_network_starts_as_the_head_stage_classifier(prepared, tmp_path
 def test_staged_unfreezing_and_layerwise_learning_rates(prepared, tmp_path):
     cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"finetune.unfreeze_blocks": 2, "finetune.unfreeze_every": 2})
     network, _, _ = build_network(cfg, cfg.paths.path("models") / "head" / HEAD_FILE)
-    blocks = conv_blocks(network)
+    blocks = backbone_blocks(network.conv_base)
     assert len(blocks) == 5 and all(isinstance(b[-1], torch.nn.MaxPool2d) for b in blocks)
-    assert [trainable_block_count(e, cfg.finetune, 5) for e in range(8)] == [2, 2, 3, 3, 4, 4, 5, 5]
+    assert [trainable_block_count(e, TrainSettings.from_section(cfg.finetune), 5) for e in range(8)] == [2, 2, 3, 3, 4, 4, 5, 5]
 
     set_trainable_blocks(blocks, 2)
     grads = [any(p.requires_grad for layer in b for p in layer.parameters()) for b in blocks]
@@ -208,7 +209,7 @@ def test_killed_finetune_resumes_to_the_same_step_count(prepared, tmp_path):
 DDP_SCRIPT = """
 import json, sys
 from pipeline.config import load_profile
-from pipeline import finetune
+from pipeline.stages import finetune
 
 if __name__ == "__main__":
     overrides = json.loads(sys.argv[2])

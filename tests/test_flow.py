@@ -50,6 +50,25 @@ def test_dvc_repro_runs_every_stage_then_nothing(clone):
     assert (clone / "data/split.csv").exists() and (clone / "reports/metrics.json").exists()
     second = sh([sys.executable, "-m", "dvc", "repro"], clone)
     assert "Running stage" not in second
+    # A one-line edit to a stage module invalidates that stage only (stages never import stages).
+    for stage in ("features", "head", "finetune"):
+        module = clone / "pipeline" / "stages" / f"{stage}.py"
+        original = module.read_text()
+        module.write_text(original + "# a cosmetic edit\n")
+        try:
+            assert changed_stages(clone) == {stage}
+        finally:
+            module.write_text(original)
+    assert changed_stages(clone) == set()
+
+
+def changed_stages(clone: Path) -> set[str]:
+    """Stages `dvc status` reports as changed."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, env=tool_env(),
+                         capture_output=True, text=True, check=True).stdout
+    return set(json.loads(out or "{}"))
 
 
 @pytest.mark.slow
@@ -127,7 +146,7 @@ STAGES_WITHOUT_RETRIES = ("split", "sample", "features", "head", "finetune", "en
 def test_headline_is_the_last_stage_in_dag_order_with_a_validation_log_loss():
     from flows.submission import should_submit
     from flows.tasks import headline
-    from pipeline.stages import STAGES
+    from pipeline.registry import STAGES
 
     first, second = list(STAGES)[1:3]
     metrics = {second: {"valid_logloss": 0.5}, first: {"valid_logloss": 0.9, "valid_acc": 0.7}, "ingest": {"n": 3}}

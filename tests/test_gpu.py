@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from test_features import write_tiny_dataset
 from test_finetune import link_inputs, prepared, tiny_cfg  # noqa: F401  (prepared is a fixture)
 
-from pipeline import features, finetune
+from pipeline import featurecache
 from pipeline.config import Config, ModelConfig
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
@@ -24,6 +24,7 @@ from pipeline.models import (
     create_dense_head,
     resolve_preprocessing,
 )
+from pipeline.stages import features, finetune
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -45,7 +46,7 @@ def test_cuda_feature_cache_matches_the_cpu_one(smoke_cfg, tmp_path):
         write_tiny_dataset(cfg)
         figures = features.run(cfg)
         assert figures["device"] == device
-        caches[device] = {s: features.load_split(cfg.paths.path("features"), s) for s in features.SPLITS}
+        caches[device] = {s: featurecache.load_split(cfg.paths.path("features"), s) for s in features.SPLITS}
     for name in features.SPLITS:
         cpu, gpu = caches["cpu"][name], caches["cuda"][name]
         assert cpu.index.equals(gpu.index)

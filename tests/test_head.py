@@ -8,14 +8,16 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from test_features import write_tiny_dataset
 
-from pipeline import features, head
-from pipeline.config import CLASSES, Config, HeadConfig
+from pipeline import featurecache
+from pipeline.config import CLASSES, Config
 from pipeline.errors import StageError
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
+from pipeline.recipes import load_head
+from pipeline.stages import features, head
+from pipeline.training import predict_features
 
 
 def configured(smoke_cfg: Config, **head_values) -> Config:
@@ -59,11 +61,11 @@ def test_head_learns_predicts_and_reports(trained):
     assert lrs[0] == pytest.approx(cfg.head.first_epoch_lr) and lrs[1:] == pytest.approx([cfg.head.lr] * (len(lrs) - 1))
 
     # head.pt rebuilds the best head: it reproduces the written validation predictions.
-    module, meta = head.load_head(head_dir / "head.pt")
-    assert meta["in_features"] == features.load_meta(cfg.paths.path("features"))["feature_dim"]
+    module, meta = load_head(head_dir / "head.pt")
+    assert meta["in_features"] == featurecache.load_meta(cfg.paths.path("features"))["feature_dim"]
     assert meta["grid"] == cfg.features.grid and meta["widths"] == cfg.head.widths
-    valid = features.load_split(cfg.paths.path("features"), "valid")
-    np.testing.assert_allclose(head.predict_probs(module, valid.features), valid_probs, rtol=1e-4, atol=1e-5)
+    valid = featurecache.load_split(cfg.paths.path("features"), "valid")
+    np.testing.assert_allclose(predict_features(module, valid.features), valid_probs, rtol=1e-4, atol=1e-5)
 
 
 def test_head_training_is_deterministic(trained):
@@ -80,50 +82,3 @@ def test_head_refuses_a_missing_or_partial_cache(smoke_cfg):
         head.run(smoke_cfg)
 
 
-def test_one_random_copy_per_image_per_epoch():
-    n_images, copies = 50, 4
-    row_table = np.arange(n_images * copies).reshape(copies, n_images).T  # copy-major rows
-    sampler = head.RandomCopyBatches(row_table, batch_size=8, seed=1)
-    epochs = []
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        rows = np.concatenate(list(sampler))
-        assert len(rows) == n_images and len(list(sampler)) == len(sampler) == 7
-        assert sorted(rows % n_images) == list(range(n_images))  # every image exactly once
-        epochs.append(rows)
-    assert not np.array_equal(epochs[0] // n_images, epochs[1] // n_images)  # copies change per epoch
-    assert len(set((epochs[0] // n_images).tolist())) == copies
-    sampler.set_epoch(1)
-    assert np.array_equal(np.concatenate(list(sampler)), epochs[1])  # seeded by (seed, epoch)
-
-
-def test_feature_batches_are_fetched_by_row_lists():
-    feats = torch.arange(20, dtype=torch.float16).view(10, 2)
-    dataset = head.FeatureBatches(feats, torch.arange(10))
-    x, y = dataset[[3, 1]]
-    assert x.tolist() == [[6, 7], [2, 3]] and y.tolist() == [3, 1]
-
-
-@pytest.mark.parametrize("name, cls, extra", [
-    ("adam", torch.optim.Adam, {}),
-    ("sgd", torch.optim.SGD, {"nesterov": False, "momentum": 0.9}),
-    ("nesterov", torch.optim.SGD, {"nesterov": True, "momentum": 0.9}),
-    ("rmsprop", torch.optim.RMSprop, {}),
-])
-def test_optimizers_from_config(name, cls, extra):
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    opt = head.create_optimizer(params, HeadConfig(optimizer=name, lr=0.01))
-    assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.01
-    for key, value in extra.items():
-        assert opt.param_groups[0][key] == value
-
-
-def test_first_epoch_runs_at_the_low_learning_rate():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
-    schedule = head.first_epoch_schedule(opt, first_epoch_lr=1e-4, lr=1e-2)
-    seen = []
-    for _ in range(3):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        schedule.step()
-    assert seen == pytest.approx([1e-4, 1e-2, 1e-2])

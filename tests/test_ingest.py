@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import cli, ingest
+from pipeline import cli
 from pipeline.config import CLASSES, Config, write_params
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import read_json
+from pipeline.stages import ingest
 
 N_DRIVERS, N_TEST = 3, 5
 
@@ -258,7 +259,7 @@ def test_kaggle_without_credentials_says_how_to_provide_them(smoke_cfg, tmp_path
     isolate_from_kaggle_credentials(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", None)  # must not even be imported
     cfg = with_source(smoke_cfg, "kaggle")
-    with pytest.raises(StageError, match="KAGGLE_USERNAME and KAGGLE_KEY.*kaggle.json"):
+    with pytest.raises(StageError, match="KAGGLE_API_TOKEN.*access_token.*KAGGLE_USERNAME \\+ KAGGLE_KEY.*kaggle.json"):
         ingest.run(cfg)
     assert cli_exit_code(cfg, tmp_path) == 2
     assert not cfg.paths.path("raw").exists() and leftovers(cfg) == []

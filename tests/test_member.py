@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import AugmentConfig
-from pipeline.member import images_outside_fold, member_seed, tta_predictions
-from pipeline.training import ImageTable
+from pipeline.stages.member import images_outside_fold, member_seed, tta_predictions
+from pipeline.tables import ImageTable
 
 
 def folds_frame() -> pd.DataFrame:

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import ingest, pretrain
 from pipeline.config import Config, load_profile
 from pipeline.data import ImageRowsDataset, class_index
 from pipeline.errors import StageError
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
+from pipeline.stages import ingest, pretrain
 from pipeline.synthetic import plan_dataset
 
 

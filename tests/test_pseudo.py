@@ -10,20 +10,14 @@ import torch
 import torch.nn.functional as F
 from test_finetune import link_inputs, prepared, tiny_cfg  # noqa: F401  (prepared is a fixture)
 
-from pipeline import finetune, pseudo
 from pipeline.config import ConfigError, PseudoConfig, load_profile
+from pipeline.datamodules import ImageDataModule, MixedBatchSampler, PseudoSet, pseudo_per_batch
 from pipeline.errors import StageError
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions, write_predictions
-from pipeline.training import (
-    ImageDataModule,
-    ImageTable,
-    MixedBatchSampler,
-    PseudoSet,
-    pseudo_per_batch,
-    read_tables,
-    soft_target_loss,
-)
+from pipeline.stages import finetune, pseudo
+from pipeline.tables import ImageTable, read_tables
+from pipeline.training import soft_target_loss
 
 # ---------------------------------------------------------------------------- batch composition
 
@@ -66,7 +60,7 @@ def test_data_module_batches_hold_the_exact_pseudo_count(prepared, tmp_path):  #
     counts = [int(batch["pseudo"].sum()) for batch in loader]
     assert counts == [2] * len(loader) and len(loader) == -(-30 // 6)
     batch = next(iter(loader))
-    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 48, 64)
+    assert batch["input"].dtype == torch.uint8 and batch["input"].shape == (8, 3, 48, 64)
     assert torch.allclose(batch["target"][batch["pseudo"]], torch.full((2, 10), 0.1))
     assert (batch["target"][~batch["pseudo"]].sum(1) == 1).all()  # labelled rows are one-hot
 

@@ -1,7 +1,7 @@
 import json
 
 from pipeline.metrics import write_stage_metrics
-from pipeline.report import run
+from pipeline.stages.report import run
 
 
 def test_report_collects_stage_figures_in_dag_order(smoke_cfg):
@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import report  # noqa: E402
 from pipeline.metrics import write_predictions  # noqa: E402
+from pipeline.stages import report  # noqa: E402
 
 
 def test_every_section_degrades_gracefully_without_inputs(smoke_cfg):

@@ -6,8 +6,8 @@ import pytest
 from pipeline.config import CLASSES, SplitConfig
 from pipeline.errors import StageError
 from pipeline.io import atomic_write_csv
-from pipeline.sample import make_sample, run
-from pipeline.split import make_split
+from pipeline.stages.sample import make_sample, run
+from pipeline.stages.split import make_split
 
 
 def write_split_dataset(cfg, n_drivers=6, per_class=2):

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from pipeline.config import CLASSES, SplitConfig
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import atomic_write_csv
-from pipeline.split import SPLIT_COLUMNS, make_split, run
+from pipeline.stages.split import SPLIT_COLUMNS, make_split, run
 
 
 @st.composite

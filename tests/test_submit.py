@@ -18,16 +18,9 @@ from kaggle_stub import STUB_KEY, KaggleStub, use_stub
 from pipeline.config import load_profile, write_params
 from pipeline.errors import BadInputError
 from pipeline.io import file_sha256
+from pipeline.kaggle_client import SubmitError, retry_delay, with_retries
 from pipeline.metrics import CLASS_COLUMNS, write_predictions
-from pipeline.submit import (
-    SubmitError,
-    code_revision,
-    retry_delay,
-    run,
-    submit_command,
-    validate_submission,
-    with_retries,
-)
+from pipeline.stages.submit import code_revision, run, submit_command, validate_submission
 
 IDS = [f"img_{i}.jpg" for i in range(1, 7)]
 HEADER = "img," + ",".join(CLASS_COLUMNS)
@@ -336,7 +329,7 @@ def test_fresh_process_reaches_the_stub_through_the_environment(project, tmp_pat
         "import sys, kagglesdk.kaggle_env as e\n"
         "e._env_to_endpoint[e.KaggleEnv.LOCAL] = sys.argv[1]\n"
         "from pipeline.config import load_params\n"
-        "from pipeline.submit import run\n"
+        "from pipeline.stages.submit import run\n"
         "print(run(load_params(sys.argv[2])))\n"
     )
     with KaggleStub() as server:

@@ -35,9 +35,10 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from pipeline.config import Config, item_stage
+from pipeline.datamodules import split_labels
 from pipeline.errors import BadInputError, StageError
-from pipeline.features import FeatureSplit, load_split
-from pipeline.head import HEAD_FILE, load_head, predict_probs, split_labels
+from pipeline.featurecache import FeatureSplit, embed_batches, load_split, resolve_device
+from pipeline.folds import group_folds
 from pipeline.metrics import (
     KAGGLE_EPS,
     accuracy,
@@ -50,6 +51,9 @@ from pipeline.metrics import (
     write_stage_metrics,
 )
 from pipeline.neighbours import nearest_neighbours, neighbour_smoothing, smooth_with_neighbours
+from pipeline.recipes import HEAD_FILE, load_head
+from pipeline.tables import read_image_tables
+from pipeline.training import predict_features as predict_probs
 
 Mean = Literal["arithmetic", "geometric"]
 
@@ -113,19 +117,10 @@ def ensemble_weights(member_probs: np.ndarray, labels: np.ndarray, mean: Mean, f
     return fit_weights(member_probs, labels, mean) if fit else np.full(len(member_probs), 1.0 / len(member_probs))
 
 
-def driver_folds(groups: np.ndarray, n_folds: int) -> np.ndarray | None:
-    """Fold per row with whole drivers per fold (sorted drivers dealt round-robin); None for < 2 drivers."""
-    drivers = sorted(set(groups.tolist()))
-    if len(drivers) < 2:
-        return None
-    fold_of = {d: i % min(n_folds, len(drivers)) for i, d in enumerate(drivers)}
-    return np.array([fold_of[g] for g in groups.tolist()])
-
-
 def cross_fitted(member_probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, mean: Mean, fit: bool,
                  n_folds: int) -> np.ndarray | None:
     """Every validation row combined with weights fitted on the other drivers' rows."""
-    folds = driver_folds(np.asarray(groups), n_folds)
+    folds = group_folds(np.asarray(groups), n_folds)
     if folds is None:
         return None
     out = np.empty(member_probs.shape[1:], dtype=np.float64)
@@ -198,7 +193,6 @@ def computed_augmented(cfg: Config, image_paths: dict[str, list[str]], passes: i
     from torch.utils.data import DataLoader
 
     from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
-    from pipeline.features import embed_batches, resolve_device
     from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
 
     device = resolve_device(cfg.features.device)
@@ -242,8 +236,6 @@ def augmented_features(cfg: Config, splits: dict[str, FeatureSplit], imgs: dict[
     cached = {name: cached_augmented(split, imgs[name], passes) for name, split in splits.items()}
     missing = [name for name, feats in cached.items() if feats is None]
     if missing:
-        from pipeline.features import read_image_tables
-
         tables = read_image_tables(cfg)
         paths = {name: tables[name].set_index("img").loc[imgs[name], "path"].tolist() for name in missing}
         cached.update(computed_augmented(cfg, paths, passes, {name: plain[name] for name in missing}))
@@ -405,10 +397,3 @@ def run(cfg: Config) -> dict[str, Any]:
     figures = rounded(figures)
     write_stage_metrics(cfg.paths.stage_metrics_file("ensemble"), figures)
     return figures
-
-
-def main() -> None:
-    """Run the stage with params.yaml (the same as ``python -m pipeline ensemble``)."""
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["ensemble"]))

@@ -15,17 +15,13 @@ Credentials are never read into anything this module writes or logs.
 from __future__ import annotations
 
 import csv
-import email.utils
 import logging
 import math
-import os
 import shlex
 import subprocess
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +29,13 @@ import pandas as pd
 from pipeline.config import Config
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import atomic_path, atomic_write_json, file_sha256
+from pipeline.kaggle_client import (
+    credentials_found,
+    kaggle_api,
+    lookup_score,
+    upload_once,
+    with_retries,
+)
 from pipeline.metrics import CLASS_COLUMNS, write_stage_metrics
 
 log = logging.getLogger(__name__)
@@ -42,16 +45,7 @@ SUM_TOLERANCE = 1e-6
 # 8 significant digits: rounding moves a row sum by < 1e-7, well inside the tolerance.
 FLOAT_FORMAT = "%.8g"
 SOURCE_STAGE = "calibrate"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MAX_RETRY_AFTER_S = 300.0
-
-T = TypeVar("T")
-
-
-class SubmitError(StageError):
-    """The upload failed or was refused; nothing usable was submitted."""
-
-
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------- validation
 
 
@@ -206,114 +200,7 @@ def submit_command(competition: str, path: Path, message: str) -> str:
     return f"kaggle competitions submit -c {shlex.quote(competition)} -f {shlex.quote(str(path))} -m {double_quoted(message)}"
 
 
-def has_kaggle_credentials() -> bool:
-    """Whether the kaggle client would find credentials (env, kaggle.json or an access token)."""
-    env = os.environ
-    if (env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY")) or env.get("KAGGLE_API_TOKEN"):
-        return True
-    dirs = [Path(env["KAGGLE_CONFIG_DIR"])] if env.get("KAGGLE_CONFIG_DIR") else []
-    dirs += [Path.home() / ".kaggle", Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"]
-    return any((d / name).is_file() for d in dirs for name in ("kaggle.json", "access_token"))
-
-
 # ---------------------------------------------------------------------------- upload
-
-
-def http_status(err: BaseException) -> int | None:
-    response = getattr(err, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def is_retryable(err: BaseException) -> bool:
-    """Rate limits, server errors and dropped connections are transient; other 4xx are not."""
-    import requests
-
-    status = http_status(err)
-    if isinstance(err, requests.HTTPError) and status is not None:
-        return status == 429 or status >= 500
-    return isinstance(err, (requests.ConnectionError, requests.Timeout))
-
-
-def retry_delay(err: BaseException, attempt: int, backoff_s: float) -> float:
-    """Exponential backoff; a 429's Retry-After (seconds or HTTP date) wins when present."""
-    response = getattr(err, "response", None)
-    header = response.headers.get("Retry-After") if http_status(err) == 429 and response is not None else None
-    if header:
-        try:
-            return min(max(0.0, float(header)), MAX_RETRY_AFTER_S)
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(header) if header else None
-            if when is not None:
-                return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), MAX_RETRY_AFTER_S)
-    return backoff_s * 2**attempt
-
-
-def describe(err: BaseException) -> str:
-    status = http_status(err)
-    return f"HTTP {status}: {err}" if status is not None else f"{type(err).__name__}: {err}"
-
-
-def with_retries(action: Callable[[], T], max_retries: int, backoff_s: float,
-                 sleep: Callable[[float], None] = time.sleep) -> tuple[T, int]:
-    """(result, attempts). Retries only transient failures (429, 5xx, dropped connections), at most
-    ``max_retries`` times; a refused request (other 4xx) or a failed upload (``SubmitError``) is final."""
-    for attempt in range(max_retries + 1):
-        try:
-            return action(), attempt + 1
-        except SubmitError:
-            raise
-        except Exception as err:
-            if not is_retryable(err):
-                raise SubmitError(f"Kaggle refused the submission ({describe(err)}); not retried") from err
-            if attempt == max_retries:
-                raise SubmitError(f"upload gave up after {attempt + 1} attempts; last error {describe(err)}") from err
-            delay = retry_delay(err, attempt, backoff_s)
-            log.warning("submit attempt %d/%d failed (%s); retrying in %.1fs", attempt + 1, max_retries + 1, describe(err), delay)
-            sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def kaggle_api() -> Any:
-    """The official client, authenticated. Imported here: ``import kaggle`` authenticates at import."""
-    try:
-        from kaggle.api.kaggle_api_extended import KaggleApi
-
-        api = KaggleApi()
-        api.authenticate()
-    except SystemExit:  # the client exits when it finds no usable credentials
-        raise SubmitError("the kaggle client found no usable credentials") from None
-    return api
-
-
-def upload_once(api: Any, path: Path, competition: str, message: str) -> tuple[int, str]:
-    """(submission reference, server message). The client reports a failed file upload through the
-    reply's message instead of raising, so a reply without a reference is an error."""
-    reply = api.competition_submit(str(path), message, competition, quiet=True)
-    ref, text = int(getattr(reply, "ref", 0) or 0), str(getattr(reply, "message", "") or "")
-    if text == getattr(api, "COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE", None) or not ref:
-        raise SubmitError(f"upload to {competition} failed: Kaggle replied {text!r} without a submission reference")
-    return ref, text
-
-
-def lookup_score(api: Any, competition: str, ref: int, wait_s: float,
-                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Status and public score of submission ``ref``, polled for up to ``wait_s`` seconds while it
-    is pending. Best effort: a failure here never fails a submission that was made."""
-    deadline = time.monotonic() + wait_s
-    found: dict[str, Any] = {}
-    try:
-        while True:
-            for sub in api.competition_submissions(competition) or []:
-                if sub is not None and int(sub.ref) == ref:
-                    status = getattr(sub.status, "name", str(sub.status))
-                    found = {"status": status, "public_score": float(sub.public_score) if sub.public_score else None}
-            remaining = deadline - time.monotonic()
-            if found.get("status") not in (None, "PENDING") or remaining <= 0:
-                return found
-            sleep(min(30.0, remaining))
-    except Exception as err:  # noqa: BLE001 - the submission itself succeeded
-        log.warning("could not read the submission's score: %s", describe(err))
-        return found
 
 
 def upload(cfg: Config, path: Path, message: str) -> dict[str, Any]:
@@ -334,7 +221,7 @@ def upload(cfg: Config, path: Path, message: str) -> dict[str, Any]:
 def dry_run_reason(cfg: Config) -> str | None:
     if not cfg.submit.enabled:
         return "submit.enabled is false"
-    if not has_kaggle_credentials():
+    if not credentials_found():
         return "no Kaggle credentials (KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json)"
     return None
 
@@ -375,9 +262,3 @@ def run(cfg: Config) -> dict:
         figures["public_score"] = record["public_score"]
     write_stage_metrics(cfg.paths.stage_metrics_file("submit"), figures)
     return figures
-
-
-def main() -> None:
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["submit"]))

@@ -6,14 +6,14 @@ its own and adding one trains only that one.
 What a member is follows ``ensemble.member_model``:
 
 - ``finetune`` (default): the CNN fine-tuned from the head stage's weights exactly as the finetune
-  stage does (``pipeline.finetune.fine_tune``: its settings and DDP; under DVC a killed member starts
+  stage does (``pipeline.recipes.fine_tune``: its settings and DDP; under DVC a killed member starts
   over, since its outputs are not persistent: see dvc.yaml), with seed
   ``finetune.seed + 1 + m``. Test-time augmentation happens here, since it needs the CNN:
   ``ensemble.tta`` augmented passes of every valid and test image (the features stage's copies
   1..tta, never flipped) averaged with the plain pass, kept only when that lowers this member's
   validation log loss. Outputs ``models/member/<m>/`` (``model.pt`` as the finetune stage writes it,
   checkpoints, ``run.json``, ``logs/``).
-- ``head``: a dense head on the cached conv features (``pipeline.head``), seed ``head.seed + 1 + m``:
+- ``head``: a dense head on the cached conv features (``pipeline.recipes.fit_head``), seed ``head.seed + 1 + m``:
   seconds on a CPU, but weaker than and correlated with the fine-tuned model. Writes ``head.pt``;
   its predictions are plain (the ensemble stage adds TTA from the feature cache).
 
@@ -36,9 +36,7 @@ import pandas as pd
 
 from pipeline.config import AugmentConfig, Config, item_stage
 from pipeline.errors import StageError
-from pipeline.features import FeatureSplit, load_meta, load_split
-from pipeline.finetune import FineTuned, fine_tune, training_figures
-from pipeline.head import HEAD_FILE, fit_head, head_meta, predict_and_score, quiet_lightning, save_head
+from pipeline.featurecache import FeatureSplit, load_meta, load_split
 from pipeline.metrics import (
     evaluate,
     keep_tta_if_better,
@@ -46,7 +44,17 @@ from pipeline.metrics import (
     write_predictions,
     write_stage_metrics,
 )
-from pipeline.training import MODEL_FILE, ImageTable, quiet_training, read_tables, save_network
+from pipeline.recipes import (
+    HEAD_FILE,
+    FineTuned,
+    fine_tune,
+    fit_head,
+    head_meta,
+    predict_and_score,
+    training_figures,
+)
+from pipeline.tables import ImageTable, read_tables
+from pipeline.training import MODEL_FILE, quiet_training, save_network
 
 STAGE = "member"
 
@@ -103,17 +111,17 @@ def member_config(cfg: Config, member: int) -> Config:
 
 def train_head_member(cfg: Config, member: int, folds: pd.DataFrame, fold: int | None) -> dict[str, Any]:
     """A dense head on the cached features of the member's train images; plain predictions."""
-    quiet_lightning()
+    quiet_training()
     features_dir = cfg.paths.path("features")
     features_meta = load_meta(features_dir)
     train, valid, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
     kept = images_outside_fold(folds[folds["img"].isin(train.index["img"])], fold)
     member_cfg = member_config(cfg, member)
     out_dir = cfg.paths.member_models(member)
-    head, facts = fit_head(member_cfg, subset_split(train, kept), valid, out_dir)
+    head, facts = fit_head(member_cfg, subset_split(train, kept), valid, out_dir, label=stage_name(member))
     meta = {**head_meta(member_cfg, features_meta, int(train.features.shape[1])),
             "member": member, "seed": member_seed(cfg, member), "held_out_fold": fold}
-    save_head(out_dir / HEAD_FILE, head, meta)
+    save_network(out_dir / HEAD_FILE, head, meta)
     figures = predict_and_score(cfg, head, valid, test, cfg.paths.member_predictions(member))
     return {**figures, **facts, "n_train_images": len(kept), "n_train_drivers": driver_count(folds, kept)}
 
@@ -182,10 +190,3 @@ def run(cfg: Config, member: int | None = None) -> dict[str, Any]:
             raise StageError(f"member {member} is not in ensemble.members {cfg.ensemble.members}")
         return run_member(cfg, member)
     return {stage_name(m): run_member(cfg, m) for m in cfg.ensemble.members}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pipeline member [--id M]`` (the CLI passes ``--id`` to ``run`` as ``member``)."""
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["member", *(argv or [])]))

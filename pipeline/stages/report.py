@@ -26,7 +26,7 @@ import pandas as pd
 from pipeline.config import CLASSES, Config, item_stage
 from pipeline.io import atomic_write_text
 from pipeline.metrics import KAGGLE_EPS, collect_stage_metrics, read_predictions
-from pipeline.stages import STAGES
+from pipeline.registry import STAGES
 
 SCORE_KEYS = ("valid_logloss", "valid_acc", "test_logloss", "test_acc")
 PREDICTION_SOURCES = ("calibrate", "ensemble", "pseudo", "finetune", "head")
@@ -436,9 +436,3 @@ def run(cfg: Config) -> dict[str, Any]:
             f"{predictions_sections(cfg)}")
     atomic_write_text(cfg.paths.path("report_html"), render_html(metrics, cfg.profile, body))
     return {"stages": list(metrics)}
-
-
-def main() -> None:
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["report"]))

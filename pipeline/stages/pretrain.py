@@ -41,20 +41,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from pipeline.config import CLASSES, Config, SyntheticConfig, pretrain_backbone_file
-from pipeline.data import ImageRowsDataset, build_augmentation, class_index, seed_worker
+from pipeline.config import CLASSES, Config, SyntheticConfig, TrainerConfig, pretrain_backbone_file
+from pipeline.data import class_index
+from pipeline.datamodules import ImageDataModule
 from pipeline.errors import StageError
-from pipeline.io import atomic_path, atomic_write_json
-from pipeline.metrics import write_stage_metrics
+from pipeline.io import atomic_write_json
+from pipeline.metrics import accuracy, kaggle_logloss, write_stage_metrics
 from pipeline.models import (
     ConvNet,
+    backbone_blocks,
     create_backbone,
     create_conv_base,
     create_dense_head,
@@ -62,6 +61,17 @@ from pipeline.models import (
     resolve_preprocessing,
 )
 from pipeline.synthetic import generate
+from pipeline.tables import ImageTable
+from pipeline.training import (
+    ClassifierModule,
+    FitOutcome,
+    TrainSettings,
+    fingerprint,
+    fit_or_resume,
+    predict_probs,
+    save_network,
+    uses_cuda,
+)
 
 SKIPPED_FILE = "skipped.json"
 NUM_CLASSES = len(CLASSES)
@@ -98,27 +108,10 @@ def read_domain(raw_dir: Path, hidden_dir: Path) -> dict[str, pd.DataFrame]:
 # ---------------------------------------------------------------------------- training
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def image_loader(dataset: ImageRowsDataset, batch_size: int, num_workers: int, shuffle: bool, seed: int,
-                 device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size,
-                      num_workers=num_workers, worker_init_fn=seed_worker, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(seed))
-
-
-def autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def create_pretrain_network(cfg: Config) -> tuple[ConvNet, nn.Module, dict[str, Any]]:
     """The classifier that is pretrained: the backbone's conv base (trainable, pool5 average-pooled to
     ``pretrain.grid``) and a dense head, the shape the downstream stages use the backbone in. Returns
-    (network, backbone, data config); training the network trains ``backbone.features`` in place."""
+    (network, backbone, data config); training the network trains the backbone's conv layers in place."""
     backbone = create_backbone(cfg.model.model_copy(update={"weights": "none"}))
     data_cfg = resolve_preprocessing(backbone, cfg.model)
     conv_base = create_conv_base(backbone, data_cfg, cfg.pretrain.grid, frozen=False)
@@ -126,56 +119,34 @@ def create_pretrain_network(cfg: Config) -> tuple[ConvNet, nn.Module, dict[str, 
     return ConvNet(conv_base, head), backbone, data_cfg
 
 
-def train_classifier(network: nn.Module, frames: pd.DataFrame, cfg: Config, target_hw: tuple[int, int],
-                     device: torch.device) -> dict[str, Any]:
-    """AdamW + one-cycle over ``pretrain.epochs``; epoch ``e`` uses augmented copy ``e + 1``."""
+def pretrain_trainer_config(device: str) -> TrainerConfig:
+    accelerator = {"auto": "auto", "cpu": "cpu"}.get(device, "gpu")
+    return TrainerConfig(accelerator=accelerator, devices=1, resume=False)
+
+
+def train_classifier(network: ConvNet, frames: dict[str, pd.DataFrame], cfg: Config, target_hw: tuple[int, int],
+                     out_dir: Path) -> FitOutcome:
+    """The shared training path (``pipeline.training``): every block trains from the start, AdamW with
+    a one-cycle schedule over ``pretrain.epochs``; epoch ``e`` uses augmented copy ``e + 1``; the
+    checkpoint is the epoch with the lowest log loss on the domain's held-out drivers."""
     p = cfg.pretrain
-    augmentation = build_augmentation(cfg.augment)
-    n = len(frames)
-    steps_per_epoch = n // p.batch_size if n > p.batch_size else 1
-    optimizer = torch.optim.AdamW(network.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=steps_per_epoch * p.epochs,
-                                                   pct_start=0.25)
-    history = []
-    for epoch in range(p.epochs):
-        dataset = ImageRowsDataset(frames["path"].tolist(), target_hw, labels=frames["label"].to_numpy(),
-                                   copies=np.full(n, epoch + 1), augmentation=augmentation, seed=p.seed)
-        loader = image_loader(dataset, p.batch_size, p.num_workers, True, p.seed * 1_000_003 + epoch, device)
-        network.train()
-        loss_sum, correct, count = 0.0, 0, 0
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with autocast(device):
-                logits = network(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            count += len(labels)
-        history.append({"epoch": epoch, "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1)})
-    return {"history": history, "steps": steps_per_epoch * p.epochs}
+    settings = TrainSettings(optimizer="adamw", lr=p.lr, weight_decay=p.weight_decay, seed=p.seed, schedule="onecycle")
+    trainer_cfg = pretrain_trainer_config(p.device)
+    module = ClassifierModule(network, settings, backbone_blocks(network.conv_base), channels_last=uses_cuda(trainer_cfg))
+    train, holdout = (ImageTable(f["path"].tolist(), f["path"].tolist(), f["label"].to_numpy()) for f in
+                      (frames["train"], frames["holdout"]))
+    datamodule = ImageDataModule(train, holdout, target_hw, cfg.augment, p.batch_size, p.num_workers, p.seed,
+                                 copies=p.epochs, n_classes=NUM_CLASSES)
+    run_fp = fingerprint({"pretrain": p.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")})
+    return fit_or_resume(module, datamodule, trainer_cfg, out_dir, p.epochs, p.epochs, run_fp, label="pretrain")
 
 
-@torch.no_grad()
-def evaluate_classifier(network: nn.Module, frames: pd.DataFrame, target_hw: tuple[int, int], batch_size: int,
-                        num_workers: int, device: torch.device) -> dict[str, float]:
+def evaluate_classifier(outcome: FitOutcome, frames: pd.DataFrame, target_hw: tuple[int, int], batch_size: int,
+                        num_workers: int) -> dict[str, float]:
     """Log loss and accuracy on unaugmented images (eval mode)."""
-    dataset = ImageRowsDataset(frames["path"].tolist(), target_hw, labels=frames["label"].to_numpy())
-    network.eval()
-    loss_sum, correct = 0.0, 0
-    for images, labels in image_loader(dataset, batch_size, num_workers, False, 0, device):
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device)
-        with autocast(device):
-            logits = network(images).float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(1) == labels).sum())
-    n = max(len(dataset), 1)
-    return {"logloss": loss_sum / n, "acc": correct / n}
+    table = ImageTable(frames["path"].tolist(), frames["path"].tolist(), frames["label"].to_numpy())
+    probs = predict_probs(outcome.network, table, target_hw, batch_size, num_workers, outcome.device)
+    return {"logloss": kaggle_logloss(probs, table.labels), "acc": accuracy(probs, table.labels)}
 
 
 # ---------------------------------------------------------------------------- stage
@@ -186,11 +157,9 @@ def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_backbone(path: Path, backbone: nn.Module, head: nn.Module, meta: dict[str, Any]) -> Path:
-    """``state_dict``: the whole timm VGG (what ``create_backbone`` loads); ``head_state_dict``: the
-    pretraining classifier's dense head; ``meta``. Written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": cpu_state(backbone), "head_state_dict": cpu_state(head), "meta": meta}, tmp)
-    return path
+    """The shared checkpoint format: ``state_dict`` is the whole timm backbone (what
+    ``create_backbone`` loads), ``meta`` carries the pretraining classifier's dense head."""
+    return save_network(path, backbone, {**meta, "head_state_dict": cpu_state(head)})
 
 
 WEIGHT_SOURCES = {"hub": "the HF hub (model.hub_tag)", "file": "model.weights_file", "none": "a random init"}
@@ -219,21 +188,19 @@ def run(cfg: Config) -> dict[str, Any]:
     check_separate_domain(cfg)
     p = cfg.pretrain
     synthetic = pretrain_synthetic_config(cfg)
-    device = resolve_device(p.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)  # head init, shuffling: the backbone's init comes from model.init_seed
         network, backbone, data_cfg = create_pretrain_network(cfg)
         target_hw = input_hw(data_cfg)
-        network = network.to(device, memory_format=torch.channels_last)
+        # The domain's images and the checkpoints are scratch: only backbone.pt is the stage's output.
         with tempfile.TemporaryDirectory(prefix="pretrain-domain-") as tmp:
             raw_dir, hidden_dir = Path(tmp) / "raw", Path(tmp) / "hidden"
             generated = generate(synthetic, raw_dir, hidden_dir)
             frames = read_domain(raw_dir, hidden_dir)
             train_start = time.perf_counter()
-            trained = train_classifier(network, frames["train"], cfg, target_hw, device)
+            outcome = train_classifier(network, frames, cfg, target_hw, Path(tmp) / "fit")
             train_seconds = time.perf_counter() - train_start
-            holdout = evaluate_classifier(network, frames["holdout"], target_hw, p.batch_size, p.num_workers, device)
-    last = trained["history"][-1]
+            holdout = evaluate_classifier(outcome, frames["holdout"], target_hw, p.batch_size, p.num_workers)
     figures: dict[str, Any] = {
         "skipped": False,
         "seed": p.seed,
@@ -245,14 +212,13 @@ def run(cfg: Config) -> dict[str, Any]:
         "image_size": [synthetic.height, synthetic.width],
         "input_size": list(target_hw),
         "epochs": p.epochs,
-        "train_loss": round(last["train_loss"], 4),  # last epoch, augmented, train mode
-        "train_acc": round(last["train_acc"], 4),
+        "best_epoch": outcome.facts.get("best_epoch"),
         "holdout_logloss": round(holdout["logloss"], 4),  # unseen drivers of the pretraining domain
         "holdout_acc": round(holdout["acc"], 4),
         "generate_seconds": generated["seconds"],
         "train_seconds": round(train_seconds, 3),
         "train_images_per_s": round(len(frames["train"]) * p.epochs / train_seconds, 1) if train_seconds > 0 else None,
-        "device": device.type,
+        "device": outcome.device.type,
     }
     meta = {
         "arch": cfg.model.arch,
@@ -265,17 +231,9 @@ def run(cfg: Config) -> dict[str, Any]:
         "mean": [float(m) for m in data_cfg["mean"]],
         "std": [float(s) for s in data_cfg["std"]],
         "domain": synthetic.model_dump(mode="json"),
-        "history": [{k: float(v) for k, v in h.items()} for h in trained["history"]],
-        **{k: figures[k] for k in ("holdout_logloss", "holdout_acc", "train_acc")},
+        **{k: figures[k] for k in ("holdout_logloss", "holdout_acc", "best_epoch")},
     }
     save_backbone(out_file, backbone.cpu(), network.head.cpu(), meta)
     figures["seconds"] = round(time.perf_counter() - start, 3)
     write_stage_metrics(cfg.paths.stage_metrics_file("pretrain"), figures)
     return figures
-
-
-def main() -> None:
-    """Run the stage with params.yaml (the same as ``python -m pipeline pretrain``)."""
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["pretrain"]))

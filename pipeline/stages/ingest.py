@@ -39,6 +39,7 @@ from PIL import Image, ImageFile
 from pipeline.config import CLASSES, Config, SyntheticConfig
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import atomic_dir
+from pipeline.kaggle_client import download_competition
 from pipeline.metrics import write_stage_metrics
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,6 @@ def run(cfg: Config) -> dict[str, Any]:
     write_stage_metrics(cfg.paths.stage_metrics_file("ingest"), figures)
     log.info("ingest: %s", figures)
     return figures
-
-
-def main() -> None:
-    """Run ingest with params.yaml (the same as ``python -m pipeline ingest``)."""
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["ingest"]))
 
 
 def summarize(ingested: Ingested, source: str, seconds: float) -> dict[str, Any]:
@@ -298,57 +292,6 @@ def member_target(dest: Path, name: str, label: Path) -> Path:
     if not parts or normalized.startswith("/") or ".." in parts or ":" in parts[0]:
         raise BadInputError(label, f"unsafe member path {name!r} (absolute or escaping the archive)")
     return dest.joinpath(*parts)
-
-
-def kaggle_credentials_found() -> bool:
-    """Whether any credential the official client reads exists (without importing it: ``import kaggle``
-    authenticates at import and prints help when there is none)."""
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-        return True
-    if os.environ.get("KAGGLE_API_TOKEN"):
-        return True
-    home = Path.home()
-    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
-    folders = [Path(d) for d in (os.environ.get("KAGGLE_CONFIG_DIR"),) if d] + [home / ".kaggle", xdg / "kaggle"]
-    names = ("kaggle.json", "access_token", "access_token.txt", "credentials.json")
-    return any((folder / name).is_file() for folder in folders for name in names)
-
-
-def kaggle_credentials_help(competition: str) -> str:
-    return (
-        "no Kaggle credentials found: set KAGGLE_USERNAME and KAGGLE_KEY in the environment, or save the "
-        "kaggle.json from kaggle.com > Settings > API > Create New Token as ~/.kaggle/kaggle.json "
-        "(chmod 600; KAGGLE_CONFIG_DIR moves the folder); also accept the competition rules at "
-        f"https://www.kaggle.com/competitions/{competition}/rules. "
-        "Or download the zip yourself and use ingest.source=zip with ingest.path=<zip>."
-    )
-
-
-def download_competition(competition: str, dest: Path) -> Path:
-    """Download the competition zip with the official client into ``dest`` (kept there as a cache:
-    the client skips the download when the local copy is current, and resumes a partial one)."""
-    if not kaggle_credentials_found():
-        raise StageError(kaggle_credentials_help(competition))
-    from kaggle.api.kaggle_api_extended import KaggleApi
-
-    api = KaggleApi()
-    try:
-        api.authenticate()
-    except SystemExit:  # the client exits instead of raising when it finds no usable credentials
-        raise StageError(kaggle_credentials_help(competition)) from None
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        api.competition_download_files(competition, path=str(dest), quiet=False)
-    except Exception as err:  # the client raises HTTP and network errors of several kinds
-        raise StageError(
-            f"downloading Kaggle competition {competition!r} failed ({type(err).__name__}: {err}); "
-            f"check the network and that you accepted the rules at "
-            f"https://www.kaggle.com/competitions/{competition}/rules"
-        ) from None
-    archive = dest / f"{competition}.zip"
-    if not archive.is_file():
-        raise StageError(f"the Kaggle client reported success but wrote no {archive}")
-    return archive
 
 
 # ---------------------------------------------------------------------------- verification

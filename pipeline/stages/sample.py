@@ -79,9 +79,3 @@ def run(cfg: Config) -> dict:
     }
     write_stage_metrics(cfg.paths.stage_metrics_file("sample"), figures)
     return figures
-
-
-def main() -> None:
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["sample"]))

@@ -32,8 +32,10 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
-from pipeline import data, models, training
-from pipeline.config import Config, PseudoConfig
+from pipeline import data, datamodules, models, recipes, training
+from pipeline import tables as image_tables
+from pipeline.config import CLASSES, Config, PseudoConfig
+from pipeline.datamodules import ImageDataModule, PseudoSet
 from pipeline.errors import StageError
 from pipeline.metrics import (
     evaluate,
@@ -43,22 +45,18 @@ from pipeline.metrics import (
     write_stage_metrics,
 )
 from pipeline.models import input_hw
+from pipeline.recipes import build_network, head_file
+from pipeline.tables import ImageTable, one_hot, read_tables
 from pipeline.training import (
     MODEL_FILE,
     ClassifierModule,
-    ImageDataModule,
-    ImageTable,
-    PseudoSet,
-    build_network,
+    TrainSettings,
     fingerprint,
     fit_or_resume,
-    head_file,
     is_launcher_process,
     load_network_state,
-    one_hot,
     predict_probs,
     quiet_training,
-    read_tables,
     save_network,
     uses_cuda,
 )
@@ -96,7 +94,7 @@ def make_pseudo_set(test: ImageTable, teacher_probs: np.ndarray, pseudo_cfg: Pse
         if not confident.any():
             raise StageError(f"no test image reaches pseudo.threshold={pseudo_cfg.threshold}: lower it")
         rows = np.flatnonzero(confident)
-        return PseudoSet(test.subset(rows), one_hot(teacher_probs[rows].argmax(axis=1)), pseudo_cfg.fraction)
+        return PseudoSet(test.subset(rows), one_hot(teacher_probs[rows].argmax(axis=1), teacher_probs.shape[1]), pseudo_cfg.fraction)
     temperature = pseudo_cfg.temperature if pseudo_cfg.distill else 1.0
     return PseudoSet(test, temper(teacher_probs, temperature), pseudo_cfg.fraction, temperature)
 
@@ -129,7 +127,7 @@ def iteration_fingerprint(cfg: Config, iteration: int, pseudo: PseudoSet, inputs
         "pseudo": cfg.pseudo.model_dump(mode="json", exclude={"iterations"}),
         "images": [tables["train"].imgs, tables["valid"].imgs, pseudo.table.imgs],
     }
-    return fingerprint(settings, files=inputs, modules=[training, data, models, sys.modules[__name__]],
+    return fingerprint(settings, files=inputs, modules=[training, datamodules, recipes, image_tables, data, models, sys.modules[__name__]],
                        arrays=[pseudo.targets])
 
 
@@ -154,7 +152,7 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     teacher_path = cfg.paths.path("predictions") / TEACHER_STAGE / "test.csv"
     finetuned_path = cfg.paths.path("models") / TEACHER_STAGE / MODEL_FILE
     teacher_probs = teacher_test_probs(teacher_path, tables["test"])
-    student_state = load_network_state(finetuned_path)
+    student_state = load_network_state(finetuned_path, TEACHER_STAGE)
     cuda = uses_cuda(ft.trainer)
     hidden = read_hidden_labels(cfg.paths.path("hidden"))
     out_root = cfg.paths.path("models") / STAGE
@@ -169,11 +167,13 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
         if not ps.distill:
             network.load_state_dict(student_state)
         target_hw = input_hw(data_cfg)
-        module = ClassifierModule(network, settings, channels_last=cuda)
+        module = ClassifierModule(network, TrainSettings.from_section(settings), models.backbone_blocks(network.conv_base),
+                                  channels_last=cuda)
         if ft.trainer.compile:
             network.compile()
         datamodule = ImageDataModule(tables["train"], tables["valid"], target_hw, cfg.augment, ft.batch_size,
-                                     ft.num_workers, ps.seed, copies=ps.max_epochs, pseudo=pseudo, pin_memory=cuda)
+                                     ft.num_workers, ps.seed, copies=ps.max_epochs, pseudo=pseudo, pin_memory=cuda,
+                                     n_classes=len(CLASSES))
         out_dir = out_root / f"iteration_{iteration}"
         run_fp = iteration_fingerprint(cfg, iteration, pseudo, [head_path, finetuned_path], tables)
         outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ps.max_epochs, ft.patience, run_fp, callbacks)
@@ -208,10 +208,3 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     })
     write_stage_metrics(cfg.paths.stage_metrics_file(STAGE), figures)
     return figures
-
-
-def main() -> None:
-    """Run the stage with params.yaml (the same as ``python -m pipeline pseudo``)."""
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main([STAGE]))

@@ -1,4 +1,4 @@
-"""The stage chain, in DAG order. One name everywhere: module ``pipeline.<name>``, DVC stage
+"""The stage chain, in DAG order. One name everywhere: module ``pipeline.stages.<name>``, DVC stage
 ``<name>``, Prefect task ``<name>``. Add a stage here, in dvc.yaml and as a module; the flow and
 the CLI pick it up from this list."""
 
@@ -28,4 +28,4 @@ STAGES: dict[str, str] = {
 def stage_module(name: str) -> ModuleType:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return importlib.import_module(f"pipeline.{name}")
+    return importlib.import_module(f"pipeline.stages.{name}")

@@ -31,6 +31,7 @@ from scipy.optimize import minimize_scalar
 
 from pipeline.config import Config
 from pipeline.errors import BadInputError, StageError
+from pipeline.folds import group_folds
 from pipeline.metrics import (
     KAGGLE_EPS,
     evaluate,
@@ -119,21 +120,11 @@ def apply_calibration(probs: np.ndarray, calibration: Calibration) -> np.ndarray
     return out
 
 
-def driver_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray | None:
-    """Fold index per row, whole drivers per fold; None when there are fewer than two drivers."""
-    drivers = np.unique(groups)
-    if len(drivers) < 2:
-        return None
-    shuffled = np.random.default_rng(seed).permutation(drivers)
-    fold_of = {driver: i % min(n_folds, len(drivers)) for i, driver in enumerate(shuffled)}
-    return np.array([fold_of[g] for g in groups])
-
-
 def cross_fitted_probs(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, temperature: bool = True,
                        clip: bool = True, n_folds: int = 2, seed: int = 0) -> np.ndarray | None:
     """Every validation row calibrated by a fit on the other drivers' rows: an honest estimate of
     what calibration does to unseen drivers. None when validation has a single driver."""
-    folds = driver_folds(np.asarray(groups), n_folds, seed)
+    folds = group_folds(np.asarray(groups), n_folds, seed)
     if folds is None:
         return None
     out = np.empty_like(np.asarray(probs, dtype=np.float64))
@@ -222,9 +213,3 @@ def run(cfg: Config) -> dict:
     }
     write_stage_metrics(cfg.paths.stage_metrics_file("calibrate"), figures)
     return figures
-
-
-def main() -> None:
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["calibrate"]))

@@ -37,7 +37,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,25 +50,30 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import ImageRowsDataset, build_augmentation, class_index, seed_worker
-from pipeline.errors import StageError
+from pipeline.featurecache import (
+    FINGERPRINT_FILE,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    META_FILE,
+    chunk_bounds,
+    chunk_count,
+    chunk_is_valid,
+    chunk_path,
+    embed_batches,
+    resolve_device,
+    write_chunk,
+)
 from pipeline.io import (
-    atomic_path,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
     file_sha256,
-    read_json,
 )
 from pipeline.metrics import write_stage_metrics
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
+from pipeline.tables import read_image_tables
 
 SPLITS = ("valid", "test", "train")
-FORMAT_VERSION = 1
-FP16_MAX = float(np.finfo(np.float16).max)
-META_FILE = "meta.json"
-FINGERPRINT_FILE = "fingerprint.txt"
-INDEX_FILE = "index.csv"
-
 # Called after each chunk is written: (split, chunk number). Tests use it to simulate a kill.
 ChunkHook = Callable[[str, int], None]
 
@@ -86,56 +91,12 @@ class SplitRows:
     copies: int
 
 
-def read_image_tables(cfg: Config) -> dict[str, pd.DataFrame]:
-    """img, path, classname per split. Train/valid come from the split (or the sample's split when
-    ``features.use_sample``), test from data/raw/test_index.csv; paths are absolute."""
-    raw = cfg.paths.path("raw")
-    test_index = raw / "test_index.csv"
-    if cfg.features.use_sample:
-        split_csv = cfg.paths.path("sample") / "split.csv"
-        if not split_csv.exists():
-            raise StageError(f"{split_csv} not found: run the sample stage first (features.use_sample=true)")
-        split = pd.read_csv(split_csv, dtype={"img": str, "classname": str, "split": str})
-        sample_dir = cfg.paths.path("sample")
-        split["path"] = [str(sample_dir / s / c / i) for s, c, i in zip(split["split"], split["classname"], split["img"], strict=True)]
-    else:
-        split_csv, train_index = cfg.paths.path("split_csv"), raw / "train_index.csv"
-        for path in (split_csv, train_index):
-            if not path.exists():
-                raise StageError(f"{path} not found: run the ingest and split stages first")
-        split = pd.read_csv(split_csv, dtype={"img": str, "classname": str, "split": str})
-        paths = pd.read_csv(train_index, dtype=str).set_index("img")["path"]
-        missing = ~split["img"].isin(paths.index)
-        if missing.any():
-            raise StageError(f"{split_csv}: image {split['img'][missing].iloc[0]!r} is not in {train_index}")
-        split["path"] = [str(raw / p) for p in paths.loc[split["img"]]]
-    if not test_index.exists():
-        raise StageError(f"{test_index} not found: run the ingest stage first")
-    test = pd.read_csv(test_index, dtype=str)
-    test["path"] = [str(raw / p) for p in test["path"]]
-    test["classname"] = ""
-    cols = ["img", "path", "classname"]
-    return {
-        "valid": split.loc[split["split"] == "valid", cols].reset_index(drop=True),
-        "test": test[cols].reset_index(drop=True),
-        "train": split.loc[split["split"] == "train", cols].reset_index(drop=True),
-    }
-
-
 def plan_rows(name: str, images: pd.DataFrame, copies: int) -> SplitRows:
     """Copy-major rows: copy 0 of every image, then copy 1, ..."""
     n_copies = copies if name == "train" else 1
     parts = [images.assign(copy=k) for k in range(n_copies)]
     table = pd.concat(parts, ignore_index=True) if parts else images.assign(copy=0)
     return SplitRows(name, table, len(images), n_copies)
-
-
-def chunk_count(n_rows: int, chunk_size: int) -> int:
-    return (n_rows + chunk_size - 1) // chunk_size
-
-
-def chunk_bounds(j: int, n_rows: int, chunk_size: int) -> tuple[int, int]:
-    return j * chunk_size, min((j + 1) * chunk_size, n_rows)
 
 
 def index_table(rows: SplitRows, chunk_size: int) -> pd.DataFrame:
@@ -186,24 +147,6 @@ def split_fingerprint(cfg: Config, rows: SplitRows) -> str:
 # ---------------------------------------------------------------------------- chunk files
 
 
-def chunk_path(split_dir: Path, j: int) -> Path:
-    return split_dir / f"chunk_{j:05d}.npy"
-
-
-def chunk_is_valid(path: Path, n_rows: int, dim: int) -> bool:
-    """A finished chunk: present, fp16, right shape (reads the header only)."""
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return False
-    return arr.dtype == np.float16 and arr.shape == (n_rows, dim)
-
-
-def write_chunk(path: Path, features: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, features)
-
-
 def prepare_split_dir(split_dir: Path, fingerprint: str) -> None:
     """Keep the folder when its fingerprint matches (resume), else start it afresh; drop any temp
     files a killed run left behind."""
@@ -227,23 +170,6 @@ def finished_chunks(split_dir: Path, n_rows: int, chunk_size: int, dim: int) -> 
 
 
 # ---------------------------------------------------------------------------- extraction
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@torch.no_grad()
-def embed_batches(conv_base: torch.nn.Module, loader: DataLoader, device: torch.device) -> Iterator[np.ndarray]:
-    """fp16 features per batch (autocast fp16 on CUDA, fp32 on CPU), clipped to the fp16 range."""
-    use_cuda = device.type == "cuda"
-    for images, _labels in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_cuda):
-            out = conv_base(images)
-        yield out.float().clamp_(-FP16_MAX, FP16_MAX).to(torch.float16).cpu().numpy()
 
 
 def todo_row_indices(todo: list[int], n_rows: int, chunk_size: int) -> np.ndarray:
@@ -302,55 +228,6 @@ def extract_split(cfg: Config, rows: SplitRows, split_dir: Path, conv_base: torc
 # ---------------------------------------------------------------------------- reading the cache
 
 
-@dataclass
-class FeatureSplit:
-    """One split of a complete cache: ``features[row]`` is the row described by ``index.iloc[row]``."""
-
-    name: str
-    index: pd.DataFrame
-    features: np.ndarray  # (n_rows, dim) float16
-    copies: int
-
-    def rows_of_copy(self, copy: int) -> np.ndarray:
-        return self.index.index[self.index["copy"] == copy].to_numpy()
-
-
-def load_meta(features_dir: Path) -> dict[str, Any]:
-    """The cache's meta.json; a StageError when the cache is missing or incomplete."""
-    path = Path(features_dir) / META_FILE
-    if not path.exists():
-        raise StageError(f"{features_dir} holds no complete feature cache (no {META_FILE}): run the features stage")
-    meta = read_json(path)
-    if not meta.get("complete"):
-        raise StageError(f"{path}: feature cache is not complete: run the features stage")
-    return meta
-
-
-def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
-    """Load one split of a complete cache into memory (fp16), checking it against meta.json."""
-    features_dir = Path(features_dir)
-    meta = load_meta(features_dir)
-    info = meta["splits"].get(split)
-    if info is None:
-        raise StageError(f"{features_dir / META_FILE}: no split {split!r}")
-    split_dir = features_dir / split
-    marker = split_dir / FINGERPRINT_FILE
-    if not marker.exists() or marker.read_text().strip() != info["fingerprint"]:
-        raise StageError(f"{split_dir}: chunks do not match {META_FILE} (fingerprint): rerun the features stage")
-    index = pd.read_csv(split_dir / INDEX_FILE, dtype={"img": str, "classname": str}, keep_default_na=False)
-    n_rows, dim, chunk_size = info["n_rows"], meta["feature_dim"], meta["chunk_size"]
-    if len(index) != n_rows:
-        raise StageError(f"{split_dir / INDEX_FILE}: {len(index)} rows, {META_FILE} says {n_rows}")
-    features = np.empty((n_rows, dim), dtype=np.float16)
-    for j in range(chunk_count(n_rows, chunk_size)):
-        lo, hi = chunk_bounds(j, n_rows, chunk_size)
-        path = chunk_path(split_dir, j)
-        if not chunk_is_valid(path, hi - lo, dim):
-            raise StageError(f"{path}: missing or malformed chunk: rerun the features stage")
-        features[lo:hi] = np.load(path)
-    return FeatureSplit(split, index, features, int(info["copies"]))
-
-
 # ---------------------------------------------------------------------------- stage
 
 
@@ -383,7 +260,7 @@ def run(cfg: Config, on_chunk_written: ChunkHook | None = None) -> dict[str, Any
     out_dir = cfg.paths.path("features")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete from here until the end
-    tables = read_image_tables(cfg)
+    tables = read_image_tables(cfg, cfg.features.use_sample)
     device = resolve_device(cfg.features.device)
     backbone = create_backbone(cfg.model)
     data_cfg = resolve_preprocessing(backbone, cfg.model)
@@ -422,10 +299,3 @@ def run(cfg: Config, on_chunk_written: ChunkHook | None = None) -> dict[str, Any
     }
     write_stage_metrics(cfg.paths.stage_metrics_file("features"), figures)
     return figures
-
-
-def main() -> None:
-    """Run the stage with params.yaml (the same as ``python -m pipeline features``)."""
-    from pipeline.cli import main as cli_main
-
-    raise SystemExit(cli_main(["features"]))

@@ -1,0 +1,130 @@
+"""The conv-feature cache format, shared by its writer (the ``features`` stage) and its readers
+(``head``, ``ensemble``, members).
+
+Layout (the DVC out is the whole ``data/features`` folder)::
+
+    data/features/
+      meta.json                    written last: the cache is complete only when it exists and
+                                   its fingerprints match the split folders
+      {valid,test,train}/
+        fingerprint.txt            hash of everything the chunks depend on
+        index.csv                  id,row,copy,chunk,offset,label (one line per cached row)
+        chunk_00000.npy ...        float16 (rows, feature_dim), chunk_size rows each
+
+Train rows are copy-major: copy ``k`` of image ``i`` is row ``k * n_images + i``; valid and test
+have copy 0 only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.errors import StageError
+from pipeline.io import atomic_path, read_json
+
+FORMAT_VERSION = 1
+FP16_MAX = float(np.finfo(np.float16).max)
+META_FILE = "meta.json"
+FINGERPRINT_FILE = "fingerprint.txt"
+INDEX_FILE = "index.csv"
+
+
+def chunk_count(n_rows: int, chunk_size: int) -> int:
+    return (n_rows + chunk_size - 1) // chunk_size
+
+
+def chunk_bounds(j: int, n_rows: int, chunk_size: int) -> tuple[int, int]:
+    return j * chunk_size, min((j + 1) * chunk_size, n_rows)
+
+
+def chunk_path(split_dir: Path, j: int) -> Path:
+    return split_dir / f"chunk_{j:05d}.npy"
+
+
+def chunk_is_valid(path: Path, n_rows: int, dim: int) -> bool:
+    """A finished chunk: present, fp16, right shape (reads the header only)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return arr.dtype == np.float16 and arr.shape == (n_rows, dim)
+
+
+def write_chunk(path: Path, features: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, features)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def embed_batches(conv_base: torch.nn.Module, loader: DataLoader, device: torch.device) -> Iterator[np.ndarray]:
+    """fp16 features per batch (autocast fp16 on CUDA, fp32 on CPU), clipped to the fp16 range."""
+    use_cuda = device.type == "cuda"
+    for images, _labels in loader:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_cuda):
+            out = conv_base(images)
+        yield out.float().clamp_(-FP16_MAX, FP16_MAX).to(torch.float16).cpu().numpy()
+
+
+@dataclass
+class FeatureSplit:
+    """One split of a complete cache: ``features[row]`` is the row described by ``index.iloc[row]``."""
+
+    name: str
+    index: pd.DataFrame
+    features: np.ndarray  # (n_rows, dim) float16
+    copies: int
+
+    def rows_of_copy(self, copy: int) -> np.ndarray:
+        return self.index.index[self.index["copy"] == copy].to_numpy()
+
+
+def load_meta(features_dir: Path) -> dict[str, Any]:
+    """The cache's meta.json; a StageError when the cache is missing or incomplete."""
+    path = Path(features_dir) / META_FILE
+    if not path.exists():
+        raise StageError(f"{features_dir} holds no complete feature cache (no {META_FILE}): run the features stage")
+    meta = read_json(path)
+    if not meta.get("complete"):
+        raise StageError(f"{path}: feature cache is not complete: run the features stage")
+    return meta
+
+
+def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
+    """Load one split of a complete cache into memory (fp16), checking it against meta.json."""
+    features_dir = Path(features_dir)
+    meta = load_meta(features_dir)
+    info = meta["splits"].get(split)
+    if info is None:
+        raise StageError(f"{features_dir / META_FILE}: no split {split!r}")
+    split_dir = features_dir / split
+    marker = split_dir / FINGERPRINT_FILE
+    if not marker.exists() or marker.read_text().strip() != info["fingerprint"]:
+        raise StageError(f"{split_dir}: chunks do not match {META_FILE} (fingerprint): rerun the features stage")
+    index = pd.read_csv(split_dir / INDEX_FILE, dtype={"img": str, "classname": str}, keep_default_na=False)
+    n_rows, dim, chunk_size = info["n_rows"], meta["feature_dim"], meta["chunk_size"]
+    if len(index) != n_rows:
+        raise StageError(f"{split_dir / INDEX_FILE}: {len(index)} rows, {META_FILE} says {n_rows}")
+    features = np.empty((n_rows, dim), dtype=np.float16)
+    for j in range(chunk_count(n_rows, chunk_size)):
+        lo, hi = chunk_bounds(j, n_rows, chunk_size)
+        path = chunk_path(split_dir, j)
+        if not chunk_is_valid(path, hi - lo, dim):
+            raise StageError(f"{path}: missing or malformed chunk: rerun the features stage")
+        features[lo:hi] = np.load(path)
+    return FeatureSplit(split, index, features, int(info["copies"]))
+

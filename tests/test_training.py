@@ -1,0 +1,61 @@
+"""The one training path: optimiser factory, schedules, settings from any config section, the
+checkpoint format and its errors."""
+
+import pytest
+import torch
+
+from pipeline.config import FinetuneConfig, HeadConfig
+from pipeline.errors import StageError
+from pipeline.training import (
+    TrainSettings,
+    create_optimizer,
+    first_epoch_schedule,
+    load_network_file,
+    save_network,
+)
+
+
+@pytest.mark.parametrize("name, cls, extra", [
+    ("adam", torch.optim.Adam, {}),
+    ("sgd", torch.optim.SGD, {"nesterov": False, "momentum": 0.9}),
+    ("nesterov", torch.optim.SGD, {"nesterov": True, "momentum": 0.9}),
+    ("rmsprop", torch.optim.RMSprop, {}),
+    ("adamw", torch.optim.AdamW, {}),
+])
+def test_optimizers_from_config(name, cls, extra):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = create_optimizer([{"params": params}], TrainSettings.from_section(HeadConfig(optimizer=name, lr=0.01)))
+    assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.01
+    for key, value in extra.items():
+        assert opt.param_groups[0][key] == value
+
+
+def test_first_epoch_runs_at_the_low_learning_rate():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    schedule = first_epoch_schedule(opt, first_epoch_lr=1e-4, lr=1e-2)
+    seen = []
+    for _ in range(3):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert seen == pytest.approx([1e-4, 1e-2, 1e-2])
+
+
+
+def test_settings_come_from_either_section():
+    head = TrainSettings.from_section(HeadConfig(lr=0.01, first_epoch_lr=0.001))
+    assert (head.lr, head.first_epoch_lr, head.unfreeze_blocks) == (0.01, 0.001, None)
+    ft = TrainSettings.from_section(FinetuneConfig(unfreeze_blocks=3), seed=7)
+    assert (ft.unfreeze_blocks, ft.seed, ft.layer_lr_decay) == (3, 7, 0.5)
+
+
+def test_checkpoint_round_trip_and_a_truncated_file_names_itself(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    path = save_network(tmp_path / "model.pt", net, {"stage": "x"})
+    blob = load_network_file(path)
+    assert blob["meta"] == {"stage": "x"} and torch.equal(blob["state_dict"]["weight"], net.weight)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(StageError, match=r"model\.pt: unreadable checkpoint"):
+        load_network_file(path)
+    with pytest.raises(StageError, match="not found"):
+        load_network_file(tmp_path / "missing.pt")
