@@ -13,9 +13,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import Config, ConfigError, load_profile
+from pipeline.config import CONFIG_DIR, Config, ConfigError, load_profile
 
-Profile = Literal["demo", "statefarm", "smoke"]
+
+def profile_names() -> tuple[str, ...]:
+    """Every profile in configs/ (yours too: add configs/mycomp.yaml and it is a choice)."""
+    return tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+
+
+# A Literal built from the folder, so the Prefect UI still shows a dropdown of the profiles there.
+Profile = Literal[profile_names()]  # type: ignore[valid-type]
 
 
 class RunParameters(BaseModel):
@@ -23,7 +30,8 @@ class RunParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    profile: Profile = Field("demo", description="configs/<profile>.yaml: demo (CPU, synthetic), statefarm (GPU, real data), smoke (tests)")
+    profile: Profile = Field("demo", description="configs/<profile>.yaml: statefarm (GPU, real data), demo (CPU, synthetic State Farm), "
+                                                "demo-csv (CPU, synthetic CSV layout), smoke (tests), or your own")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description='config deltas over the profile, dotted keys or nested: {"head.max_epochs": 3}',

@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARAMS_FILE = "params.yaml"
-PROFILES = ("demo", "statefarm", "smoke")
-CLASSES = tuple(f"c{i}" for i in range(10))
+PROFILES = ("demo", "demo-csv", "statefarm", "smoke")
 
 
 class ConfigError(ValueError):
@@ -68,7 +67,7 @@ class PathsConfig(Section):
 
 
 class SyntheticConfig(Section):
-    """The embedded State-Farm-shaped dataset (see pipeline/synthetic.py)."""
+    """The embedded State-Farm-shaped dataset (pipeline/competitions/statefarm.py)."""
 
     n_train_drivers: int = Field(26, ge=2)
     n_test_drivers: int = Field(8, ge=1)
@@ -92,14 +91,62 @@ class SyntheticConfig(Section):
         return self
 
 
+class CompetitionConfig(Section):
+    """What the competition's files look like (README: "Point it at another competition"). Class names,
+    their order and the submission's id column are read from ``sample_submission``, never from here.
+
+    ``folder``: ``train_dir/<class>/<image>`` (State Farm, Plant Seedlings), optionally a ``labels_csv``
+    listing every train image with its label and group. ``csv``: ``labels_csv`` with id and label
+    columns, images in the flat ``train_dir`` named by ``filename`` (e.g. ``{id}.jpg``; Cassava)."""
+
+    layout: Literal["folder", "csv"] = "folder"
+    train_dir: str = "train"
+    test_dir: str = "test"
+    labels_csv: str | None = None  # relative to the competition folder
+    id_column: str = "id"  # in labels_csv
+    label_column: str = "label"  # in labels_csv
+    group_column: str | None = None  # in labels_csv (State Farm: subject); None: no groups, folds over images
+    filename: str = "{id}"  # an image's file name from its id, in train_dir and test_dir
+    extensions: list[str] = [".jpg", ".jpeg"]  # image file extensions (case-insensitive)
+    sample_submission: str = "sample_submission.csv"
+
+    @model_validator(mode="after")
+    def _check(self) -> CompetitionConfig:
+        if self.layout == "csv" and not self.labels_csv:
+            raise ValueError("competition.layout=csv needs competition.labels_csv (the file with id and label columns)")
+        if self.group_column and not self.labels_csv:
+            raise ValueError("competition.group_column is a column of competition.labels_csv: set labels_csv too")
+        if self.filename.count("{id}") != 1:
+            raise ValueError(f"competition.filename must contain {{id}} exactly once, got {self.filename!r}")
+        if not self.extensions or not all(e.startswith(".") and len(e) > 1 for e in self.extensions):
+            raise ValueError(f"competition.extensions must be like ['.jpg'], got {self.extensions}")
+        return self
+
+
+class ShapesConfig(Section):
+    """The embedded tiny dataset in the CSV layout (pipeline/competitions/shapes.py): a labels file and
+    flat image folders, string class names, no groups."""
+
+    n_classes: int = Field(5, ge=2, le=8)
+    n_train: int = Field(300, ge=10)
+    n_test: int = Field(100, ge=1)
+    width: int = Field(64, ge=16)
+    height: int = Field(64, ge=16)
+    jpeg_quality: int = Field(90, ge=30, le=100)
+    seed: int = 4242
+
+
 class IngestConfig(Section):
-    source: Literal["synthetic", "dir", "zip", "kaggle"] = "kaggle"
-    # Folder in Kaggle layout (source=dir) or the competition zip (source=zip).
+    # synthetic: the State-Farm-shaped generator; shapes: the tiny CSV-layout one (both keep hidden test
+    # labels for scoring); dir: a competition folder; zip: the competition zip; kaggle: download it.
+    source: Literal["synthetic", "shapes", "dir", "zip", "kaggle"] = "kaggle"
+    # Competition folder (source=dir) or the competition zip (source=zip).
     path: str | None = None
     competition: str = "state-farm-distracted-driver-detection"
     # error: the first corrupt image stops ingest; quarantine: corrupt images are left out and listed.
     on_corrupt: Literal["error", "quarantine"] = "error"
     synthetic: SyntheticConfig = SyntheticConfig()
+    shapes: ShapesConfig = ShapesConfig()
 
     @model_validator(mode="after")
     def _needs_path(self) -> IngestConfig:
@@ -109,8 +156,10 @@ class IngestConfig(Section):
 
 
 class SplitConfig(Section):
-    # Whole drivers held out for validation: a count (>= 1) or a fraction of drivers (< 1).
-    valid_drivers: float = Field(3, gt=0)
+    # Whole groups (drivers) held out for validation: a count (>= 1) or a fraction of groups (< 1).
+    valid_groups: float = Field(3, gt=0)
+    # Without a group column: this fraction of the images, stratified by class.
+    valid_fraction: float = Field(0.2, gt=0, lt=1)
     n_folds: int = Field(5, ge=2)
     seed: int = 0
 
@@ -371,6 +420,7 @@ class Config(Section):
     profile: str = "statefarm"
     seed: int = 0
     paths: PathsConfig = PathsConfig()
+    competition: CompetitionConfig = CompetitionConfig()
     ingest: IngestConfig = IngestConfig()
     split: SplitConfig = SplitConfig()
     sample: SampleConfig = SampleConfig()
@@ -476,9 +526,22 @@ def profile_path(profile: str) -> Path:
     return path
 
 
+def profile_delta(profile: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """configs/<profile>.yaml merged over the profile it ``extends`` (if any), recursively."""
+    if profile in seen:
+        raise ConfigError(f"profiles extend each other in a loop: {' -> '.join((*seen, profile))}")
+    data = read_yaml(profile_path(profile))
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{profile_path(profile)}: extends must be a profile name, got {base!r}")
+    return deep_merge(profile_delta(base, (*seen, profile)), data)
+
+
 def load_profile(profile: str, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Defaults <- configs/<profile>.yaml <- overrides, validated."""
-    data = deep_merge(read_yaml(profile_path(profile)), {"profile": profile})
+    """Defaults <- the profile it extends <- configs/<profile>.yaml <- overrides, validated."""
+    data = deep_merge(profile_delta(profile), {"profile": profile})
     data = deep_merge(data, overrides_to_delta(overrides))
     return validate(data, f"profile {profile}" + (f" with overrides {overrides}" if overrides else ""))
 

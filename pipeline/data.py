@@ -209,8 +209,3 @@ class ImageRowsDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return to_chw_tensor(self.load(i)), int(self.labels[i])
-
-
-def class_index(classnames: Sequence[str]) -> np.ndarray:
-    """``c0..c9`` -> 0..9 (-1 for a missing class, e.g. test rows)."""
-    return np.array([int(c[1:]) if isinstance(c, str) and c.startswith("c") else -1 for c in classnames], dtype=np.int64)

@@ -18,7 +18,7 @@ Distributed. Samplers shard batches by rank themselves (``use_distributed_sample
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from pipeline.config import AugmentConfig
-from pipeline.data import ImageRowsDataset, build_augmentation, class_index, seed_worker
+from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
 from pipeline.errors import StageError
 from pipeline.featurecache import FeatureSplit
 from pipeline.tables import ImageTable, one_hot
@@ -305,30 +305,26 @@ class SequentialBatches(Sampler[list[int]]):
 def copy_row_table(split: FeatureSplit) -> np.ndarray:
     """``(n_images, copies)`` row numbers, image order = the copy-0 order."""
     index = split.index
-    table = index.pivot(index="img", columns="copy", values="row")
-    first = index.loc[index["copy"] == 0, "img"]
+    table = index.pivot(index="id", columns="copy", values="row")
+    first = index.loc[index["copy"] == 0, "id"]
     return table.loc[first].to_numpy(dtype=np.int64)
-
-
-def split_labels(split: FeatureSplit) -> np.ndarray:
-    return class_index(split.index["classname"].tolist())
 
 
 class CachedFeaturesDataModule(L.LightningDataModule):
     """Train: random copy per image per epoch; valid: the unaugmented valid rows."""
 
-    def __init__(self, train: FeatureSplit, valid: FeatureSplit, batch_size: int, n_classes: int, seed: int = 0):
+    def __init__(self, train: FeatureSplit, valid: FeatureSplit, batch_size: int, classes: Sequence[str], seed: int = 0):
         super().__init__()
-        self.n_classes = int(n_classes)
+        self.classes = list(classes)
         self.train_split, self.valid_split = train, valid
         self.batch_size, self.seed = batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        dataset = FeatureBatches(self.train_split.features, split_labels(self.train_split), self.n_classes)
+        dataset = FeatureBatches(self.train_split.features, self.train_split.labels(self.classes), len(self.classes))
         sampler = RandomCopyBatches(copy_row_table(self.train_split), self.batch_size, self.seed)
         return DataLoader(dataset, batch_size=None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = FeatureBatches(self.valid_split.features, split_labels(self.valid_split), self.n_classes)
+        dataset = FeatureBatches(self.valid_split.features, self.valid_split.labels(self.classes), len(self.classes))
         return DataLoader(dataset, batch_size=None, sampler=SequentialBatches(self.valid_split.rows_of_copy(0), self.batch_size))
 

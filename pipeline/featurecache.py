@@ -11,13 +11,17 @@ Layout (the DVC out is the whole ``data/features`` folder)::
         index.csv                  id,row,copy,chunk,offset,label (one line per cached row)
         chunk_00000.npy ...        float16 (rows, feature_dim), chunk_size rows each
 
+``meta.json`` lists every chunk's sha256; readers verify it and that every value is finite, so a
+corrupt chunk (flipped bytes behind an intact header, a NaN) is refused naming the file instead of
+turning into NaN predictions downstream.
+
 Train rows are copy-major: copy ``k`` of image ``i`` is row ``k * n_images + i``; valid and test
 have copy 0 only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +31,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.competition import label_indices
 from pipeline.errors import StageError
-from pipeline.io import atomic_path, read_json
+from pipeline.io import atomic_path, file_sha256, read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: id/label index columns, chunk checksums
 FP16_MAX = float(np.finfo(np.float16).max)
 META_FILE = "meta.json"
 FINGERPRINT_FILE = "fingerprint.txt"
@@ -89,6 +94,10 @@ class FeatureSplit:
     features: np.ndarray  # (n_rows, dim) float16
     copies: int
 
+    def labels(self, classes: Sequence[str]) -> np.ndarray:
+        """Class index per row (-1 for test rows), in the competition's class order."""
+        return label_indices(self.index["label"].tolist(), classes, "features index", allow_missing=True)
+
     def rows_of_copy(self, copy: int) -> np.ndarray:
         return self.index.index[self.index["copy"] == copy].to_numpy()
 
@@ -115,7 +124,7 @@ def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
     marker = split_dir / FINGERPRINT_FILE
     if not marker.exists() or marker.read_text().strip() != info["fingerprint"]:
         raise StageError(f"{split_dir}: chunks do not match {META_FILE} (fingerprint): rerun the features stage")
-    index = pd.read_csv(split_dir / INDEX_FILE, dtype={"img": str, "classname": str}, keep_default_na=False)
+    index = pd.read_csv(split_dir / INDEX_FILE, dtype={"id": str, "label": str}, keep_default_na=False)
     n_rows, dim, chunk_size = info["n_rows"], meta["feature_dim"], meta["chunk_size"]
     if len(index) != n_rows:
         raise StageError(f"{split_dir / INDEX_FILE}: {len(index)} rows, {META_FILE} says {n_rows}")
@@ -125,6 +134,20 @@ def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
         path = chunk_path(split_dir, j)
         if not chunk_is_valid(path, hi - lo, dim):
             raise StageError(f"{path}: missing or malformed chunk: rerun the features stage")
-        features[lo:hi] = np.load(path)
+        expected = info.get("chunk_sha256", [None] * (j + 1))[j]
+        if expected is not None and file_sha256(path) != expected:
+            raise StageError(f"{path}: checksum differs from {META_FILE} (corrupt chunk): delete {features_dir} "
+                             "and rerun the features stage")
+        chunk = np.load(path)
+        if not np.isfinite(chunk).all():
+            row = int(np.argwhere(~np.isfinite(chunk))[0][0])
+            raise StageError(f"{path}: non-finite feature value in row {row} of the chunk: delete {features_dir} "
+                             "and rerun the features stage")
+        features[lo:hi] = chunk
     return FeatureSplit(split, index, features, int(info["copies"]))
+
+
+def chunk_checksums(split_dir: Path, n_rows: int, chunk_size: int) -> list[str]:
+    """sha256 of every chunk file of a split, in order (recorded in meta.json by the writer)."""
+    return [file_sha256(chunk_path(split_dir, j)) for j in range(chunk_count(n_rows, chunk_size))]
 

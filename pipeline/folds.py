@@ -11,49 +11,67 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.errors import StageError
 
-MAX_DRAWS = 1000  # random driver subsets tried before giving up on covering every class
+MAX_DRAWS = 1000  # random group subsets tried before giving up on covering every class
 
 
-def n_valid_drivers(valid_drivers: float, n_drivers: int) -> int:
-    """A count (>= 1) or a fraction (< 1) of drivers; always leaves at least one train driver."""
-    n = int(valid_drivers) if valid_drivers >= 1 else max(1, round(valid_drivers * n_drivers))
-    if n >= n_drivers:
-        raise StageError(f"split.valid_drivers={valid_drivers} holds out {n} of {n_drivers} drivers: "
-                         "at least one driver must stay in train")
+def n_valid_groups(valid_groups: float, n_groups: int) -> int:
+    """A count (>= 1) or a fraction (< 1) of groups; always leaves at least one train group."""
+    n = int(valid_groups) if valid_groups >= 1 else max(1, round(valid_groups * n_groups))
+    if n >= n_groups:
+        raise StageError(f"split.valid_groups={valid_groups} holds out {n} of {n_groups} groups: "
+                         "at least one group must stay in train")
     return n
 
 
-def choose_valid_drivers(table: pd.DataFrame, n_valid: int, seed: int) -> list[str]:
-    """A seeded random set of ``n_valid`` drivers whose images cover every class present."""
-    classes_of = table.groupby("subject")["classname"].agg(set)
-    drivers = sorted(classes_of.index)
-    wanted = set(table["classname"])
+def choose_valid_groups(table: pd.DataFrame, n_valid: int, seed: int) -> list[str]:
+    """A seeded random set of ``n_valid`` groups whose images cover every class present."""
+    classes_of = table.groupby("group")["label"].agg(set)
+    groups = sorted(classes_of.index)
+    wanted = set(table["label"])
     rng = np.random.default_rng(seed)
     for _ in range(MAX_DRAWS):
-        chosen = sorted(rng.choice(drivers, size=n_valid, replace=False).tolist())
-        if set().union(*(classes_of[d] for d in chosen)) == wanted:
+        chosen = sorted(rng.choice(groups, size=n_valid, replace=False).tolist())
+        if set().union(*(classes_of[g] for g in chosen)) == wanted:
             return chosen
-    raise StageError(f"no set of {n_valid} validation drivers covers all {len(wanted)} classes "
-                     f"after {MAX_DRAWS} draws; raise split.valid_drivers")
+    raise StageError(f"no set of {n_valid} validation groups covers all {len(wanted)} classes "
+                     f"after {MAX_DRAWS} draws; raise split.valid_groups")
 
 
-def assign_folds(table: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
-    """Driver-grouped, class-stratified folds: every row one fold, no driver in two folds."""
-    n_drivers = table["subject"].nunique()
-    if n_drivers < n_folds:
-        raise StageError(f"split.n_folds={n_folds} needs at least that many drivers, have {n_drivers}")
+def choose_valid_images(table: pd.DataFrame, fraction: float, seed: int) -> list[str]:
+    """Without groups: ``fraction`` of each class's images (at least one where a class has two or more)."""
+    rng = np.random.default_rng(seed)
+    chosen: list[str] = []
+    for _label, ids in sorted(table.groupby("label")["id"]):
+        ids = sorted(ids)
+        n = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+        chosen += rng.choice(ids, size=n, replace=False).tolist() if n > 0 else []
+    return sorted(chosen)
+
+
+def assign_folds(table: pd.DataFrame, n_folds: int, seed: int, grouped: bool = True) -> np.ndarray:
+    """Class-stratified folds, every row in one: grouped (no group in two folds) with a group column,
+    else over images (scikit-learn's StratifiedKFold)."""
     folds = np.full(len(table), -1, dtype=np.int64)
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": expected for rare classes
         warnings.simplefilter("ignore", UserWarning)
-        for fold, (_, held) in enumerate(splitter.split(table, table["classname"], groups=table["subject"])):
+        if grouped:
+            n_groups = table["group"].nunique()
+            if n_groups < n_folds:
+                raise StageError(f"split.n_folds={n_folds} needs at least that many groups, have {n_groups}")
+            splits = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(
+                table, table["label"], groups=table["group"])
+        else:
+            smallest = int(table["label"].value_counts().min())
+            if smallest < n_folds:
+                raise StageError(f"split.n_folds={n_folds}: the rarest class has only {smallest} training images")
+            splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(table, table["label"])
+        for fold, (_, held) in enumerate(splits):
             folds[held] = fold
     return folds
-
 
 
 def group_folds(groups: np.ndarray, n_folds: int, seed: int | None = None) -> np.ndarray | None:

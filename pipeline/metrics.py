@@ -7,12 +7,13 @@ clipped to [1e-15, 1 - 1e-15]. Each stage writes its figures to reports/stages/<
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.errors import StageError
 from pipeline.io import atomic_write_json, read_json
 
 KAGGLE_EPS = 1e-15
@@ -45,51 +46,79 @@ def collect_stage_metrics(folder: Path, order: list[str]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- predictions
 
-CLASS_COLUMNS = [f"c{i}" for i in range(10)]
+ID_COLUMN = "id"  # predictions files: id, then one probability column per class in competition order
 
 
-def write_predictions(path: Path, imgs: list[str] | np.ndarray, probs: np.ndarray) -> Path:
-    """Predictions as ``img,c0..c9`` (the submission layout), written atomically."""
+def require_finite(values: np.ndarray, what: str, where: Path | str, columns: Sequence[str] | None = None) -> None:
+    """No stage writes a NaN or infinite prediction, metric or loss: refuse, naming the file and the
+    first bad row (header = row 1) and column (its name when ``columns`` gives them, else its number)."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, *col = np.argwhere(bad)[0]
+        column = f", column {columns[col[0]] if columns is not None else col[0] + 1}" if col else ""
+        raise StageError(f"{where}: {what} is not finite at row {row + 2}{column} ({values[tuple([row, *col])]}); "
+                         "nothing was written: check the inputs (e.g. a corrupt feature chunk) and rerun")
+
+
+def write_predictions(path: Path, ids: list[str] | np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> Path:
+    """Predictions as ``id,<class columns>``, written atomically; refused when any value is not finite."""
     import pandas as pd
 
     from pipeline.io import atomic_write_csv
 
     probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape != (len(imgs), len(CLASS_COLUMNS)):
-        raise ValueError(f"probs shape {probs.shape} does not match {len(imgs)} images x 10 classes")
-    df = pd.DataFrame(probs, columns=CLASS_COLUMNS)
-    df.insert(0, "img", list(imgs))
+    if probs.shape != (len(ids), len(classes)):
+        raise ValueError(f"probs shape {probs.shape} does not match {len(ids)} images x {len(classes)} classes")
+    require_finite(probs, "a predicted probability", path, classes)
+    df = pd.DataFrame(probs, columns=list(classes))
+    df.insert(0, ID_COLUMN, list(ids))
     return atomic_write_csv(path, df, float_format="%.6g")
 
 
 def read_predictions(path: Path) -> tuple[list[str], np.ndarray]:
+    """(ids, probabilities) of a predictions file; the columns after ``id`` in file order. Ids are
+    kept verbatim (an id ``NA`` stays ``NA``); an empty probability cell reads as NaN, so callers can
+    name its row and column."""
     import pandas as pd
 
-    df = pd.read_csv(path)
-    return df["img"].tolist(), df[CLASS_COLUMNS].to_numpy(dtype=np.float64)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return df[ID_COLUMN].tolist(), df.drop(columns=[ID_COLUMN]).replace("", "nan").to_numpy(dtype=np.float64)
 
 
-def read_hidden_labels(hidden_dir: Path) -> dict[str, int] | None:
-    """Hidden test labels (synthetic data only), img -> class index; None when there are none.
+def prediction_classes(path: Path) -> list[str]:
+    """The class columns of a predictions file, in order."""
+    import pandas as pd
+
+    return [c for c in pd.read_csv(path, nrows=0).columns if c != ID_COLUMN]
+
+
+def read_hidden_labels(hidden_dir: Path, classes: Sequence[str]) -> dict[str, int] | None:
+    """Hidden test labels (synthetic data only), id -> class index; None when there are none.
     For scoring only: no training stage may call this."""
     import pandas as pd
+
+    from pipeline.competition import label_indices
 
     path = Path(hidden_dir) / "test_labels.csv"
     if not path.exists():
         return None
-    df = pd.read_csv(path)
-    return {img: int(c[1:]) for img, c in zip(df["img"], df["classname"], strict=True)}
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return dict(zip(df["id"], label_indices(df["label"].tolist(), classes, path).tolist(), strict=True))
 
 
-def evaluate(valid_probs: np.ndarray, valid_labels: np.ndarray, test_imgs: list[str] | None = None,
+def evaluate(valid_probs: np.ndarray, valid_labels: np.ndarray, test_ids: list[str] | None = None,
              test_probs: np.ndarray | None = None, hidden: dict[str, int] | None = None) -> dict[str, float]:
     """The figures every predicting stage reports: valid_logloss/acc, and test_logloss/acc when
     hidden labels exist."""
     figures = {"valid_logloss": kaggle_logloss(valid_probs, valid_labels), "valid_acc": accuracy(valid_probs, valid_labels)}
-    if hidden is not None and test_imgs is not None and test_probs is not None:
-        labels = np.array([hidden[img] for img in test_imgs])
+    if hidden is not None and test_ids is not None and test_probs is not None:
+        labels = np.array([hidden[i] for i in test_ids])
         figures["test_logloss"] = kaggle_logloss(test_probs, labels)
         figures["test_acc"] = accuracy(test_probs, labels)
+    for key, value in figures.items():
+        if not np.isfinite(value):
+            raise StageError(f"{key} is {value}: the predictions hold non-finite values; nothing was written")
     return figures
 
 

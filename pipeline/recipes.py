@@ -24,8 +24,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from pipeline import data, datamodules, models, training
-from pipeline.config import CLASSES, AugmentConfig, Config, FinetuneConfig, TrainerConfig
-from pipeline.datamodules import CachedFeaturesDataModule, ImageDataModule, split_labels
+from pipeline.config import AugmentConfig, Config, FinetuneConfig, TrainerConfig
+from pipeline.datamodules import CachedFeaturesDataModule, ImageDataModule
 from pipeline.errors import StageError
 from pipeline.featurecache import FeatureSplit
 from pipeline.metrics import evaluate, read_hidden_labels, write_predictions
@@ -57,12 +57,13 @@ HEAD_FILE = "head.pt"
 
 
 def head_meta(cfg: Config, features_meta: dict[str, Any], in_features: int) -> dict[str, Any]:
+    classes = list(features_meta["classes"])
     return {
         "in_features": in_features,
         "widths": list(cfg.head.widths),
         "dropout": cfg.head.dropout,
-        "num_classes": len(CLASSES),
-        "classes": list(CLASSES),
+        "num_classes": len(classes),
+        "classes": classes,
         "layout": "BatchNorm1d -> [Dropout -> Linear -> ReLU -> BatchNorm1d]*len(widths) -> Dropout -> Linear (logits)",
         "input": "pipeline.models.ConvBase output: pool5 adaptive-avg-pooled to grid x grid, flattened",
         **{k: features_meta[k] for k in ("arch", "width_divisor", "weights", "input_size", "mean", "std", "channels", "grid")},
@@ -75,15 +76,15 @@ def head_trainer_config(cfg: Config) -> TrainerConfig:
                          log_every_n_steps=1)
 
 
-def fit_head(cfg: Config, train: FeatureSplit, valid: FeatureSplit, out_dir: Path,
+def fit_head(cfg: Config, train: FeatureSplit, valid: FeatureSplit, out_dir: Path, classes: Sequence[str],
              label: str = "head") -> tuple[nn.Module, dict[str, Any]]:
     """Fit a fresh head with ``cfg.head`` on ``train`` (early stopping on ``valid``); return the
     best-checkpoint head (eval, CPU) and training facts. Shared by the head stage and head members."""
     L.seed_everything(cfg.head.seed, workers=True, verbose=False)
     in_features = int(train.features.shape[1])
-    head = create_dense_head(in_features, cfg.head.widths, cfg.head.dropout, len(CLASSES))
+    head = create_dense_head(in_features, cfg.head.widths, cfg.head.dropout, len(classes))
     module = ClassifierModule(head, TrainSettings.from_section(cfg.head))
-    datamodule = CachedFeaturesDataModule(train, valid, cfg.head.batch_size, len(CLASSES), cfg.head.seed)
+    datamodule = CachedFeaturesDataModule(train, valid, cfg.head.batch_size, classes, cfg.head.seed)
     run_fp = fingerprint({"head": cfg.head.model_dump(mode="json"), "label": label})
     outcome = fit_or_resume(module, datamodule, head_trainer_config(cfg), out_dir, cfg.head.max_epochs,
                             cfg.head.patience, run_fp, label=label)
@@ -101,18 +102,20 @@ def load_head(path: Path | str) -> tuple[nn.Sequential, dict[str, Any]]:
     return head.eval(), meta
 
 
-def predict_and_score(cfg: Config, head: nn.Module, valid: FeatureSplit, test: FeatureSplit, pred_dir: Path) -> dict[str, Any]:
+def predict_and_score(cfg: Config, head: nn.Module, valid: FeatureSplit, test: FeatureSplit, pred_dir: Path,
+                      classes: Sequence[str]) -> dict[str, Any]:
     """Predict the unaugmented valid and test rows, write ``pred_dir/{valid,test}.csv``, return the
     validation (and, with hidden labels, test) figures."""
     valid_rows, test_rows = valid.rows_of_copy(0), test.rows_of_copy(0)
     valid_probs = predict_features(head, valid.features[valid_rows])
     test_probs = predict_features(head, test.features[test_rows])
-    valid_imgs = valid.index["img"].to_numpy()[valid_rows]
-    test_imgs = test.index["img"].to_numpy()[test_rows]
-    write_predictions(pred_dir / "valid.csv", valid_imgs, valid_probs)
-    write_predictions(pred_dir / "test.csv", test_imgs, test_probs)
-    return evaluate(valid_probs, split_labels(valid)[valid_rows], list(test_imgs), test_probs,
-                    read_hidden_labels(cfg.paths.path("hidden")))
+    valid_ids = valid.index["id"].to_numpy()[valid_rows]
+    test_ids = test.index["id"].to_numpy()[test_rows]
+    figures = evaluate(valid_probs, valid.labels(classes)[valid_rows], list(test_ids), test_probs,
+                       read_hidden_labels(cfg.paths.path("hidden"), classes))
+    write_predictions(pred_dir / "valid.csv", valid_ids, valid_probs, classes)
+    write_predictions(pred_dir / "test.csv", test_ids, test_probs, classes)
+    return figures
 
 
 # ---------------------------------------------------------------------------- fine-tuning from the head
@@ -158,7 +161,7 @@ def run_fingerprint(cfg: Config, ft: FinetuneConfig, head_path: Path, tables: di
         "model": cfg.model.model_dump(mode="json"),
         "augment": cfg.augment.model_dump(mode="json"),
         "finetune": ft.model_dump(mode="json", exclude={"trainer": {"resume"}}),
-        "images": {name: [t.imgs, t.labels.tolist()] for name, t in tables.items() if name != "test"},
+        "images": {name: [t.ids, t.labels.tolist()] for name, t in tables.items() if name != "test"},
     }
     return fingerprint(settings, files=[head_path],
                        modules=[training, datamodules, data, models, sys.modules[__name__], *modules])
@@ -197,7 +200,7 @@ def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], ou
         network.compile()  # in place: state_dict keys stay those of the plain network
     datamodule = ImageDataModule(tables["train"], tables["valid"], target_hw, cfg.augment, ft.batch_size,
                                  ft.num_workers, ft.seed, copies=ft.max_epochs, pin_memory=cuda,
-                                 n_classes=len(CLASSES))
+                                 n_classes=int(head_meta["num_classes"]))
     outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ft.max_epochs, ft.patience,
                             run_fingerprint(cfg, ft, head_path, tables, modules), callbacks, label)
     return FineTuned(outcome, target_hw, cuda, ft.batch_size, ft.num_workers,

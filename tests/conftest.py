@@ -17,3 +17,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def smoke_cfg(tmp_path) -> Config:
     """The smoke profile with every artifact path under a fresh tmp dir."""
     return load_profile("smoke").at(tmp_path)
+
+
+def csv_smoke_overrides(n_train: int = 60, n_test: int = 24) -> dict:
+    """The smoke profile moved onto the CSV layout: demo-csv's real competition spec and source (read
+    from configs/demo-csv.yaml, not restated), a tiny shapes dataset, square inputs."""
+    import yaml
+
+    from pipeline.config import CONFIG_DIR
+
+    csv = yaml.safe_load((CONFIG_DIR / "demo-csv.yaml").read_text())
+    return {"competition": csv["competition"], "ingest.source": csv["ingest"]["source"],
+            "ingest.shapes.n_train": n_train, "ingest.shapes.n_test": n_test, "model.input_size": [32, 32],
+            "split.valid_fraction": csv["split"]["valid_fraction"]}
+
+
+@pytest.fixture
+def csv_cfg(tmp_path) -> Config:
+    """The smoke profile on the CSV layout (no groups, 5 string-named classes), under a tmp dir."""
+    return load_profile("smoke", csv_smoke_overrides()).at(tmp_path)

@@ -24,7 +24,7 @@ def test_bad_value_names_the_key():
 
 
 def test_unknown_profile_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="known: demo, smoke, statefarm"):
+    with pytest.raises(ConfigError, match="known: demo, demo-csv, smoke, statefarm"):
         load_profile("nope")
 
 
@@ -67,3 +67,33 @@ def test_cli_help_lists_every_stage(capsys):
     out = capsys.readouterr().out
     for stage in STAGES:
         assert stage in out
+
+
+def test_a_profile_extends_another_and_overrides_it():
+    """demo and smoke take the State Farm competition spec from statefarm; demo-csv swaps in the CSV layout."""
+    statefarm, demo, csv = load_profile("statefarm"), load_profile("demo"), load_profile("demo-csv")
+    assert demo.competition == statefarm.competition and demo.competition.group_column == "subject"
+    assert demo.model.arch != statefarm.model.arch  # demo's own settings win over the base's
+    assert csv.competition.layout == "csv" and csv.competition.group_column is None
+    assert csv.features.copies == demo.features.copies  # what demo-csv does not say comes from demo
+
+
+def test_profiles_that_extend_in_a_loop_are_refused(tmp_path, monkeypatch):
+    import pipeline.config as config
+
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="loop: a -> b -> a"):
+        load_profile("a")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"competition.layout": "csv", "competition.labels_csv": None}, "layout=csv needs competition.labels_csv"),
+    ({"competition.filename": "img.jpg"}, r"must contain \{id\} exactly once"),
+    ({"competition.extensions": ["jpg"]}, "extensions must be like"),
+    ({"competition.labels_csv": None}, "group_column is a column of competition.labels_csv"),
+])
+def test_an_impossible_competition_spec_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_profile("smoke", override)

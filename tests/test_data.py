@@ -13,7 +13,6 @@ from pipeline.config import AugmentConfig
 from pipeline.data import (
     ImageRowsDataset,
     build_augmentation,
-    class_index,
     decode_image,
     flip_transforms,
     jpeg_size,
@@ -72,7 +71,6 @@ def test_items_are_uint8_chw_tensors_with_labels(frame_path):
     image, label = ds[1]
     assert image.dtype == torch.uint8 and image.shape == (3, 48, 64) and label == 7
     assert ImageRowsDataset([frame_path], (48, 64))[0][1] == -1
-    assert class_index(["c0", "c9", ""]).tolist() == [0, 9, -1]
 
 
 def test_augmented_copies_are_reproducible_distinct_and_copy_zero_is_plain(frame_path, tmp_path):
@@ -141,3 +139,12 @@ def test_a_pure_shift_config_only_translates(frame_path):
             for dy in range(-10, 11) for dx in range(-13, 14)
         )
         assert best[0] < 3, best
+
+
+def test_labels_map_to_the_competition_class_order_and_unknown_ones_name_the_row():
+    from pipeline.competition import label_indices
+
+    classes = ("circle", "square", "triangle")
+    assert label_indices(["triangle", "circle", ""], classes, allow_missing=True).tolist() == [2, 0, -1]
+    with pytest.raises(BadInputError, match=r"labels.csv, row 3: label 'c1' is not a class"):
+        label_indices(["circle", "c1"], classes, "labels.csv")  # never a silent -1

@@ -270,7 +270,7 @@ def test_failures_name_the_stage_or_the_key(stack, tmp_path):
     with stack.settings():
         try:
             # Accepted by the schema, refused by the split stage: the run fails naming the stage and why.
-            state = pipeline_flow(profile="smoke", overrides={"split.valid_drivers": 100}, push=False,
+            state = pipeline_flow(profile="smoke", overrides={"split.valid_groups": 100}, push=False,
                                   root=str(repo), return_state=True)
             # Not in the schema: fails before any stage runs (or waits for the DVC slot), naming the key.
             with pytest.raises(ConfigError, match=r"(?s)configure: .*head\.no_such_key: unknown key"):
@@ -279,7 +279,7 @@ def test_failures_name_the_stage_or_the_key(stack, tmp_path):
             APILogHandler().flush()  # send this process's run logs while the server is still up
     assert state.is_failed()
     assert "stage 'split' failed" in state.message
-    assert re.search(r"error: split\.valid_drivers.*drivers", state.message), state.message
+    assert re.search(r"error: split\.valid_groups.*groups", state.message), state.message
     assert not (repo / "data/split.csv").exists()
 
 

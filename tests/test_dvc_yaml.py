@@ -2,6 +2,7 @@
 tasks, every pipeline module a stage imports is in its deps, every param exists in the schema."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,23 @@ from pipeline.config import Config
 from pipeline.registry import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def interpolate(text: str, params: dict = PARAMS) -> str:
+    """DVC's ``${a.b}`` templating with params.yaml values (``${item}`` is left for foreach)."""
+    def value(match: re.Match) -> str:
+        node: object = params
+        for key in match.group(1).split("."):
+            node = node[key]  # type: ignore[index]
+        return str(node)
+
+    return re.sub(r"\$\{((?!item\b)[a-z_.]+)\}", value, text)
+
+
 # foreach stages keep their definition under `do:`
-DVC = {name: spec.get("do", spec) for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
+DVC = {name: spec.get("do", spec)
+       for name, spec in yaml.safe_load(interpolate((ROOT / "dvc.yaml").read_text()))["stages"].items()}
 OUTPUT_ROOTS = {"data", "models", "reports", "submissions"}  # produced by stages, absent in a clean checkout
 LAUNCHER = {"pipeline.cli", "pipeline.__main__"}  # the stage command itself, not what it computes with
 
@@ -109,3 +125,30 @@ def test_fan_out_stages_can_be_restored_from_the_run_cache(stage):
         options = next(iter(out.values())) if isinstance(out, dict) else {}
         assert not options.get("persist", False), f"{stage}: {out} is persistent"
         assert options.get("cache", True), f"{stage}: {out} is not cached"
+
+
+def test_every_artifact_path_comes_from_params():
+    """Paths are declared once (PathsConfig): dvc.yaml names no data/models/reports path literally,
+    so `configure --set paths.raw=...` moves what DVC tracks instead of silently untracking it."""
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, spec in raw.items():
+        spec = spec.get("do", spec)
+        entries = spec.get("deps", []) + spec.get("outs", []) + spec.get("metrics", [])
+        for entry in entries:
+            path = entry if isinstance(entry, str) else next(iter(entry))
+            if not path.startswith("pipeline/"):
+                assert path.startswith("${paths."), f"{name}: {path} is not taken from params (paths.*)"
+
+
+def test_dvc_itself_tracks_a_moved_artifact(tmp_path):
+    """DVC resolves the templated paths from params.yaml: moving paths.raw moves ingest's output."""
+    from dvc.repo import Repo
+
+    from pipeline.config import load_profile, write_params
+
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    write_params(load_profile("smoke", {"paths.raw": "elsewhere/raw"}), tmp_path / "params.yaml")
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        ingest = next(s for s in repo.index.stages if s.name == "ingest")
+        assert "elsewhere/raw" in {str(out.def_path) for out in ingest.outs}

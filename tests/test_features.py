@@ -11,7 +11,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline import featurecache
-from pipeline.config import CLASSES, Config
+from pipeline.competition import Competition, write_competition
+from pipeline.competitions.statefarm import CLASSES
+from pipeline.config import Config
 from pipeline.data import ImageRowsDataset
 from pipeline.errors import StageError
 from pipeline.io import atomic_write_csv
@@ -54,17 +56,18 @@ def write_tiny_dataset(cfg: Config, n_drivers: int = 6, n_valid_drivers: int = 2
                 (raw / rel).parent.mkdir(parents=True, exist_ok=True)
                 draw_frame(c, d, f, size, rng).save(raw / rel, quality=90)
                 (train_rows if d < n_drivers else test_rows).append((img, f"p{d:03d}", c, rel))
-    train = pd.DataFrame(train_rows, columns=["img", "subject", "classname", "path"])
-    test = pd.DataFrame(test_rows, columns=["img", "subject", "classname", "path"])
-    atomic_write_csv(raw / "train_index.csv", train)
-    atomic_write_csv(raw / "test_index.csv", test[["img", "path"]])
-    valid_subjects = sorted(train["subject"].unique())[-n_valid_drivers:]
-    split = train[["img", "subject", "classname"]].copy()
-    split["split"] = np.where(split["subject"].isin(valid_subjects), "valid", "train")
-    split["fold"] = split["subject"].str[1:].astype(int) % 2
+    train = pd.DataFrame(train_rows, columns=["id", "group", "label", "path"])
+    test = pd.DataFrame(test_rows, columns=["id", "group", "label", "path"])
+    atomic_write_csv(raw / "train_index.csv", train[["id", "path", "label", "group"]])
+    atomic_write_csv(raw / "test_index.csv", test[["id", "path"]])
+    write_competition(raw, Competition(CLASSES, "id", True, "subject", "folder", "synthetic"))
+    valid_subjects = sorted(train["group"].unique())[-n_valid_drivers:]
+    split = train[["id", "label", "group"]].copy()
+    split["split"] = np.where(split["group"].isin(valid_subjects), "valid", "train")
+    split["fold"] = split["group"].str[1:].astype(int) % 2
     atomic_write_csv(cfg.paths.path("split_csv"), split)
     hidden.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(hidden / "test_labels.csv", test[["img", "subject", "classname"]])
+    atomic_write_csv(hidden / "test_labels.csv", test[["id", "label", "group"]])
     return {"train": train, "test": test, "split": split}
 
 
@@ -88,7 +91,7 @@ def test_cache_layout_shapes_dtype_and_index(tiny_cfg):
     figures = features.run(tiny_cfg)
     out = tiny_cfg.paths.path("features")
     meta = featurecache.load_meta(out)
-    split = pd.read_csv(tiny_cfg.paths.path("split_csv"))
+    split = pd.read_csv(tiny_cfg.paths.path("split_csv"), dtype={"id": str, "label": str, "group": str})
     n_train, n_valid = (split["split"] == "train").sum(), (split["split"] == "valid").sum()
     dim = meta["channels"] * meta["grid"] ** 2
     assert meta["feature_dim"] == dim == figures["feature_dim"]
@@ -111,13 +114,14 @@ def test_cache_layout_shapes_dtype_and_index(tiny_cfg):
             assert np.array_equal(chunk, part.features[index["chunk"] == j])
 
     train = cache["train"].index
-    expected = split.loc[split["split"] == "train", "img"].tolist()
+    expected = split.loc[split["split"] == "train", "id"].tolist()
     for k in range(3):  # copy-major: all images as copy 0, then copy 1, ...
-        assert train.loc[train["copy"] == k, "img"].tolist() == expected
+        assert train.loc[train["copy"] == k, "id"].tolist() == expected
     assert set(cache["valid"].index["copy"]) == {0} and set(cache["test"].index["copy"]) == {0}
-    assert cache["valid"].index["img"].tolist() == split.loc[split["split"] == "valid", "img"].tolist()
-    labels = dict(zip(split["img"], split["classname"], strict=True))
-    assert all(labels[i] == c for i, c in zip(train["img"], train["classname"], strict=True))
+    assert cache["valid"].index["id"].tolist() == split.loc[split["split"] == "valid", "id"].tolist()
+    labels = dict(zip(split["id"], split["label"], strict=True))
+    assert all(labels[i] == c for i, c in zip(train["id"], train["label"], strict=True))
+    assert meta["classes"] == list(CLASSES)
     assert figures["n_train_rows"] == n_train * 3 and figures["chunks_reused"] == 0
     assert (tiny_cfg.paths.stage_metrics_file("features")).exists()
 
@@ -236,7 +240,28 @@ def test_use_sample_caches_the_sample_mirror(tiny_cfg):
     cfg = with_section(with_section(tiny_cfg, "sample", n_train=20, n_valid=10), "features", use_sample=True, copies=2)
     sample.run(cfg)
     features.run(cfg)
-    drawn = pd.read_csv(cfg.paths.path("sample") / "split.csv")
+    drawn = pd.read_csv(cfg.paths.path("sample") / "split.csv", dtype=str)
     cache = cached(cfg)
-    assert cache["train"].index.loc[cache["train"].index["copy"] == 0, "img"].tolist() == drawn.loc[drawn["split"] == "train", "img"].tolist()
+    assert cache["train"].index.loc[cache["train"].index["copy"] == 0, "id"].tolist() == drawn.loc[drawn["split"] == "train", "id"].tolist()
     assert len(cache["valid"].index) == 10 and len(cache["test"].index) == 20  # test is always the whole test set
+
+
+def test_a_corrupt_chunk_is_refused_naming_the_file(tiny_cfg):
+    """A NaN in a chunk, or bytes changed behind an intact header, would turn into NaN predictions
+    downstream with exit 0: the cache's per-chunk checksum and a finiteness check refuse it."""
+    features.run(tiny_cfg)
+    out = tiny_cfg.paths.path("features")
+    path = out / "valid" / "chunk_00000.npy"
+    original = path.read_bytes()
+    chunk = np.load(path)
+    chunk[1, 2] = np.nan
+    np.save(path, chunk)
+    with pytest.raises(StageError, match=r"valid/chunk_00000.npy: checksum differs"):
+        featurecache.load_split(out, "valid")
+    meta = featurecache.load_meta(out)
+    meta["splits"]["valid"]["chunk_sha256"][0] = None  # an older cache without checksums: the NaN still fails
+    (out / "meta.json").write_text(__import__("json").dumps(meta))
+    with pytest.raises(StageError, match=r"chunk_00000.npy: non-finite feature value in row 1"):
+        featurecache.load_split(out, "valid")
+    path.write_bytes(original)
+    featurecache.load_split(out, "valid")

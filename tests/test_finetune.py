@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
+from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import Config, TrainerConfig, load_profile
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
@@ -67,7 +68,7 @@ def write_head(cfg: Config) -> Path:
         if isinstance(module, torch.nn.BatchNorm1d):
             module.running_mean.normal_()
             module.running_var.uniform_(0.5, 2.0)
-    features_meta = build_meta(cfg, data_cfg, conv_base.channels, conv_base.out_features, {})
+    features_meta = build_meta(cfg, data_cfg, conv_base.channels, conv_base.out_features, {}, CLASSES)
     path = cfg.paths.path("models") / "head" / HEAD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_head(path, head, head_meta(cfg, features_meta, conv_base.out_features))
@@ -173,7 +174,7 @@ def test_finetune_writes_predictions_checkpoints_and_figures(prepared, tmp_path)
 
     split_df = pd.read_csv(cfg.paths.path("split_csv"))
     valid_imgs, valid_probs = read_predictions(cfg.paths.path("predictions") / "finetune" / "valid.csv")
-    assert valid_imgs == split_df.loc[split_df["split"] == "valid", "img"].tolist()
+    assert valid_imgs == split_df.loc[split_df["split"] == "valid", "id"].tolist()
     test_imgs, test_probs = read_predictions(cfg.paths.path("predictions") / "finetune" / "test.csv")
     assert len(test_imgs) == 16 and np.allclose(test_probs.sum(1), 1, atol=1e-4)
 

@@ -30,16 +30,39 @@ def sh(args: list[str], cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    """A fresh checkout of the working tree (what CI and a new user start from)."""
-    dst = tmp_path_factory.mktemp("clone")
+def fresh_checkout(dst: Path, *configure: str) -> Path:
+    """A copy of the working tree (what CI and a new user start from), configured."""
     for rel in project_files():
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dst / rel)
     sh(["git", "init", "-q"], dst)
-    sh([sys.executable, "-m", "pipeline", "configure", "--profile", "smoke"], dst)
+    sh([sys.executable, "-m", "pipeline", "configure", *configure], dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """The State Farm layout (smoke profile)."""
+    return fresh_checkout(tmp_path_factory.mktemp("clone"), "--profile", "smoke")
+
+
+def csv_settings() -> list[str]:
+    """--set arguments for the smoke profile on the CSV layout (conftest.csv_smoke_overrides)."""
+    import json
+
+    from conftest import csv_smoke_overrides
+
+    return [f"--set={key}={json.dumps(value)}" for key, value in csv_smoke_overrides().items()]
+
+
+def assert_submission_matches_the_sample(root: Path, sample: str) -> None:
+    import csv
+
+    with open(root / "submissions/submission.csv") as f, open(root / "data/raw" / sample) as g:
+        header, rows = next(csv.reader(f)), list(csv.reader(f))
+        sample_header, sample_rows = next(csv.reader(g)), list(csv.reader(g))
+    assert header == sample_header
+    assert sorted(r[0] for r in rows) == sorted(r[0] for r in sample_rows)
 
 
 @pytest.mark.slow
@@ -60,6 +83,20 @@ def test_dvc_repro_runs_every_stage_then_nothing(clone):
         finally:
             module.write_text(original)
     assert changed_stages(clone) == set()
+    assert_submission_matches_the_sample(clone, "sample_submission.csv")
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_csv_layout_end_to_end(tmp_path):
+    """The second embedded competition (labels CSV, flat folders, 5 string-named classes, no groups)
+    runs the whole chain unchanged and ends in a submission in its own sample's format."""
+    root = fresh_checkout(tmp_path / "csv", "--profile", "smoke", *csv_settings())
+    sh([sys.executable, "-m", "dvc", "repro"], root)
+    assert_submission_matches_the_sample(root, "sample_submission.csv")
+    header = (root / "submissions/submission.csv").read_text().splitlines()[0]
+    assert header.startswith("image_id,") and len(header.split(",")) == 6
+    split = (root / "data/split.csv").read_text().splitlines()
+    assert all(line.split(",")[0] == line.split(",")[2] for line in split[1:])  # per-image groups
 
 
 def changed_stages(clone: Path) -> set[str]:
@@ -85,6 +122,13 @@ def test_prefect_flow_runs_the_stages_through_dvc(clone, tmp_path, monkeypatch):
         metrics = pipeline_flow(profile="smoke", overrides={"sample.n_train": 25}, root=str(clone))
         # The scheduled retrain on an unchanged checkout: nothing upstream of a (dry-run) submit re-runs.
         retrain = retrain_flow(profile="smoke", overrides={"sample.n_train": 25}, root=str(clone))
+        # The CSV layout through the same flow, on its own checkout.
+        csv_root = fresh_checkout(tmp_path / "csv", "--profile", "smoke")
+        from conftest import csv_smoke_overrides
+
+        csv_metrics = pipeline_flow(profile="smoke", overrides=csv_smoke_overrides(), root=str(csv_root))
+    assert csv_metrics["ingest"]["n_classes"] == 5 and "n_groups" not in csv_metrics["ingest"]
+    assert_submission_matches_the_sample(csv_root, "sample_submission.csv")
     assert metrics["sample"]["n_train"] == 25  # the override reached the stage through params.yaml
     assert set(metrics) >= {"ingest", "split", "sample"}
     assert (clone / ".dvc-remote").is_dir()  # dvc push after the run
@@ -123,7 +167,8 @@ def test_flows_have_typed_parameters_for_the_ui_form():
         props = schema["properties"]
         profile = props["profile"]
         enum = profile.get("enum") or schema["definitions"][profile["$ref"].rsplit("/", 1)[-1]]["enum"]
-        assert enum == ["demo", "statefarm", "smoke"], flow.name
+        assert enum == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")), flow.name
+        assert {"demo", "demo-csv", "statefarm", "smoke"} <= set(enum)
         assert all(p.get("description") for p in props.values()), f"{flow.name}: undocumented parameter"
 
 

@@ -11,7 +11,8 @@ import pytest
 from test_features import write_tiny_dataset
 
 from pipeline import featurecache
-from pipeline.config import CLASSES, Config
+from pipeline.competitions.statefarm import CLASSES
+from pipeline.config import Config
 from pipeline.errors import StageError
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
@@ -45,11 +46,12 @@ def test_head_learns_predicts_and_reports(trained):
     assert read_json(cfg.paths.stage_metrics_file("head")) == figures
 
     pred_dir = cfg.paths.path("predictions") / "head"
-    split = pd.read_csv(cfg.paths.path("split_csv"))
+    split = pd.read_csv(cfg.paths.path("split_csv"), dtype=str)
     valid_imgs, valid_probs = read_predictions(pred_dir / "valid.csv")
-    assert valid_imgs == split.loc[split["split"] == "valid", "img"].tolist()
+    assert valid_imgs == split.loc[split["split"] == "valid", "id"].tolist()
     test_imgs, test_probs = read_predictions(pred_dir / "test.csv")
-    assert test_imgs == pd.read_csv(cfg.paths.path("raw") / "test_index.csv")["img"].tolist()
+    assert test_imgs == pd.read_csv(cfg.paths.path("raw") / "test_index.csv", dtype=str)["id"].tolist()
+    assert pd.read_csv(pred_dir / "valid.csv", nrows=0).columns.tolist() == ["id", *CLASSES]
     for probs in (valid_probs, test_probs):
         assert probs.shape[1] == len(CLASSES) and np.allclose(probs.sum(1), 1, atol=1e-4)
 

@@ -11,14 +11,14 @@ from pipeline.tables import ImageTable
 
 
 def folds_frame() -> pd.DataFrame:
-    return pd.DataFrame({"img": [f"i{k}.jpg" for k in range(6)], "subject": ["a", "a", "b", "b", "c", "c"],
+    return pd.DataFrame({"id": [f"i{k}.jpg" for k in range(6)], "group": ["a", "a", "b", "b", "c", "c"],
                          "fold": [0, 0, 1, 1, 0, 0]})
 
 
 def test_a_member_leaves_out_its_fold_or_nothing():
     folds = folds_frame()
     assert images_outside_fold(folds, 0) == {"i2.jpg", "i3.jpg"}
-    assert images_outside_fold(folds, None) == set(folds["img"])
+    assert images_outside_fold(folds, None) == set(folds["id"])
     assert images_outside_fold(folds[folds["fold"] == 0], 0) == {"i0.jpg", "i1.jpg", "i4.jpg", "i5.jpg"}  # never empty
 
 
@@ -37,8 +37,8 @@ class FixedPasses:
         self.calls: list[tuple[str, int]] = []
 
     def predict(self, table, copy=0, augment=None, seed=0):
-        self.calls.append((table.imgs[0], copy))
-        return self.passes[table.imgs[0]][copy]
+        self.calls.append((table.ids[0], copy))
+        return self.passes[table.ids[0]][copy]
 
 
 def tables(n: int = 4) -> dict[str, ImageTable]:

@@ -7,15 +7,19 @@ import math
 import numpy as np
 import pytest
 
+from pipeline.errors import BadInputError, StageError
 from pipeline.metrics import (
-    CLASS_COLUMNS,
     accuracy,
     evaluate,
     kaggle_logloss,
+    prediction_classes,
     read_hidden_labels,
     read_predictions,
+    require_finite,
     write_predictions,
 )
+
+CLASSES = ("cat", "dog", "fox", "owl")  # any competition's class names, in its sample submission's order
 
 
 def test_kaggle_logloss_matches_a_hand_computed_example():
@@ -60,13 +64,78 @@ def test_evaluate_reports_valid_figures_and_test_figures_only_with_hidden_labels
     assert accuracy(test, np.array([0, 9])) == 1.0
 
 
-def test_predictions_round_trip_and_hidden_labels(tmp_path):
-    probs = np.random.default_rng(0).dirichlet(np.ones(10), size=4)
-    path = write_predictions(tmp_path / "p/test.csv", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], probs)
-    assert path.read_text().splitlines()[0] == "img," + ",".join(CLASS_COLUMNS)
-    imgs, back = read_predictions(path)
-    assert imgs == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"] and np.allclose(back, probs, rtol=1e-5)
-    assert read_hidden_labels(tmp_path / "none") is None
+def test_predictions_round_trip_with_the_competitions_class_columns(tmp_path):
+    """Predictions files are ``id,<class columns>`` in competition order, whatever the class names."""
+    probs = np.random.default_rng(0).dirichlet(np.ones(4), size=4)
+    ids = ["a.jpg", "b.jpg", "007", "d.jpg"]  # "007" stays a string id
+    path = write_predictions(tmp_path / "p/test.csv", ids, probs, CLASSES)
+    assert path.read_text().splitlines()[0] == "id,cat,dog,fox,owl"
+    assert prediction_classes(path) == list(CLASSES)
+    back_ids, back = read_predictions(path)
+    assert back_ids == ids and np.allclose(back, probs, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not match 4 images x 3 classes"):
+        write_predictions(tmp_path / "p/other.csv", ids, probs, CLASSES[:3])
+
+
+def test_read_predictions_keeps_ids_verbatim_and_reads_empty_cells_as_nan(tmp_path):
+    """Ids such as ``NA`` stay ids; an empty or NaN probability reads as NaN (so its row and column can be
+    named) instead of failing the whole file."""
+    path = tmp_path / "valid.csv"
+    path.write_text("id,cat,dog\nNA,0.5,\nnull,NaN,0.5\n007,inf,0.25\n")
+    ids, probs = read_predictions(path)
+    assert ids == ["NA", "null", "007"]
+    assert np.isnan(probs[0, 1]) and np.isnan(probs[1, 0]) and np.isinf(probs[2, 0])
+    assert probs[0, 0] == 0.5 and probs[2, 1] == 0.25
+
+
+def test_hidden_labels_map_ids_to_class_indices(tmp_path):
+    """test_labels.csv (id,label) -> id -> index in the given classes; None without the file; an
+    unknown label is refused with file and row, never mapped to a wrong index."""
+    assert read_hidden_labels(tmp_path / "none", CLASSES) is None
     (tmp_path / "hidden").mkdir()
-    (tmp_path / "hidden/test_labels.csv").write_text("img,classname\na.jpg,c3\nb.jpg,c0\n")
-    assert read_hidden_labels(tmp_path / "hidden") == {"a.jpg": 3, "b.jpg": 0}
+    path = tmp_path / "hidden/test_labels.csv"
+    path.write_text("id,label\na.jpg,owl\nb.jpg,cat\n")
+    assert read_hidden_labels(tmp_path / "hidden", CLASSES) == {"a.jpg": 3, "b.jpg": 0}
+    path.write_text("id,label\na.jpg,owl\nb.jpg,cow\n")
+    with pytest.raises(BadInputError, match="label 'cow' is not a class") as info:
+        read_hidden_labels(tmp_path / "hidden", CLASSES)
+    assert info.value.file == path and info.value.row == 3
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_write_predictions_refuses_non_finite_values_naming_the_file(tmp_path, bad):
+    """No stage writes a NaN or infinite probability: refused with file, row and class column; nothing written."""
+    probs = np.full((3, 4), 0.25)
+    probs[1, 2] = bad
+    path = tmp_path / "p/valid.csv"
+    with pytest.raises(StageError) as info:
+        write_predictions(path, ["a", "b", "c"], probs, CLASSES)
+    message = str(info.value)
+    assert message.startswith(f"{path}: a predicted probability is not finite at row 3, column fox ({bad})"), message
+    assert not path.exists() and list(tmp_path.rglob("*.csv")) == []
+
+
+def test_require_finite_passes_finite_values_and_names_the_first_bad_one():
+    """The shared guard: finite values pass; otherwise the first bad row (header = row 1) and column."""
+    require_finite(np.array([[0.5, 0.5], [1.0, 0.0]]), "x", "f.csv")
+    with pytest.raises(StageError, match=r"^f.csv: a loss is not finite at row 2 \(nan\)"):
+        require_finite(np.array([np.nan, 1.0, np.inf]), "a loss", "f.csv")
+    with pytest.raises(StageError, match=r"row 4, column 2 \(inf\)"):
+        require_finite(np.array([[1.0, 1.0], [1.0, 1.0], [1.0, np.inf]]), "x", "f.csv")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf, on purpose
+def test_evaluate_refuses_non_finite_figures():
+    """A NaN or inf prediction would make a NaN log loss: evaluate raises, naming the figure, instead of
+    reporting it."""
+    good = np.full((2, 3), 1 / 3)
+    labels = np.array([0, 1])
+    bad = good.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(StageError, match="valid_logloss is nan"):
+        evaluate(bad, labels)
+    inf = good.copy()
+    inf[0, 0] = np.inf
+    with pytest.raises(StageError, match="test_logloss is nan"):
+        evaluate(good, labels, ["t1", "t2"], inf, {"t1": 0, "t2": 2})
+    assert evaluate(good, labels, ["t1", "t2"], good, {"t1": 0, "t2": 2})["test_logloss"] == pytest.approx(np.log(3))

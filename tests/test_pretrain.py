@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.competition import label_indices
+from pipeline.competitions.statefarm import CLASSES, plan_dataset
 from pipeline.config import Config, load_profile
-from pipeline.data import ImageRowsDataset, class_index
+from pipeline.data import ImageRowsDataset
 from pipeline.errors import StageError
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
 from pipeline.stages import ingest, pretrain
-from pipeline.synthetic import plan_dataset
 
 
 def pretrain_cfg(root, overrides: list[str] | None = None) -> Config:
@@ -114,7 +115,7 @@ def test_pretrained_features_separate_the_competition_classes_better(pretrained,
     raw = competition.paths.path("raw")
     table = pd.read_csv(raw / "driver_imgs_list.csv", dtype=str)
     paths = [raw / "imgs" / "train" / c / i for c, i in zip(table["classname"], table["img"], strict=True)]
-    labels, drivers = class_index(table["classname"].tolist()), table["subject"].to_numpy()
+    labels, drivers = label_indices(table["classname"].tolist(), CLASSES), table["subject"].to_numpy()
 
     def probe(weights: str) -> float:
         model_cfg = cfg.model.model_copy(update={"weights": weights})

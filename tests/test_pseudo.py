@@ -114,7 +114,7 @@ def test_validation_images_never_reach_the_pseudo_set():
 def test_teacher_predictions_with_validation_rows_are_refused(tmp_path):
     tables = tables_for(valid=["v1.jpg"], test=["x1.jpg", "x2.jpg"])
     path = tmp_path / "test.csv"
-    write_predictions(path, ["x1.jpg", "x2.jpg", "v1.jpg"], np.full((3, 10), 0.1))
+    write_predictions(path, ["x1.jpg", "x2.jpg", "v1.jpg"], np.full((3, 10), 0.1), [f"c{i}" for i in range(10)])
     with pytest.raises(StageError, match="exactly the 2 test images"):
         pseudo.teacher_test_probs(path, tables["test"])
 
@@ -124,7 +124,7 @@ def test_hard_labels_keep_confident_test_images_only():
     probs = np.full((3, 10), 0.05)
     probs[0, 2], probs[1, 7], probs[2, 1] = 0.55, 0.3, 0.95
     chosen = pseudo.make_pseudo_set(tables["test"], probs, PseudoConfig(labels="hard", threshold=0.5))
-    assert chosen.table.imgs == ["x1.jpg", "x3.jpg"]
+    assert chosen.table.ids == ["x1.jpg", "x3.jpg"]
     assert chosen.targets.argmax(1).tolist() == [2, 1] and (chosen.targets.sum(1) == 1).all()
     with pytest.raises(StageError, match="no test image reaches"):
         pseudo.make_pseudo_set(tables["test"], probs, PseudoConfig(labels="hard", threshold=0.99))
@@ -159,8 +159,8 @@ def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # n
     assert figures["pseudo_per_batch"] == 2 and set(figures["iterations"]) == {"iteration_1", "iteration_2"}
 
     split_df = pd.read_csv(cfg.paths.path("split_csv"))
-    valid_imgs = set(split_df.loc[split_df["split"] == "valid", "img"])
-    test_imgs = pd.read_csv(cfg.paths.path("raw") / "test_index.csv")["img"].tolist()
+    valid_imgs = set(split_df.loc[split_df["split"] == "valid", "id"])
+    test_imgs = pd.read_csv(cfg.paths.path("raw") / "test_index.csv")["id"].tolist()
     out = cfg.paths.path("models") / "pseudo"
     for iteration in (1, 2):
         labelled_imgs, targets = read_predictions(out / f"iteration_{iteration}" / "pseudo_labels.csv")

@@ -15,39 +15,52 @@ import pandas as pd
 import pytest
 from kaggle_stub import STUB_KEY, KaggleStub, use_stub
 
+from pipeline.competition import Competition, write_competition
+from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import load_profile, write_params
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, StageError
 from pipeline.io import file_sha256
 from pipeline.kaggle_client import SubmitError, retry_delay, with_retries
-from pipeline.metrics import CLASS_COLUMNS, write_predictions
-from pipeline.stages.submit import code_revision, run, submit_command, validate_submission
+from pipeline.metrics import write_predictions
+from pipeline.stages.submit import build_submission, code_revision, run, submit_command, validate_submission
 
 IDS = [f"img_{i}.jpg" for i in range(1, 7)]
-HEADER = "img," + ",".join(CLASS_COLUMNS)
+HEADER = "img," + ",".join(CLASSES)  # State Farm's sample submission
 ROOT = Path(__file__).resolve().parent.parent
+# Every stubbed upload names a competition that cannot exist on Kaggle.
+COMPETITION = "pipeline-test-no-such-competition"
 
 
 def make_cfg(root: Path, **submit):
     overrides = {f"submit.{key}": value for key, value in {"backoff_s": 0.001, **submit}.items()}
-    return load_profile("smoke", overrides).at(root)
+    return load_profile("smoke", {"ingest.competition": COMPETITION, **overrides}).at(root)
 
 
-def write_sample(root: Path, ids: list[str] = IDS) -> Path:
+def write_sample(root: Path, ids: list[str] = IDS, header: str = HEADER) -> Path:
     path = root / "data/raw/sample_submission.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(HEADER + "\n" + "".join(f"{img}," + ",".join(["0.1"] * 10) + "\n" for img in ids))
+    k = header.count(",")
+    path.write_text(header + "\n" + "".join(f"{img}," + ",".join([f"{1 / k:.6g}"] * k) + "\n" for img in ids))
     return path
 
 
-def write_calibrated(root: Path, ids: list[str] = IDS, probs: np.ndarray | None = None) -> Path:
-    if probs is None:
-        probs = np.random.default_rng(0).dirichlet(np.ones(10), size=len(ids)) * 2  # unnormalised on purpose
-    return write_predictions(root / "data/predictions/calibrate/test.csv", ids, probs)
+def write_calibrated(root: Path, ids: list[str] = IDS, probs: np.ndarray | None = None,
+                     classes: tuple[str, ...] = CLASSES) -> Path:
+    if probs is None:  # unnormalised on purpose
+        probs = np.random.default_rng(0).dirichlet(np.ones(len(classes)), size=len(ids)) * 2
+    return write_predictions(root / "data/predictions/calibrate/test.csv", ids, probs, classes)
+
+
+def write_raw_competition(root: Path, source: str = "dir", classes: tuple[str, ...] = CLASSES,
+                          id_column: str = "img") -> None:
+    """competition.json as ingest writes it; source ``dir`` (real files), so uploads are allowed."""
+    write_competition(root / "data/raw", Competition(classes, id_column, True, "subject", "folder", source))
 
 
 @pytest.fixture
 def project(tmp_path):
     write_sample(tmp_path)
+    write_raw_competition(tmp_path)
     write_calibrated(tmp_path)
     return tmp_path
 
@@ -149,7 +162,7 @@ def test_good_submission_passes_and_counts_rows(tmp_path):
     assert validate_submission(path, sample) == len(IDS)
 
 
-@pytest.mark.parametrize("damage", ["missing id", "NaN", "zero", "wrong column"])
+@pytest.mark.parametrize("damage", ["missing id", "NaN", "zero", "negative", "wrong column"])
 def test_bad_predictions_upload_nothing_and_keep_the_previous_submission(project, stub, damage):
     cfg = make_cfg(project, enabled=True)
     run(cfg)
@@ -165,6 +178,8 @@ def test_bad_predictions_upload_nothing_and_keep_the_previous_submission(project
         df.loc[2, "c3"] = np.nan
     elif damage == "zero":
         df.loc[2, "c3"] = 0.0
+    elif damage == "negative":
+        df.loc[2, "c3"] = -0.1
     else:
         df = df.rename(columns={"c9": "c10"})
     df.to_csv(pred, index=False)
@@ -172,11 +187,128 @@ def test_bad_predictions_upload_nothing_and_keep_the_previous_submission(project
     with pytest.raises(BadInputError) as info:
         run(cfg)
     assert str(submission) in str(info.value) or str(pred) in str(info.value)
-    if damage in ("NaN", "zero"):
-        assert info.value.row == 4 and str(pred) in str(info.value)  # row 4 of both files
+    if damage in ("NaN", "zero", "negative"):
+        assert info.value.row == 4 and str(pred) in str(info.value) and "c3" in str(info.value)  # row 4 of both files
     assert len(stub.requests) == n_requests, "nothing may be sent after a refused file"
     assert submission.read_bytes() == good
     assert sorted(p.name for p in submission.parent.iterdir()) == ["submission.csv"], "no temp files left"
+
+
+# ---------------------------------------------------------------------------- any competition's format
+
+SHAPES = ("circle", "square", "triangle")
+SHAPES_HEADER = "image_id," + ",".join(SHAPES)
+
+
+@pytest.fixture
+def shapes_project(tmp_path):
+    """A 3-class competition whose sample submission is ``image_id,circle,square,triangle``."""
+    write_sample(tmp_path, header=SHAPES_HEADER)
+    write_raw_competition(tmp_path, classes=SHAPES, id_column="image_id")
+    write_calibrated(tmp_path, classes=SHAPES)
+    return tmp_path
+
+
+def test_submission_header_is_the_sample_submissions_for_any_competition(shapes_project):
+    """The submission takes the sample submission's header (its id column and class columns), not State Farm's."""
+    cfg = make_cfg(shapes_project, enabled=False)
+    assert run(cfg)["n_rows"] == len(IDS)
+    text = cfg.paths.path("submission").read_text().splitlines()
+    assert text[0] == SHAPES_HEADER
+    assert [line.split(",")[0] for line in text[1:]] == IDS
+    assert np.allclose(pd.read_csv(cfg.paths.path("submission"))[list(SHAPES)].sum(axis=1), 1.0, atol=1e-7)
+
+
+def test_predictions_in_another_column_order_are_refused(shapes_project):
+    """Class columns are matched by name and order: a reordered predictions file is refused, never relabelled."""
+    pred = shapes_project / "data/predictions/calibrate/test.csv"
+    pd.read_csv(pred)[["id", "square", "circle", "triangle"]].to_csv(pred, index=False)
+    with pytest.raises(BadInputError, match="header must be exactly id,circle,square,triangle: columns out of order") as info:
+        build_submission(pred, shapes_project / "data/raw/sample_submission.csv", shapes_project / "out.csv")
+    assert info.value.file == pred and info.value.row == 1
+    assert not (shapes_project / "out.csv").exists()
+
+
+def damaged_shapes(root: Path, row: int, values: dict[str, str]) -> Path:
+    """The shapes predictions with the cells of data row ``row`` (0-based) replaced by ``values`` (as text)."""
+    pred = root / "data/predictions/calibrate/test.csv"
+    df = pd.read_csv(pred, dtype=str, keep_default_na=False)
+    for column, text in values.items():
+        df.loc[row, column] = text
+    df.to_csv(pred, index=False)
+    return pred
+
+
+# case -> (data row, replaced cells, file row and column the message must name)
+NEGATIVE = {
+    "all negative": (3, {"circle": "-0.2", "square": "-0.3", "triangle": "-0.5"}, 5, "circle = -0.2 is negative"),
+    "third column negative": (1, {"triangle": "-0.25"}, 3, "triangle = -0.25 is negative"),
+    "second column negative": (0, {"square": "-1e-09"}, 2, "square = -1e-09 is negative"),
+}
+
+
+@pytest.mark.parametrize("case", list(NEGATIVE))
+def test_negative_predictions_are_refused_naming_file_row_and_column(shapes_project, case):
+    """Renormalising an all-negative row would make it look valid: any negative value is refused,
+    naming the predictions file, its row and the class column that holds it."""
+    row, values, file_row, expected = NEGATIVE[case]
+    pred = damaged_shapes(shapes_project, row, values)
+    out = shapes_project / "out.csv"
+    with pytest.raises(BadInputError) as info:
+        build_submission(pred, shapes_project / "data/raw/sample_submission.csv", out)
+    assert info.value.file == pred and info.value.row == file_row
+    assert expected in str(info.value), str(info.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["NaN", "nan", "inf", "1e400"])
+def test_non_finite_prediction_is_reported_in_its_own_column(shapes_project, text):
+    """A NaN or inf in the third class column is reported at that column, not at the first column its
+    renormalised row would spoil."""
+    pred = damaged_shapes(shapes_project, 1, {"triangle": text})
+    with pytest.raises(BadInputError) as info:
+        build_submission(pred, shapes_project / "data/raw/sample_submission.csv", shapes_project / "out.csv")
+    message = str(info.value)
+    assert info.value.file == pred and info.value.row == 3
+    assert f"triangle is {text}, not a finite number" in message and "circle" not in message, message
+
+
+def test_all_zero_prediction_row_is_refused_as_such(shapes_project):
+    """A row of zeros cannot be renormalised: it is refused as such, not as a NaN in its first column."""
+    pred = damaged_shapes(shapes_project, 4, dict.fromkeys(SHAPES, "0"))
+    with pytest.raises(BadInputError, match=r"row 6: img_5.jpg: every probability is 0") as info:
+        build_submission(pred, shapes_project / "data/raw/sample_submission.csv", shapes_project / "out.csv")
+    assert info.value.file == pred
+
+
+# ---------------------------------------------------------------------------- synthetic data stays local
+
+
+@pytest.mark.parametrize("source", ["synthetic", "shapes"])
+def test_upload_of_synthetic_predictions_is_refused_before_any_request(project, stub, source):
+    """Predictions from generated data never reach Kaggle: with credentials and submit.enabled, the
+    stage refuses before the client sends anything."""
+    write_raw_competition(project, source=source)
+    with pytest.raises(SubmitError, match=f"refusing to upload: .*synthetic data \\(ingest.source={source}"):
+        run(make_cfg(project, enabled=True))
+    assert stub.requests == [], "no request may reach Kaggle"
+    assert not (project / "reports/submission.json").exists()
+
+
+def test_synthetic_predictions_still_make_a_dry_run(project, stub, capsys):
+    """submit.enabled=false keeps the synthetic pipelines' submit stage working (a local file, no upload)."""
+    write_raw_competition(project, source="synthetic")
+    assert run(make_cfg(project, enabled=False))["dry_run"] is True
+    assert "submit.enabled is false" in capsys.readouterr().out
+    assert stub.requests == []
+
+
+def test_submit_needs_the_competition_from_ingest(project, stub):
+    """Without competition.json the source of the data is unknown: nothing is built or sent."""
+    (project / "data/raw/competition.json").unlink()
+    with pytest.raises(StageError, match="competition.json not found: run the ingest stage first"):
+        run(make_cfg(project, enabled=True))
+    assert stub.requests == []
 
 
 # ---------------------------------------------------------------------------- dry run
@@ -188,7 +320,7 @@ def test_dry_run_prints_the_exact_command_and_records_it(project, capsys):
     out = capsys.readouterr().out
     path = cfg.paths.path("submission")
     message = f"fold-avg v2 | code {code_revision()} | data {file_sha256(path)[:12]}"
-    command = f'kaggle competitions submit -c state-farm-distracted-driver-detection -f {path} -m "{message}"'
+    command = f'kaggle competitions submit -c {COMPETITION} -f {path} -m "{message}"'
     assert command in out.splitlines()
     assert figures == {"n_rows": len(IDS), "dry_run": True, "reference": None}
     record = json.loads((project / "reports/submission.json").read_text())
@@ -196,7 +328,7 @@ def test_dry_run_prints_the_exact_command_and_records_it(project, capsys):
     assert json.loads(cfg.paths.stage_metrics_file("submit").read_text()) == figures
     validate_submission(path, project / "data/raw/sample_submission.csv")
     # Unnormalised predictions (rows summing to 2) are renormalised on write.
-    assert np.allclose(pd.read_csv(path)[CLASS_COLUMNS].sum(axis=1), 1.0, atol=1e-7)
+    assert np.allclose(pd.read_csv(path)[list(CLASSES)].sum(axis=1), 1.0, atol=1e-7)
 
 
 def test_enabled_without_credentials_is_a_dry_run(project, no_credentials, capsys):
@@ -224,7 +356,7 @@ def test_stub_submission_uploads_the_file_and_records_the_reference(project, stu
     assert figures["dry_run"] is False and figures["reference"] == 40_001 and figures["public_score"] == 0.534
     [start] = stub.calls("StartSubmissionUpload")
     assert start.json() | {"lastModifiedEpochSeconds": 0} == {
-        "competitionName": cfg.ingest.competition, "fileName": "submission.csv",
+        "competitionName": COMPETITION, "fileName": "submission.csv",
         "contentLength": path.stat().st_size, "lastModifiedEpochSeconds": 0}
     [put] = stub.calls("upload")
     assert put.body == path.read_bytes()

@@ -6,7 +6,7 @@ validation drivers and applied to valid and test predictions alike:
 - **temperature scaling**: ``softmax(log p / T)``; one scalar ``T`` fitted on validation log loss
   (``T > 1`` softens an over-confident model, ``T < 1`` sharpens an under-confident one). It never
   changes the argmax, so accuracy is untouched.
-- **clipping** every probability to ``[(1 - hi) / 9, hi]`` and renormalising the row, ``hi`` chosen on
+- **clipping** every probability to ``[(1 - hi) / (K - 1), hi]`` (K classes) and renormalising the row, ``hi`` chosen on
   validation (the fast.ai course clipped to 0.93 and gained a lot: a wrong 0.999 costs 6.9 nats,
   a wrong 0.93 costs 2.6).
 
@@ -29,13 +29,16 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
+from pipeline.competition import label_indices, read_competition
 from pipeline.config import Config
 from pipeline.errors import BadInputError, StageError
 from pipeline.folds import group_folds
 from pipeline.metrics import (
+    ID_COLUMN,
     KAGGLE_EPS,
     evaluate,
     kaggle_logloss,
+    prediction_classes,
     read_hidden_labels,
     read_predictions,
     write_predictions,
@@ -45,7 +48,7 @@ from pipeline.metrics import (
 SOURCE_STAGE = "ensemble"
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 # Upper clips searched: coarse where the course found its optimum (0.93), then ever lighter clipping
-# down to 1 - 1e-6. The lower clip is (1 - hi) / 9, so a row at hi with the rest at lo sums to 1.
+# down to 1 - 1e-6. The lower clip is (1 - hi) / (K - 1), so a row at hi with the rest at lo sums to 1.
 CLIP_GRID = np.unique(np.concatenate([np.linspace(0.5, 0.99, 50), 1 - np.logspace(-2, -6, 17)]))
 
 
@@ -96,7 +99,7 @@ def fit_clip(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray = CLIP_GRID
     """(lo, hi) from ``grid`` minimising validation log loss; (0, 1) (no clipping) unless one helps."""
     best_lo, best_hi, best_loss = 0.0, 1.0, kaggle_logloss(probs, labels)
     for hi in grid:
-        lo = (1.0 - hi) / 9.0
+        lo = (1.0 - hi) / (probs.shape[1] - 1)
         loss = kaggle_logloss(clip_probs(probs, lo, hi), labels)
         if loss < best_loss:
             best_lo, best_hi, best_loss = float(lo), float(hi), loss
@@ -138,34 +141,43 @@ def cross_fitted_probs(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray
 # ---------------------------------------------------------------------------- inputs
 
 
-def read_checked_predictions(path: Path) -> tuple[list[str], np.ndarray]:
-    """A predictions file, refused with file and row when a row is not a usable distribution."""
+def read_checked_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """A predictions file, refused with file, row and column when a row is not a usable distribution."""
     if not path.exists():
         raise StageError(f"{path} not found: run the {SOURCE_STAGE} stage first")
+    header = [ID_COLUMN, *classes]
     try:
-        imgs, probs = read_predictions(path)
+        got = [ID_COLUMN, *prediction_classes(path)]
+        ids, probs = read_predictions(path)
     except (KeyError, ValueError) as err:
-        raise BadInputError(path, f"expected columns img,c0..c9 with numeric probabilities ({err})", row=1) from None
-    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | ~(probs.sum(axis=1) > 0)
+        raise BadInputError(path, f"expected columns {','.join(header)} with numeric probabilities ({err})", row=1) from None
+    if got != header:
+        raise BadInputError(path, f"expected columns {','.join(header)}, got {','.join(got)}", row=1)
+    bad = ~np.isfinite(probs) | (probs < 0)
     if bad.any():
-        i = int(np.argmax(bad))
-        raise BadInputError(path, f"{imgs[i]}: probabilities must be finite, >= 0 and not all zero", row=i + 2)
-    return imgs, probs
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise BadInputError(path, f"{ids[i]}: {classes[j]} = {probs[i, j]} (probabilities must be finite and >= 0)",
+                            row=i + 2)
+    empty = ~(probs.sum(axis=1) > 0)
+    if empty.any():
+        i = int(np.argmax(empty))
+        raise BadInputError(path, f"{ids[i]}: every probability is 0", row=i + 2)
+    return ids, probs
 
 
-def valid_targets(split_csv: Path, imgs: list[str], predictions_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Class index and driver of each validation prediction, from split.csv's valid rows."""
+def valid_targets(split_csv: Path, ids: list[str], predictions_path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Class index and group of each validation prediction, from split.csv's valid rows."""
     if not split_csv.exists():
         raise StageError(f"{split_csv} not found: run the split stage first")
-    split = pd.read_csv(split_csv, dtype={"img": str, "subject": str, "classname": str})
-    valid = split[split["split"] == "valid"].set_index("img")
-    labels, groups = [], []
-    for i, img in enumerate(imgs):
-        if img not in valid.index:
-            raise BadInputError(predictions_path, f"{img} is not a validation image in {split_csv}", row=i + 2)
-        labels.append(int(valid.at[img, "classname"][1:]))
-        groups.append(valid.at[img, "subject"])
-    return np.array(labels, dtype=np.int64), np.array(groups)
+    split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
+    # Every label is checked in split.csv's own row order, so an unknown one is named at its row there.
+    split["class_index"] = label_indices(split["label"].tolist(), classes, split_csv)
+    valid = split[split["split"] == "valid"].set_index("id")
+    missing = [i for i, image_id in enumerate(ids) if image_id not in valid.index]
+    if missing:
+        raise BadInputError(predictions_path, f"{ids[missing[0]]} is not a validation image in {split_csv}",
+                            row=missing[0] + 2)
+    return valid.loc[ids, "class_index"].to_numpy(dtype=np.int64), valid.loc[ids, "group"].to_numpy()
 
 
 # ---------------------------------------------------------------------------- stage
@@ -179,9 +191,10 @@ def run(cfg: Config) -> dict:
     start = time.perf_counter()
     source = cfg.paths.path("predictions") / SOURCE_STAGE
     out = cfg.paths.path("predictions") / "calibrate"
-    valid_imgs, valid_probs = read_checked_predictions(source / "valid.csv")
-    test_imgs, test_probs = read_checked_predictions(source / "test.csv")
-    labels, drivers = valid_targets(cfg.paths.path("split_csv"), valid_imgs, source / "valid.csv")
+    classes = list(read_competition(cfg.paths.path("raw")).classes)
+    valid_imgs, valid_probs = read_checked_predictions(source / "valid.csv", classes)
+    test_imgs, test_probs = read_checked_predictions(source / "test.csv", classes)
+    labels, drivers = valid_targets(cfg.paths.path("split_csv"), valid_imgs, source / "valid.csv", classes)
 
     opts = cfg.calibrate
     crossfit = cross_fitted_probs(valid_probs, labels, drivers, opts.temperature, opts.clip, opts.cross_fit_folds, opts.seed)
@@ -192,10 +205,10 @@ def run(cfg: Config) -> dict:
     trusted = crossfit_logloss is None or crossfit_logloss < kaggle_logloss(valid_probs, labels)
     calibration = fitted if trusted else Calibration()
     valid_cal, test_cal = apply_calibration(valid_probs, calibration), apply_calibration(test_probs, calibration)
-    write_predictions(out / "valid.csv", valid_imgs, valid_cal)
-    write_predictions(out / "test.csv", test_imgs, test_cal)
+    write_predictions(out / "valid.csv", valid_imgs, valid_cal, classes)
+    write_predictions(out / "test.csv", test_imgs, test_cal, classes)
 
-    hidden = read_hidden_labels(cfg.paths.path("hidden"))
+    hidden = read_hidden_labels(cfg.paths.path("hidden"), classes)
     before = evaluate(valid_probs, labels, test_imgs, test_probs, hidden)
     after = evaluate(valid_cal, labels, test_imgs, test_cal, hidden)
     figures: dict = {
@@ -207,7 +220,7 @@ def run(cfg: Config) -> dict:
         **rounded({f"fitted_{key}": value for key, value in asdict(fitted).items()}),
         **rounded(asdict(calibration)),
         "n_valid": len(valid_imgs),
-        "n_valid_drivers": int(len(np.unique(drivers))),
+        "n_valid_groups": int(len(np.unique(drivers))),
         "n_test": len(test_imgs),
         "seconds": round(time.perf_counter() - start, 3),
     }

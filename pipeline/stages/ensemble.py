@@ -35,9 +35,8 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from pipeline.config import Config, item_stage
-from pipeline.datamodules import split_labels
 from pipeline.errors import BadInputError, StageError
-from pipeline.featurecache import FeatureSplit, embed_batches, load_split, resolve_device
+from pipeline.featurecache import FeatureSplit, embed_batches, load_meta, load_split, resolve_device
 from pipeline.folds import group_folds
 from pipeline.metrics import (
     KAGGLE_EPS,
@@ -45,6 +44,7 @@ from pipeline.metrics import (
     evaluate,
     kaggle_logloss,
     keep_tta_if_better,
+    prediction_classes,
     read_hidden_labels,
     read_predictions,
     write_predictions,
@@ -180,7 +180,7 @@ def cached_augmented(split: FeatureSplit, imgs: np.ndarray, passes: int) -> list
     """Copies 1..passes of ``imgs`` from the cache, or None when the cache holds too few copies."""
     if split.copies <= passes:
         return None
-    table = split.index.pivot(index="img", columns="copy", values="row")
+    table = split.index.pivot(index="id", columns="copy", values="row")
     return [split.features[table.loc[imgs, k].to_numpy()] for k in range(1, passes + 1)]
 
 
@@ -237,7 +237,7 @@ def augmented_features(cfg: Config, splits: dict[str, FeatureSplit], imgs: dict[
     missing = [name for name, feats in cached.items() if feats is None]
     if missing:
         tables = read_image_tables(cfg)
-        paths = {name: tables[name].set_index("img").loc[imgs[name], "path"].tolist() for name in missing}
+        paths = {name: tables[name].set_index("id").loc[imgs[name], "path"].tolist() for name in missing}
         cached.update(computed_augmented(cfg, paths, passes, {name: plain[name] for name in missing}))
     return cached
 
@@ -264,36 +264,42 @@ def head_member(cfg: Config, member: int, plain: dict[str, np.ndarray], augmente
     return Member(member_stage(member), valid, test, figures)
 
 
-def aligned_predictions(path: Path, imgs: np.ndarray) -> np.ndarray | None:
+def aligned_predictions(path: Path, imgs: np.ndarray, classes: list[str]) -> np.ndarray | None:
     """Rows of a predictions file in ``imgs`` order; None when it lacks any of them."""
+    if prediction_classes(path) != list(classes):
+        raise BadInputError(path, f"class columns must be {','.join(classes)} (the competition's), "
+                                  f"got {','.join(prediction_classes(path))}", row=1)
     got_imgs, probs = read_predictions(path)
     frame = pd.DataFrame(probs, index=got_imgs)
     if frame.index.duplicated().any():
-        raise BadInputError(path, "duplicate img rows")
+        raise BadInputError(path, "duplicate id rows")
     if not pd.Index(imgs).isin(frame.index).all():
         return None
     return frame.loc[imgs].to_numpy(dtype=np.float64)
 
 
-def predictions_member(name: str, folder: Path, valid_imgs: np.ndarray, test_imgs: np.ndarray) -> Member | None:
+def predictions_member(name: str, folder: Path, valid_imgs: np.ndarray, test_imgs: np.ndarray,
+                       classes: list[str]) -> Member | None:
     """The predictions in ``folder`` as a member, when both files exist and cover every image."""
     if not ((folder / "valid.csv").exists() and (folder / "test.csv").exists()):
         return None
-    valid, test = aligned_predictions(folder / "valid.csv", valid_imgs), aligned_predictions(folder / "test.csv", test_imgs)
+    valid = aligned_predictions(folder / "valid.csv", valid_imgs, classes)
+    test = aligned_predictions(folder / "test.csv", test_imgs, classes)
     if valid is None or test is None:
         return None
     return Member(name, normalise(valid), normalise(test))
 
 
-def stage_member(cfg: Config, stage: str, valid_imgs: np.ndarray, test_imgs: np.ndarray) -> Member | None:
+def stage_member(cfg: Config, stage: str, valid_imgs: np.ndarray, test_imgs: np.ndarray,
+                 classes: list[str]) -> Member | None:
     """Another stage's predictions (``ensemble.include``), when they exist."""
-    return predictions_member(stage, cfg.paths.path("predictions") / stage, valid_imgs, test_imgs)
+    return predictions_member(stage, cfg.paths.path("predictions") / stage, valid_imgs, test_imgs, classes)
 
 
-def finetuned_member(cfg: Config, member: int, imgs: dict[str, np.ndarray]) -> Member:
+def finetuned_member(cfg: Config, member: int, imgs: dict[str, np.ndarray], classes: list[str]) -> Member:
     """A fine-tuned ``member@<m>``'s predictions, as its stage wrote them (TTA decided there)."""
     folder = cfg.paths.member_predictions(member)
-    found = predictions_member(member_stage(member), folder, imgs["valid"], imgs["test"])
+    found = predictions_member(member_stage(member), folder, imgs["valid"], imgs["test"], classes)
     if found is None:
         raise StageError(f"{folder}/valid.csv and test.csv with every valid and test image not found: "
                          f"run the {member_stage(member)} stage first")
@@ -303,12 +309,12 @@ def finetuned_member(cfg: Config, member: int, imgs: dict[str, np.ndarray]) -> M
 # ---------------------------------------------------------------------------- stage
 
 
-def valid_groups(split_csv: Path, imgs: np.ndarray) -> np.ndarray:
-    """Driver of each validation image (for the cross-fitted estimate)."""
+def valid_groups(split_csv: Path, ids: np.ndarray) -> np.ndarray:
+    """Group of each validation image (for the cross-fitted estimate; the image itself without groups)."""
     if not split_csv.exists():
         raise StageError(f"{split_csv} not found: run the split stage first")
-    split = pd.read_csv(split_csv, dtype={"img": str, "subject": str}).set_index("img")
-    return split.loc[imgs, "subject"].to_numpy()
+    split = pd.read_csv(split_csv, dtype={"id": str, "group": str}, keep_default_na=False).set_index("id")
+    return split.loc[ids, "group"].to_numpy()
 
 
 def crossfit_logloss(probs: np.ndarray | None, labels: np.ndarray) -> float | None:
@@ -333,18 +339,20 @@ def run(cfg: Config) -> dict[str, Any]:
     features_dir = cfg.paths.path("features")
     splits = {name: load_split(features_dir, name) for name in ("valid", "test")}
     rows = {name: split.rows_of_copy(0) for name, split in splits.items()}
-    imgs = {name: split.index["img"].to_numpy()[rows[name]] for name, split in splits.items()}
+    imgs = {name: split.index["id"].to_numpy()[rows[name]] for name, split in splits.items()}
     plain = {name: split.features[rows[name]] for name, split in splits.items()}
-    labels = split_labels(splits["valid"])[rows["valid"]]
-    hidden = read_hidden_labels(cfg.paths.path("hidden"))
+    classes = load_meta(features_dir)["classes"]
+    labels = splits["valid"].labels(classes)[rows["valid"]]
+    hidden = read_hidden_labels(cfg.paths.path("hidden"), classes)
     test_labels = np.array([hidden[i] for i in imgs["test"]]) if hidden is not None else None
 
     if opts.member_model == "head":
         augmented = augmented_features(cfg, splits, imgs, plain, opts.tta if opts.members else 0)
         members = [head_member(cfg, m, plain, augmented, labels) for m in opts.members]
     else:
-        members = [finetuned_member(cfg, m, imgs) for m in opts.members]
-    members += [m for m in (stage_member(cfg, s, imgs["valid"], imgs["test"]) for s in opts.include) if m is not None]
+        members = [finetuned_member(cfg, m, imgs, classes) for m in opts.members]
+    members += [m for m in (stage_member(cfg, s, imgs["valid"], imgs["test"], classes) for s in opts.include)
+                if m is not None]
     if not members:
         raise StageError(f"no ensemble members: ensemble.members is empty and none of {opts.include} has predictions")
     for member in members:
@@ -369,8 +377,8 @@ def run(cfg: Config) -> dict[str, Any]:
             valid, test = valid_smoothed, test_smoothed
 
     out = cfg.paths.path("predictions") / "ensemble"
-    write_predictions(out / "valid.csv", imgs["valid"], valid)
-    write_predictions(out / "test.csv", imgs["test"], test)
+    write_predictions(out / "valid.csv", imgs["valid"], valid, classes)
+    write_predictions(out / "test.csv", imgs["test"], test, classes)
 
     best = min(members, key=lambda m: m.figures["valid_logloss"])
     figures: dict[str, Any] = {

@@ -8,7 +8,7 @@ Layout (the DVC out is the whole ``data/features`` folder)::
                                    its fingerprints match the split folders
       {valid,test,train}/
         fingerprint.txt            hash of everything the chunks depend on
-        index.csv                  img,row,copy,chunk,offset,classname (one line per cached row)
+        index.csv                  id,row,copy,chunk,offset,label (one line per cached row)
         chunk_00000.npy ...        float16 (rows, channels * grid * grid), chunk_size rows each
 
 What is cached. VGG's pool5 map (512x7x7 at 224 px for vgg16_bn: 50 KB per image in fp16, 11 GB
@@ -37,7 +37,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,16 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from pipeline.competition import read_competition
 from pipeline.config import Config
-from pipeline.data import ImageRowsDataset, build_augmentation, class_index, seed_worker
+from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
 from pipeline.featurecache import (
     FINGERPRINT_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
     chunk_bounds,
+    chunk_checksums,
     chunk_count,
     chunk_is_valid,
     chunk_path,
@@ -86,7 +88,7 @@ class SplitRows:
     """The rows of one split's cache, in row order."""
 
     name: str
-    table: pd.DataFrame  # img, path, classname, copy (row = position)
+    table: pd.DataFrame  # id, path, label, copy (row = position)
     n_images: int
     copies: int
 
@@ -102,12 +104,12 @@ def plan_rows(name: str, images: pd.DataFrame, copies: int) -> SplitRows:
 def index_table(rows: SplitRows, chunk_size: int) -> pd.DataFrame:
     row = np.arange(len(rows.table))
     return pd.DataFrame({
-        "img": rows.table["img"].to_numpy(),
+        "id": rows.table["id"].to_numpy(),
         "row": row,
         "copy": rows.table["copy"].to_numpy(),
         "chunk": row // chunk_size,
         "offset": row % chunk_size,
-        "classname": rows.table["classname"].to_numpy(),
+        "label": rows.table["label"].to_numpy(),
     })
 
 
@@ -126,7 +128,7 @@ def weights_identity(cfg: Config) -> dict[str, Any]:
 
 def split_fingerprint(cfg: Config, rows: SplitRows) -> str:
     """Hash of everything a split's chunks depend on (not batch size, workers or device)."""
-    names = hashlib.sha256("\n".join(rows.table["img"]).encode()).hexdigest()
+    names = hashlib.sha256("\n".join(rows.table["id"]).encode()).hexdigest()
     paths = hashlib.sha256("\n".join(Path(p).name for p in rows.table["path"]).encode()).hexdigest()
     spec: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -187,7 +189,7 @@ def extract_split(cfg: Config, rows: SplitRows, split_dir: Path, conv_base: torc
     if not todo:
         return stats
     augmentation = build_augmentation(cfg.augment) if rows.copies > 1 else None
-    dataset = ImageRowsDataset(rows.table["path"].tolist(), target_hw, labels=class_index(rows.table["classname"].tolist()),
+    dataset = ImageRowsDataset(rows.table["path"].tolist(), target_hw, labels=None,
                                copies=rows.table["copy"].tolist(), augmentation=augmentation, seed=cfg.features.seed)
     indices = todo_row_indices(todo, n_rows, chunk_size)
     workers = cfg.features.num_workers
@@ -231,9 +233,11 @@ def extract_split(cfg: Config, rows: SplitRows, split_dir: Path, conv_base: torc
 # ---------------------------------------------------------------------------- stage
 
 
-def build_meta(cfg: Config, data_cfg: dict[str, Any], channels: int, dim: int, split_info: dict[str, Any]) -> dict[str, Any]:
+def build_meta(cfg: Config, data_cfg: dict[str, Any], channels: int, dim: int, split_info: dict[str, Any],
+               classes: Sequence[str]) -> dict[str, Any]:
     return {
         "complete": True,
+        "classes": list(classes),  # the competition's, in order: what the index's labels index into
         "format": FORMAT_VERSION,
         "arch": cfg.model.arch,
         "width_divisor": cfg.model.width_divisor if cfg.model.arch == "vgg16_bn_narrow" else 1,
@@ -279,8 +283,9 @@ def run(cfg: Config, on_chunk_written: ChunkHook | None = None) -> dict[str, Any
         for key in totals:
             totals[key] += stats[key]
         split_info[name] = {"n_images": rows.n_images, "n_rows": len(rows.table), "copies": rows.copies,
-                            "n_chunks": chunk_count(len(rows.table), cfg.features.chunk_size), "fingerprint": fingerprint}
-    meta = build_meta(cfg, data_cfg, channels, dim, split_info)
+                            "n_chunks": chunk_count(len(rows.table), cfg.features.chunk_size), "fingerprint": fingerprint,
+                            "chunk_sha256": chunk_checksums(split_dir, len(rows.table), cfg.features.chunk_size)}
+    meta = build_meta(cfg, data_cfg, channels, dim, split_info, read_competition(cfg.paths.path("raw")).classes)
     atomic_write_json(out_dir / META_FILE, meta)
 
     figures: dict[str, Any] = {

@@ -43,13 +43,14 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     valid_probs, test_probs = fitted.predict(tables["valid"]), fitted.predict(tables["test"])
     if not fitted.outcome.is_global_zero:
         return {}
+    classes = fitted.meta["classes"]
+    figures: dict[str, Any] = evaluate(valid_probs, tables["valid"].labels, tables["test"].ids, test_probs,
+                                       read_hidden_labels(cfg.paths.path("hidden"), classes))
     save_network(out_dir / MODEL_FILE, fitted.outcome.network, {**fitted.meta, "stage": STAGE})
     pred_dir = cfg.paths.path("predictions") / STAGE
-    write_predictions(pred_dir / "valid.csv", tables["valid"].imgs, valid_probs)
-    write_predictions(pred_dir / "test.csv", tables["test"].imgs, test_probs)
+    write_predictions(pred_dir / "valid.csv", tables["valid"].ids, valid_probs, classes)
+    write_predictions(pred_dir / "test.csv", tables["test"].ids, test_probs, classes)
 
-    figures: dict[str, Any] = evaluate(valid_probs, tables["valid"].labels, tables["test"].imgs, test_probs,
-                                       read_hidden_labels(cfg.paths.path("hidden")))
     figures.update(training_figures(fitted, len(tables["train"])))
     figures["seconds"] = round(time.perf_counter() - start, 3)
     write_stage_metrics(cfg.paths.stage_metrics_file(STAGE), figures)

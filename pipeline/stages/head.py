@@ -35,9 +35,10 @@ def run(cfg: Config) -> dict[str, Any]:
     features_meta = load_meta(features_dir)
     train, valid, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
     head_dir = cfg.paths.path("models") / STAGE
-    head, facts = fit_head(cfg, train, valid, head_dir)
+    classes = features_meta["classes"]
+    head, facts = fit_head(cfg, train, valid, head_dir, classes)
+    figures = predict_and_score(cfg, head, valid, test, cfg.paths.path("predictions") / STAGE, classes)
     save_network(head_dir / HEAD_FILE, head, head_meta(cfg, features_meta, int(features_meta["feature_dim"])))
-    figures = predict_and_score(cfg, head, valid, test, cfg.paths.path("predictions") / STAGE)
     figures.update({**facts, "n_train_images": int(train.index["copy"].eq(0).sum()), "copies": train.copies,
                     "seconds": round(time.perf_counter() - start, 3)})
     write_stage_metrics(cfg.paths.stage_metrics_file(STAGE), figures)

@@ -1,21 +1,26 @@
-"""ingest: verify the competition files and put them into data/raw in Kaggle layout.
+"""ingest: verify the competition files against the competition spec and put them into data/raw.
 
-Sources (``ingest.source``): ``synthetic`` (generated), ``dir`` (a folder in Kaggle layout), ``zip``
-(the competition zip, flat or with nested ``imgs.zip``) and ``kaggle`` (the official client downloads
-the zip). Every source is first materialised in a temp sibling of data/raw and verified there;
-data/raw and data/hidden are swapped in only when everything checks out, so a failure leaves the
-previous output untouched and nothing half-written.
+Sources (``ingest.source``): ``synthetic`` (the State-Farm-shaped generator), ``shapes`` (the tiny
+CSV-layout generator), ``dir`` (a competition folder), ``zip`` (the competition zip, flat or with
+nested zips such as State Farm's ``imgs.zip``) and ``kaggle`` (the official client downloads the zip).
+Every source is first materialised in a temp sibling of data/raw and verified there; data/raw and
+data/hidden are swapped in only when everything checks out, so a failure leaves the previous output
+untouched and nothing half-written.
 
-data/raw holds the shipped files (``imgs/train/cK/*.jpg``, ``imgs/test/*.jpg``,
-``driver_imgs_list.csv``, ``sample_submission.csv``) plus ``train_index.csv`` (img,subject,
-classname,path), ``test_index.csv`` (img,path) and ``quarantine.csv`` (img,path,reason); paths are
-relative to data/raw. Downstream stages read the indexes, never glob ``imgs/``: a quarantined image
-is removed from ``imgs/`` and left out of the indexes, while the shipped CSVs still list it (so a
-quarantined test image still needs a row in the submission).
+What is verified follows ``cfg.competition`` (layout ``folder`` or ``csv``; see
+``pipeline.config.CompetitionConfig``): the class names and their order come from the sample
+submission's header; every image decodes; every train image is labelled exactly once with a known
+class; ids, labels and groups carry no stray whitespace; every class has training images; the sample
+submission lists exactly the test images. data/raw then holds the shipped files plus the normalised
+view every later stage reads (``pipeline.competition``): ``train_index.csv`` (id,path,label,group),
+``test_index.csv`` (id,path), ``competition.json`` and ``quarantine.csv`` (id,path,reason); paths are
+relative to data/raw. A quarantined image is removed and left out of the indexes, while the shipped
+CSVs still list it (so a quarantined test image still needs a row in the submission).
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import logging
@@ -27,7 +32,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -36,7 +41,15 @@ from typing import Any, Literal
 
 from PIL import Image, ImageFile
 
-from pipeline.config import CLASSES, Config, SyntheticConfig
+from pipeline.competition import (
+    TEST_INDEX,
+    TEST_INDEX_COLUMNS,
+    TRAIN_INDEX,
+    TRAIN_INDEX_COLUMNS,
+    Competition,
+    write_competition,
+)
+from pipeline.config import CompetitionConfig, Config
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import atomic_dir
 from pipeline.kaggle_client import download_competition
@@ -44,55 +57,34 @@ from pipeline.metrics import write_stage_metrics
 
 log = logging.getLogger(__name__)
 
-DRIVER_CSV = "driver_imgs_list.csv"
-SUBMISSION_CSV = "sample_submission.csv"
-LAYOUT_ENTRIES = ("imgs", DRIVER_CSV, SUBMISSION_CSV)
-DRIVER_HEADER = ["subject", "classname", "img"]
-SUBMISSION_HEADER = ["img", *CLASSES]
-TRAIN_INDEX_HEADER = ["img", "subject", "classname", "path"]
-TEST_INDEX_HEADER = ["img", "path"]
-QUARANTINE_HEADER = ["img", "path", "reason"]
-JPEG_SUFFIXES = (".jpg", ".jpeg")
+QUARANTINE_HEADER = ["id", "path", "reason"]
 JPEG_MAGIC = b"\xff\xd8\xff"
 OTHER_FORMATS = {b"\x89PN": "PNG", b"GIF": "GIF", b"BM": "BMP", b"RIF": "RIFF/WebP", b"II*": "TIFF", b"MM\x00": "TIFF"}
 # Below this many images a process pool costs more to start than it saves.
 POOL_MIN_IMAGES = 2000
 HIDDEN_README = (
     "No hidden labels: this data was ingested from the real competition files, whose test labels\n"
-    "are known only to Kaggle. Synthetic ingests put test_labels.csv (img,subject,classname) here.\n"
+    "are known only to Kaggle. Synthetic ingests put test_labels.csv (id,label[,group]) here.\n"
 )
+SYNTHETIC_SOURCES = ("synthetic", "shapes")
 
 Problem = tuple[Literal["not_jpeg", "corrupt"], str]
 
 
 @dataclass(frozen=True)
 class TrainRow:
-    img: str
-    subject: str
-    classname: str
-
-    @property
-    def path(self) -> str:
-        return f"imgs/train/{self.classname}/{self.img}"
-
-
-@dataclass(frozen=True)
-class ImageScan:
-    """What lies under imgs/: train image id -> its class folder, and the test image ids."""
-
-    train: dict[str, str]
-    test: set[str]
+    id: str
+    path: str  # relative to the competition folder (data/raw)
+    label: str
+    group: str  # "" without a group column
 
 
 @dataclass(frozen=True)
 class Ingested:
     train: list[TrainRow]
     test: list[str]
-    quarantined: list[tuple[str, str, str]]  # (img, path, reason)
-
-
-def test_path(img: str) -> str:
-    return f"imgs/test/{img}"
+    quarantined: list[tuple[str, str, str]]  # (id, path, reason)
+    competition: Competition
 
 
 # ---------------------------------------------------------------------------- stage
@@ -104,8 +96,8 @@ def run(cfg: Config) -> dict[str, Any]:
     raw_dir, hidden_dir = cfg.paths.path("raw"), cfg.paths.path("hidden")
     with atomic_dir(raw_dir) as raw_build, atomic_dir(hidden_dir) as hidden_build, scratch_dir(raw_dir) as scratch:
         origin = materialize(cfg, raw_build, hidden_build, scratch)
-        ingested = verify_and_index(raw_build, origin, cfg.ingest.on_corrupt)
-        if cfg.ingest.source == "synthetic":
+        ingested = verify_and_index(raw_build, origin, cfg.competition, cfg.ingest.on_corrupt, cfg.ingest.source)
+        if cfg.ingest.source in SYNTHETIC_SOURCES:
             require_hidden_labels(hidden_build)
         else:
             (hidden_build / "README.txt").write_text(HIDDEN_README)
@@ -116,17 +108,18 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def summarize(ingested: Ingested, source: str, seconds: float) -> dict[str, Any]:
-    per_driver = Counter(row.subject for row in ingested.train)
-    return {
+    figures: dict[str, Any] = {
         "source": source,
         "n_train": len(ingested.train),
         "n_test": len(ingested.test),
-        "n_drivers": len(per_driver),
+        "n_classes": ingested.competition.n_classes,
         "n_quarantined": len(ingested.quarantined),
-        "per_driver_min": min(per_driver.values(), default=0),
-        "per_driver_max": max(per_driver.values(), default=0),
-        "seconds": round(seconds, 3),
     }
+    if ingested.competition.has_groups:
+        per_group = Counter(row.group for row in ingested.train)
+        figures.update({"n_groups": len(per_group), "per_group_min": min(per_group.values(), default=0),
+                        "per_group_max": max(per_group.values(), default=0)})
+    return {**figures, "seconds": round(seconds, 3)}
 
 
 @contextlib.contextmanager
@@ -144,23 +137,24 @@ def scratch_dir(raw_dir: Path) -> Iterator[Path]:
 def materialize(cfg: Config, build: Path, hidden_build: Path, scratch: Path) -> Path:
     """Put the source's Kaggle-layout entries into ``build``; return how errors should name the source."""
     source = cfg.ingest.source
+    entries = layout_entries(cfg.competition)
     if source == "dir":
         folder = resolve_input(cfg, "folder")
-        link_layout(folder, build)
+        link_layout(folder, build, entries)
         return folder
     if source == "zip":
         archive = resolve_input(cfg, "zip file")
     elif source == "kaggle":
         archive = download_competition(cfg.ingest.competition, cfg.paths.path("staging"))
-    elif source == "synthetic":
-        generated = scratch / "synthetic"
-        generate_synthetic(cfg.ingest.synthetic, generated, hidden_build)
-        move_layout(generated, build)
-        return Path("synthetic")
+    elif source in SYNTHETIC_SOURCES:
+        generated = scratch / source
+        generate_synthetic(cfg, generated, hidden_build)
+        move_layout(generated, build, entries)
+        return Path(source)
     else:  # the config schema allows no other value
         raise StageError(f"unknown ingest.source {source!r}")
-    unpack_competition_zip(archive, scratch)
-    move_layout(find_layout_root(scratch), build)
+    unpack_competition_zip(archive, scratch, entries)
+    move_layout(find_layout_root(scratch, entries), build, entries)
     return archive
 
 
@@ -177,11 +171,19 @@ def resolve_input(cfg: Config, kind: str) -> Path:
     return path
 
 
-def generate_synthetic(cfg: SyntheticConfig, out_dir: Path, hidden_dir: Path) -> None:
-    from pipeline.synthetic import generate  # the generator is only needed for this source
-
+def generate_synthetic(cfg: Config, out_dir: Path, hidden_dir: Path) -> None:
+    """The embedded generators (imported only for their source): State Farm's layout or the CSV one."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    generate(cfg, out_dir, hidden_dir)
+    if cfg.ingest.source == "synthetic":
+        from pipeline.competitions.statefarm import generate
+
+        generate(cfg.ingest.synthetic, out_dir, hidden_dir)
+    else:
+        from pipeline.competitions.shapes import generate as generate_shapes
+
+        s = cfg.ingest.shapes
+        generate_shapes(out_dir, hidden_dir, n_classes=s.n_classes, n_train=s.n_train, n_test=s.n_test,
+                        width=s.width, height=s.height, jpeg_quality=s.jpeg_quality, seed=s.seed)
 
 
 def require_hidden_labels(hidden_dir: Path) -> None:
@@ -191,12 +193,19 @@ def require_hidden_labels(hidden_dir: Path) -> None:
 
 class LinkOrCopy:
     """copytree's copy function: hardlink while source and target share a filesystem (the real data is
-    ~4 GB), copy once linking fails (another filesystem, or one without hardlinks)."""
+    ~4 GB), copy once linking fails (another filesystem, or one without hardlinks). A symbolic link is
+    replaced by its target (os.link would link the link itself, which may not resolve from data/raw);
+    one that does not resolve is an error naming it, before it could turn linking into copying."""
 
     def __init__(self) -> None:
         self.can_link = True
 
     def __call__(self, src: str | Path, dst: str | Path) -> str | Path:
+        if os.path.islink(src):
+            if not os.path.exists(src):
+                raise BadInputError(src, f"symbolic link to {os.readlink(src)!r}, which does not resolve "
+                                         "(missing, or a link loop)")
+            src = os.path.realpath(src)
         if self.can_link:
             try:
                 os.link(src, dst)
@@ -206,28 +215,54 @@ class LinkOrCopy:
         return shutil.copy2(src, dst)
 
 
-def link_layout(folder: Path, build: Path) -> None:
-    """Hardlink (or copy) the Kaggle-layout entries of ``folder``; missing ones are reported by verify."""
+def link_layout(folder: Path, build: Path, entries: tuple[str, ...]) -> None:
+    """Hardlink (or copy) the competition's entries of ``folder``; missing ones are reported by verify.
+    Symbolic links are followed; one that does not resolve (missing target, a loop) is an error
+    naming it."""
     link = LinkOrCopy()
-    for name in LAYOUT_ENTRIES:
+    for name in entries:
         src = folder / name
         if src.is_dir():
-            shutil.copytree(src, build / name, copy_function=link)
-        elif src.is_file():
+            try:
+                shutil.copytree(src, build / name, copy_function=link, ignore=refuse_link_loops(src))
+            except shutil.Error as err:
+                bad, _dst, why = err.args[0][0]
+                raise BadInputError(bad, f"cannot be read ({why}): a broken symbolic link or a link loop?") from None
+        elif src.is_file() or src.is_symlink():
             link(src, build / name)
 
 
-def move_layout(root: Path, build: Path) -> None:
-    for name in LAYOUT_ENTRIES:
+def refuse_link_loops(top: Path) -> Callable[[str, list[str]], set[str]]:
+    """copytree's ``ignore`` hook, ignoring nothing: a symbolic link to a folder that holds a folder
+    being copied is refused, naming the link (copytree would follow it ~40 levels deep, copying the
+    tree again at each level, and then name the 40-level path)."""
+
+    def check(folder: str, names: list[str]) -> set[str]:
+        for name in names:
+            path = os.path.join(folder, name)
+            if not (os.path.islink(path) and os.path.isdir(path)):
+                continue
+            target = Path(os.path.realpath(path))
+            parts = Path(folder).relative_to(top).parts
+            copying = [Path(os.path.realpath(top.joinpath(*parts[:i]))) for i in range(len(parts) + 1)]
+            if any(target == p or target in p.parents for p in copying):
+                raise BadInputError(path, f"symbolic link loop: it links to {target}, which contains it")
+        return set()
+
+    return check
+
+
+def move_layout(root: Path, build: Path, entries: tuple[str, ...]) -> None:
+    for name in entries:
         if (root / name).exists():
             os.replace(root / name, build / name)
 
 
-def find_layout_root(folder: Path) -> Path:
-    """The folder holding imgs/ and the CSVs (or their zips); some archives wrap all in one top folder."""
+def find_layout_root(folder: Path, entries: tuple[str, ...]) -> Path:
+    """The folder holding the competition's entries (or their zips); some archives wrap all in one top folder."""
     current = folder
     for _ in range(3):
-        if any((current / name).exists() for name in LAYOUT_ENTRIES) or any(current.glob("*.zip")):
+        if any((current / name).exists() for name in entries) or any(current.glob("*.zip")):
             return current
         subdirs = [p for p in current.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
         if len(subdirs) != 1:
@@ -239,14 +274,16 @@ def find_layout_root(folder: Path) -> Path:
 # ---------------------------------------------------------------------------- zip and kaggle
 
 
-def unpack_competition_zip(archive: Path, dest: Path) -> None:
+def unpack_competition_zip(archive: Path, dest: Path, entries: tuple[str, ...]) -> None:
     """Extract the competition zip, then any zips it ships inside (Kaggle's older bundle has
     ``imgs.zip``, ``driver_imgs_list.csv.zip`` and ``sample_submission.csv.zip``)."""
     safe_extract(archive, dest, archive)
-    root = find_layout_root(dest)
+    root = find_layout_root(dest, entries)
     for inner in sorted(root.glob("*.zip")):
         label = archive / inner.name
-        target = root / "imgs" if inner.stem == "imgs" and not zip_has_top_folder(inner, "imgs", label) else root
+        # An inner zip named after a folder of the layout (State Farm's imgs.zip) holds that folder's contents.
+        folder = inner.stem in entries and not zip_has_top_folder(inner, inner.stem, label)
+        target = root / inner.stem if folder else root
         safe_extract(inner, target, label)
         inner.unlink()
 
@@ -297,25 +334,45 @@ def member_target(dest: Path, name: str, label: Path) -> Path:
 # ---------------------------------------------------------------------------- verification
 
 
-def verify_and_index(build: Path, origin: Path, on_corrupt: str) -> Ingested:
-    """Check the Kaggle layout in ``build`` (``origin`` names it in errors); write the indexes."""
-    require_layout(build, origin)
-    scan = scan_images(build, origin)
-    train = check_driver_list(build / DRIVER_CSV, origin / DRIVER_CSV, scan)
-    test = check_submission_ids(build / SUBMISSION_CSV, origin / SUBMISSION_CSV, scan)
-    paths = [row.path for row in train] + [test_path(img) for img in test]
-    quarantined = verify_images(build, origin, paths, on_corrupt)
+def layout_entries(spec: CompetitionConfig) -> tuple[str, ...]:
+    """The top-level entries of the competition folder the spec names (State Farm: imgs,
+    driver_imgs_list.csv, sample_submission.csv)."""
+    paths = [spec.train_dir, spec.test_dir, spec.sample_submission, *([spec.labels_csv] if spec.labels_csv else [])]
+    return tuple(dict.fromkeys(PurePosixPath(p).parts[0] for p in paths))
+
+
+def verify_and_index(build: Path, origin: Path, spec: CompetitionConfig, on_corrupt: str, source: str) -> Ingested:
+    """Check the competition folder in ``build`` against ``spec`` (``origin`` names it in errors) and
+    write the normalised indexes and competition.json."""
+    require_layout(build, origin, spec)
+    strip_csv_byte_order_marks(build, spec)
+    id_column, classes = read_submission_header(build / spec.sample_submission, origin / spec.sample_submission)
+    test_files = scan_flat_folder(build, origin, spec.test_dir, spec, "test")
+    if spec.layout == "folder":
+        train = rows_from_class_folders(build, origin, spec, classes)
+    else:
+        train = rows_from_labels_file(build, origin, spec, classes, scan_flat_folder(build, origin, spec.train_dir, spec, "train"))
+    require_disjoint_ids(train, test_files, origin, spec)
+    require_every_class(train, classes, origin, spec)
+    test = check_submission_ids(build / spec.sample_submission, origin / spec.sample_submission, id_column, test_files)
+    paths = [row.path for row in train] + [path for _, path in test]
+    id_of = {row.path: row.id for row in train} | {path: image_id for image_id, path in test}
+    quarantined = [(id_of[path], path, reason) for _, path, reason in verify_images(build, origin, paths, on_corrupt)]
     left_out = {path for _, path, _ in quarantined}
     for path in left_out:
         (build / path).unlink()
     train = [row for row in train if row.path not in left_out]
-    test = [img for img in test if test_path(img) not in left_out]
+    require_every_class(train, classes, origin, spec, len(left_out))
+    test = [(image_id, path) for image_id, path in test if path not in left_out]
     if not test:
-        raise BadInputError(origin / "imgs/test", f"no test images left after quarantining {len(left_out)}")
-    write_rows(build / "train_index.csv", TRAIN_INDEX_HEADER, ([r.img, r.subject, r.classname, r.path] for r in train))
-    write_rows(build / "test_index.csv", TEST_INDEX_HEADER, ([img, test_path(img)] for img in test))
+        raise BadInputError(origin / spec.test_dir, f"no test images left after quarantining {len(left_out)}")
+    write_rows(build / TRAIN_INDEX, TRAIN_INDEX_COLUMNS, ([r.id, r.path, r.label, r.group] for r in train))
+    write_rows(build / TEST_INDEX, TEST_INDEX_COLUMNS, ([image_id, path] for image_id, path in test))
     write_rows(build / "quarantine.csv", QUARANTINE_HEADER, (list(q) for q in quarantined))
-    return Ingested(train, test, quarantined)
+    competition = Competition(classes=tuple(classes), id_column=id_column, has_groups=spec.group_column is not None,
+                              group_name=spec.group_column or "image", layout=spec.layout, source=source)
+    write_competition(build, competition)
+    return Ingested(train, [image_id for image_id, _ in test], quarantined, competition)
 
 
 def write_rows(path: Path, header: list[str], rows: Iterable[list[str]]) -> None:
@@ -325,13 +382,29 @@ def write_rows(path: Path, header: list[str], rows: Iterable[list[str]]) -> None
         writer.writerows(rows)
 
 
-def require_layout(build: Path, origin: Path) -> None:
-    for rel in ("imgs/train", "imgs/test"):
+def require_layout(build: Path, origin: Path, spec: CompetitionConfig) -> None:
+    shape = ("train_dir/<class>/<image>" if spec.layout == "folder" else f"{spec.labels_csv} + train_dir/<image>")
+    for rel in (spec.train_dir, spec.test_dir):
         if not (build / rel).is_dir():
-            raise BadInputError(origin / rel, "missing folder (Kaggle layout: imgs/train/c0..c9/, imgs/test/)")
-    for name in (DRIVER_CSV, SUBMISSION_CSV):
-        if not (build / name).is_file():
-            raise BadInputError(origin / name, "missing file")
+            raise BadInputError(origin / rel, f"missing folder (competition.layout={spec.layout}: {shape}; "
+                                              f"test images in {spec.test_dir}/)")
+    for rel in (spec.sample_submission, spec.labels_csv):
+        if rel and not (build / rel).is_file():
+            raise BadInputError(origin / rel, "missing file")
+
+
+def strip_csv_byte_order_marks(build: Path, spec: CompetitionConfig) -> None:
+    """Encodings are handled once, here: a CSV saved with a UTF-8 byte-order mark is rewritten without
+    it, so no later reader (split, submit) sees ``\\ufeffimg`` as a column name. A new file replaces
+    the old, so a hardlinked source file is never modified."""
+    for rel in (spec.sample_submission, spec.labels_csv):
+        if not rel:
+            continue
+        path = build / rel
+        data = path.read_bytes()
+        if data.startswith(codecs.BOM_UTF8):
+            path.unlink()
+            path.write_bytes(data[len(codecs.BOM_UTF8):])
 
 
 def sorted_entries(folder: Path) -> list[os.DirEntry[str]]:
@@ -339,107 +412,219 @@ def sorted_entries(folder: Path) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda e: e.name)
 
 
-def require_jpeg_name(entry: os.DirEntry[str], origin_path: Path) -> None:
+def image_id_of(name: str, spec: CompetitionConfig) -> str | None:
+    """The id an image file name encodes through ``competition.filename`` (``{id}.jpg``), or None."""
+    prefix, suffix = spec.filename.split("{id}")
+    if not (name.startswith(prefix) and name.endswith(suffix)) or len(name) <= len(prefix) + len(suffix):
+        return None
+    return name[len(prefix):len(name) - len(suffix)]
+
+
+def require_image_name(entry: os.DirEntry[str], where: Path, spec: CompetitionConfig) -> str:
+    """The image's id; an error for a folder, a symlink loop, another extension or a name the
+    filename pattern does not fit."""
     if entry.is_dir():
-        raise BadInputError(origin_path, "unexpected folder (images lie directly in their class or test folder)")
-    if not entry.name.lower().endswith(JPEG_SUFFIXES):
-        raise BadInputError(origin_path, "not a JPEG file (only *.jpg images belong under imgs/)")
+        raise BadInputError(where, "unexpected folder (images lie directly in their folder)")
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        target = os.readlink(entry.path)
+        raise BadInputError(where, f"symbolic link to {target!r}, which does not resolve (missing, or a link loop)")
+    if not entry.name.lower().endswith(tuple(e.lower() for e in spec.extensions)):
+        raise BadInputError(where, f"not an image file (competition.extensions: {', '.join(spec.extensions)})")
+    image_id = image_id_of(entry.name, spec)
+    if image_id is None:
+        raise BadInputError(where, f"file name does not fit competition.filename {spec.filename!r}")
+    return image_id
 
 
-def scan_images(build: Path, origin: Path) -> ImageScan:
-    """Walk imgs/: only train/c0..c9/*.jpg and test/*.jpg may be there, each image id once."""
-    imgs = build / "imgs"
-    for entry in sorted_entries(imgs):
-        if entry.name not in ("train", "test"):
-            raise BadInputError(origin / "imgs" / entry.name, "unexpected entry (imgs/ holds only train/ and test/)")
-    train: dict[str, str] = {}
-    for folder in sorted_entries(imgs / "train"):
-        where = origin / "imgs/train" / folder.name
+def scan_flat_folder(build: Path, origin: Path, rel: str, spec: CompetitionConfig, kind: str) -> dict[str, str]:
+    """id -> path (relative to the competition folder) of every image in the flat folder ``rel``."""
+    found: dict[str, str] = {}
+    for entry in sorted_entries(build / rel):
+        image_id = require_image_name(entry, origin / rel / entry.name, spec)
+        if image_id in found:
+            raise BadInputError(origin / rel / entry.name, f"duplicate image id {image_id!r}: also {found[image_id]}")
+        found[image_id] = f"{rel}/{entry.name}"
+    if not found:
+        raise BadInputError(origin / rel, f"no {kind} images" + (" (empty test set)" if kind == "test" else ""))
+    return found
+
+
+def scan_class_folders(build: Path, origin: Path, spec: CompetitionConfig, classes: list[str]) -> dict[str, tuple[str, str]]:
+    """id -> (class folder, path) of every train image under ``train_dir/<class>/``."""
+    found: dict[str, tuple[str, str]] = {}
+    for folder in sorted_entries(build / spec.train_dir):
+        where = origin / spec.train_dir / folder.name
         if not folder.is_dir():
-            raise BadInputError(where, "unexpected file (train images lie in imgs/train/c0..c9/)")
-        if folder.name not in CLASSES:
-            raise BadInputError(where, f"unknown class folder {folder.name!r} (expected c0..c9)")
+            raise BadInputError(where, f"unexpected file (train images lie in {spec.train_dir}/<class>/)")
+        if folder.name not in classes:
+            raise BadInputError(where, f"class folder {folder.name!r} is not a class column of {spec.sample_submission} "
+                                       f"({', '.join(classes)})")
         for entry in sorted_entries(Path(folder.path)):
-            require_jpeg_name(entry, where / entry.name)
-            if entry.name in train:
-                raise BadInputError(where / entry.name, f"duplicate image id: also in imgs/train/{train[entry.name]}/")
-            train[entry.name] = folder.name
-    test: set[str] = set()
-    for entry in sorted_entries(imgs / "test"):
-        where = origin / "imgs/test" / entry.name
-        require_jpeg_name(entry, where)
-        if entry.name in train:
-            raise BadInputError(where, f"duplicate image id: also in imgs/train/{train[entry.name]}/")
-        test.add(entry.name)
-    if not train:
-        raise BadInputError(origin / "imgs/train", "no train images")
-    if not test:
-        raise BadInputError(origin / "imgs/test", "empty test set: no test images")
-    return ImageScan(train, test)
+            image_id = require_image_name(entry, where / entry.name, spec)
+            if image_id in found:
+                raise BadInputError(where / entry.name, f"duplicate image id {image_id!r}: also in "
+                                                        f"{spec.train_dir}/{found[image_id][0]}/")
+            found[image_id] = (folder.name, f"{spec.train_dir}/{folder.name}/{entry.name}")
+    if not found:
+        raise BadInputError(origin / spec.train_dir, "no train images")
+    return found
 
 
-def read_csv_rows(path: Path, label: Path, header: list[str]) -> Iterator[tuple[int, list[str]]]:
-    """Yield (line number, fields) after checking the exact header; blank lines are skipped."""
+def rows_from_class_folders(build: Path, origin: Path, spec: CompetitionConfig, classes: list[str]) -> list[TrainRow]:
+    """Labels from the class folders; with a labels file (State Farm's driver list), every row must
+    name an image lying in the folder of its label, and every image must be listed once."""
+    found = scan_class_folders(build, origin, spec, classes)
+    if not spec.labels_csv:
+        return [TrainRow(image_id, path, label, "") for image_id, (label, path) in found.items()]
+    label_file = origin / spec.labels_csv
+    rows: list[TrainRow] = []
+    first_line: dict[str, int] = {}
+    for line, image_id, label, group in read_label_rows(build / spec.labels_csv, label_file, spec, classes):
+        if image_id in first_line:
+            raise BadInputError(label_file, f"duplicate id {image_id} (first listed on row {first_line[image_id]})", row=line)
+        if image_id not in found:
+            raise BadInputError(label_file, f"listed image {image_id} is missing: no "
+                                            f"{spec.train_dir}/{label}/{spec.filename.format(id=image_id)}", row=line)
+        folder, path = found[image_id]
+        if folder != label:
+            raise BadInputError(label_file, f"{image_id} is labelled {label} but lies in {spec.train_dir}/{folder}/", row=line)
+        first_line[image_id] = line
+        rows.append(TrainRow(image_id, path, label, group))
+    require_all_listed(found.keys() - first_line.keys(), {i: p for i, (_, p) in found.items()}, origin, spec)
+    return rows
+
+
+def rows_from_labels_file(build: Path, origin: Path, spec: CompetitionConfig, classes: list[str],
+                          files: dict[str, str]) -> list[TrainRow]:
+    """CSV layout: every row names an image of the flat train folder and a class; every image is listed once."""
+    label_file = origin / str(spec.labels_csv)
+    rows: list[TrainRow] = []
+    first_line: dict[str, int] = {}
+    for line, image_id, label, group in read_label_rows(build / str(spec.labels_csv), label_file, spec, classes):
+        if image_id in first_line:
+            raise BadInputError(label_file, f"duplicate id {image_id} (first listed on row {first_line[image_id]})", row=line)
+        if image_id not in files:
+            raise BadInputError(label_file, f"listed image {image_id} is missing: no "
+                                            f"{spec.train_dir}/{spec.filename.format(id=image_id)}", row=line)
+        first_line[image_id] = line
+        rows.append(TrainRow(image_id, files[image_id], label, group))
+    require_all_listed(files.keys() - first_line.keys(), files, origin, spec)
+    return rows
+
+
+def require_all_listed(unlisted: set[str], paths: dict[str, str], origin: Path, spec: CompetitionConfig) -> None:
+    if unlisted:
+        first = sorted(unlisted)[0]
+        raise BadInputError(origin / paths[first], f"image not listed in {spec.labels_csv} ({len(unlisted)} unlisted in all)")
+
+
+def read_table(path: Path, label: Path, required: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row as column -> value) of a CSV whose header holds ``required`` (other columns
+    are allowed); blank lines skipped; a row with the wrong field count is an error with its row."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
-            first = next(reader, None)
-            if first != header:
-                got = "an empty file" if first is None else ",".join(first)
-                raise BadInputError(label, f"header must be exactly {','.join(header)}, got {got}", row=1)
+            header = next(reader, None)
+            if header is None:
+                raise BadInputError(label, f"empty file (expected a header with {','.join(required)})", row=1)
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise BadInputError(label, f"header lacks column(s) {', '.join(missing)} (got {','.join(header)})", row=1)
             for fields in reader:
                 if not fields:
                     continue
                 if len(fields) != len(header):
                     raise BadInputError(label, f"expected {len(header)} fields, got {len(fields)}", row=reader.line_num)
-                yield reader.line_num, fields
+                yield reader.line_num, dict(zip(header, fields, strict=True))
     except UnicodeDecodeError as err:
         raise BadInputError(label, f"not UTF-8 text ({err.reason})") from None
     except csv.Error as err:
         raise BadInputError(label, f"malformed CSV ({err})") from None
 
 
-def check_driver_list(path: Path, label: Path, scan: ImageScan) -> list[TrainRow]:
-    """Every row names a known class and an image lying in that class folder; every train image is listed once."""
-    rows: list[TrainRow] = []
-    first_line: dict[str, int] = {}
-    for line, (subject, classname, img) in read_csv_rows(path, label, DRIVER_HEADER):
-        if not subject or not img:
-            raise BadInputError(label, "empty subject or img", row=line)
-        if classname not in CLASSES:
-            raise BadInputError(label, f"unknown classname {classname!r} (expected c0..c9)", row=line)
-        if img in first_line:
-            raise BadInputError(label, f"duplicate img {img} (first listed on row {first_line[img]})", row=line)
-        folder = scan.train.get(img)
-        if folder is None:
-            where = "it is a test image" if img in scan.test else f"no imgs/train/{classname}/{img}"
-            raise BadInputError(label, f"listed image {img} is missing: {where}", row=line)
-        if folder != classname:
-            raise BadInputError(label, f"{img} is labelled {classname} but lies in imgs/train/{folder}/", row=line)
-        first_line[img] = line
-        rows.append(TrainRow(img, subject, classname))
-    unlisted = sorted(set(scan.train) - set(first_line))
-    if unlisted:
-        img = unlisted[0]
-        raise BadInputError(label.parent / "imgs/train" / scan.train[img] / img,
-                            f"image not listed in {DRIVER_CSV} ({len(unlisted)} unlisted in all)")
-    return rows
+def clean_value(value: str, column: str, label: Path, line: int) -> str:
+    """Ids, labels and groups are used as keys: surrounding whitespace would make ``p051`` and
+    ``p051 `` two drivers (one in train, one in validation), so it is refused, as is an empty value."""
+    if not value.strip():
+        raise BadInputError(label, f"empty {column}", row=line)
+    if value != value.strip():
+        raise BadInputError(label, f"{column} {value!r} has leading or trailing whitespace", row=line)
+    return value
 
 
-def check_submission_ids(path: Path, label: Path, scan: ImageScan) -> list[str]:
-    """sample_submission.csv ids are exactly the test images, each once; returns them sorted."""
+def read_label_rows(path: Path, label: Path, spec: CompetitionConfig, classes: list[str]) -> Iterator[tuple[int, str, str, str]]:
+    """(line, id, label, group) of the labels file, each value checked; groups that differ only in
+    case (``P051`` and ``p051``) are refused rather than silently treated as two groups."""
+    columns = [spec.id_column, spec.label_column, *([spec.group_column] if spec.group_column else [])]
+    group_seen: dict[str, tuple[str, int]] = {}
+    for line, row in read_table(path, label, columns):
+        image_id = clean_value(row[spec.id_column], spec.id_column, label, line)
+        name = clean_value(row[spec.label_column], spec.label_column, label, line)
+        if name not in classes:
+            raise BadInputError(label, f"unknown {spec.label_column} {name!r}: not a class column of "
+                                       f"{spec.sample_submission} ({', '.join(classes)})", row=line)
+        group = ""
+        if spec.group_column:
+            group = clean_value(row[spec.group_column], spec.group_column, label, line)
+            other, other_line = group_seen.setdefault(group.casefold(), (group, line))
+            if other != group:
+                raise BadInputError(label, f"{spec.group_column} {group!r} differs only in case from {other!r} "
+                                           f"(row {other_line}): make them one spelling", row=line)
+        yield line, image_id, name, group
+
+
+def read_submission_header(path: Path, label: Path) -> tuple[str, list[str]]:
+    """(id column, class columns) of the sample submission: the class names and their order."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None) or []
+    except UnicodeDecodeError as err:
+        raise BadInputError(label, f"not UTF-8 text ({err.reason})") from None
+    if len(header) < 3:
+        raise BadInputError(label, f"header must be an id column and at least two class columns, got {','.join(header)}",
+                            row=1)
+    problems = [name for name in header if not name.strip() or name != name.strip()]
+    if problems:
+        raise BadInputError(label, f"column name {problems[0]!r} is empty or has surrounding whitespace", row=1)
+    if len(set(header)) != len(header):
+        duplicated = sorted({c for c in header if header.count(c) > 1})
+        raise BadInputError(label, f"duplicated column(s) {', '.join(duplicated)}", row=1)
+    return header[0], header[1:]
+
+
+def require_disjoint_ids(train: list[TrainRow], test: dict[str, str], origin: Path, spec: CompetitionConfig) -> None:
+    both = sorted({row.id for row in train} & test.keys())
+    if both:
+        raise BadInputError(origin / test[both[0]], f"duplicate image id {both[0]!r}: a train image too "
+                                                    f"({len(both)} ids in both)")
+
+
+def require_every_class(train: list[TrainRow], classes: list[str], origin: Path, spec: CompetitionConfig,
+                        n_quarantined: int = 0) -> None:
+    """A class of the submission without any training image cannot be learnt: refused, also when
+    quarantining corrupt images has emptied it."""
+    counts = Counter(row.label for row in train)
+    empty = [name for name in classes if not counts.get(name)]
+    if empty:
+        after = f" left after quarantining {n_quarantined}" if n_quarantined else ""
+        raise BadInputError(origin / spec.train_dir, f"class {empty[0]!r} of {spec.sample_submission} has no training "
+                                                     f"images{after} ({len(empty)} such classes: {', '.join(empty)})")
+
+
+def check_submission_ids(path: Path, label: Path, id_column: str, test_files: dict[str, str]) -> list[tuple[str, str]]:
+    """The sample submission's ids are exactly the test images, each once: (id, path), sorted by id."""
     first_line: dict[str, int] = {}
-    for line, fields in read_csv_rows(path, label, SUBMISSION_HEADER):
-        img = fields[0]
-        if img in first_line:
-            raise BadInputError(label, f"duplicate img {img} (first listed on row {first_line[img]})", row=line)
-        if img not in scan.test:
-            raise BadInputError(label, f"{img} is not a test image (no imgs/test/{img})", row=line)
-        first_line[img] = line
-    missing = sorted(scan.test - set(first_line))
+    for line, row in read_table(path, label, [id_column]):
+        image_id = row[id_column]
+        if image_id in first_line:
+            raise BadInputError(label, f"duplicate id {image_id} (first listed on row {first_line[image_id]})", row=line)
+        if image_id not in test_files:
+            raise BadInputError(label, f"{image_id} is not a test image", row=line)
+        first_line[image_id] = line
+    missing = sorted(test_files.keys() - first_line.keys())
     if missing:
         raise BadInputError(label, f"no row for test image {missing[0]} ({len(missing)} test images missing in all)")
-    return sorted(scan.test)
+    return [(image_id, test_files[image_id]) for image_id in sorted(test_files)]
 
 
 def verify_images(build: Path, origin: Path, paths: list[str], on_corrupt: str) -> list[tuple[str, str, str]]:
@@ -470,8 +655,12 @@ def inspect_images(paths: list[str]) -> Iterator[Problem | None]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+JPEG_NAMES = (".jpg", ".jpeg")
+
+
 def inspect_image(path: str) -> Problem | None:
-    """None for a complete JPEG; else ("not_jpeg" | "corrupt", reason)."""
+    """None for a complete image; else ("not_jpeg" | "corrupt", reason). A file named .jpg must hold
+    JPEG bytes; other extensions the spec allows (e.g. .png) must decode as what they are."""
     try:
         with open(path, "rb") as f:
             head = f.read(3)
@@ -479,19 +668,25 @@ def inspect_image(path: str) -> Problem | None:
         return "corrupt", f"unreadable ({err.strerror})"
     if len(head) < 3:
         return "corrupt", "empty or truncated file"
-    if head != JPEG_MAGIC:
+    jpeg = head == JPEG_MAGIC
+    if not jpeg and path.lower().endswith(JPEG_NAMES):
         kind = next((name for magic, name in OTHER_FORMATS.items() if head.startswith(magic)), "unknown")
         return "not_jpeg", f"not a JPEG file (content: {kind} data, starts with bytes {head.hex()})"
-    return decode_problem(path)
+    return decode_problem(path, jpeg)
 
 
-def decode_problem(path: str) -> Problem | None:
+def decode_problem(path: str, jpeg: bool = True) -> Problem | None:
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated frame must fail, not decode with a grey bottom
     try:
-        decode_reduced(path)
+        if jpeg:
+            decode_reduced(path)
+        else:
+            with Image.open(path) as im:
+                im.load()
     except Exception as err:  # any failure to decode untrusted bytes means a corrupt file
-        return "corrupt", f"corrupt JPEG: does not decode ({type(err).__name__}: {err})"
+        kind = "JPEG" if jpeg else "image"
+        return "corrupt", f"corrupt {kind}: does not decode ({type(err).__name__}: {err})"
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
     return None
@@ -501,7 +696,7 @@ def decode_reduced(path: str) -> None:
     """Decode at 1/8 scale (reduced DCT, ~5x faster than a full decode); it still reads every byte,
     so truncation and broken headers are caught."""
     with Image.open(path) as im:
-        if im.format != "JPEG":
+        if im.format not in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames (phone cameras), decodes as JPEG
             raise ValueError(f"content is {im.format}, not JPEG")
         im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
         im.load()

@@ -80,22 +80,22 @@ def held_out_fold(cfg: Config, member: int) -> int | None:
 
 
 def read_train_folds(split_csv: Path) -> pd.DataFrame:
-    """img, subject, fold of every train-split image."""
+    """id, group, fold of every train-split image."""
     if not split_csv.exists():
         raise StageError(f"{split_csv} not found: run the split stage first")
-    split = pd.read_csv(split_csv, dtype={"img": str, "subject": str, "split": str})
-    return split.loc[split["split"] == "train", ["img", "subject", "fold"]]
+    split = pd.read_csv(split_csv, dtype={"id": str, "group": str, "split": str}, keep_default_na=False)
+    return split.loc[split["split"] == "train", ["id", "group", "fold"]]
 
 
 def images_outside_fold(folds: pd.DataFrame, fold: int | None) -> set[str]:
     """Train images not in ``fold``; all of them when ``fold`` is None or would leave none."""
     kept = folds if fold is None else folds[folds["fold"] != fold]
-    return set((kept if len(kept) else folds)["img"])
+    return set((kept if len(kept) else folds)["id"])
 
 
 def subset_split(split: FeatureSplit, imgs: set[str]) -> FeatureSplit:
     """The rows (every copy) of ``imgs``, renumbered so row ``i`` is ``features[i]`` again."""
-    keep = split.index["img"].isin(imgs).to_numpy()
+    keep = split.index["id"].isin(imgs).to_numpy()
     index = split.index.loc[keep].reset_index(drop=True)
     index["row"] = np.arange(len(index))
     return FeatureSplit(split.name, index, split.features[keep], split.copies)
@@ -115,15 +115,16 @@ def train_head_member(cfg: Config, member: int, folds: pd.DataFrame, fold: int |
     features_dir = cfg.paths.path("features")
     features_meta = load_meta(features_dir)
     train, valid, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
-    kept = images_outside_fold(folds[folds["img"].isin(train.index["img"])], fold)
+    kept = images_outside_fold(folds[folds["id"].isin(train.index["id"])], fold)
     member_cfg = member_config(cfg, member)
     out_dir = cfg.paths.member_models(member)
-    head, facts = fit_head(member_cfg, subset_split(train, kept), valid, out_dir, label=stage_name(member))
+    classes = features_meta["classes"]
+    head, facts = fit_head(member_cfg, subset_split(train, kept), valid, out_dir, classes, label=stage_name(member))
     meta = {**head_meta(member_cfg, features_meta, int(train.features.shape[1])),
             "member": member, "seed": member_seed(cfg, member), "held_out_fold": fold}
+    figures = predict_and_score(cfg, head, valid, test, cfg.paths.member_predictions(member), classes)
     save_network(out_dir / HEAD_FILE, head, meta)
-    figures = predict_and_score(cfg, head, valid, test, cfg.paths.member_predictions(member))
-    return {**figures, **facts, "n_train_images": len(kept), "n_train_drivers": driver_count(folds, kept)}
+    return {**figures, **facts, "n_train_images": len(kept), "n_train_groups": group_count(folds, kept)}
 
 
 def tta_predictions(fitted: FineTuned, tables: dict[str, ImageTable], passes: int, augment: AugmentConfig,
@@ -145,8 +146,8 @@ def train_finetuned_member(cfg: Config, member: int, folds: pd.DataFrame, fold: 
     quiet_training()
     tables = read_tables(cfg, cfg.finetune.use_sample)
     train = tables["train"]
-    kept = images_outside_fold(folds[folds["img"].isin(train.imgs)], fold)
-    tables["train"] = train.subset(np.flatnonzero(np.isin(train.imgs, sorted(kept))))
+    kept = images_outside_fold(folds[folds["id"].isin(train.ids)], fold)
+    tables["train"] = train.subset(np.flatnonzero(np.isin(train.ids, sorted(kept))))
     settings = cfg.finetune.model_copy(update={"seed": member_seed(cfg, member)})
     out_dir = cfg.paths.member_models(member)
     fitted = fine_tune(cfg, settings, tables, out_dir, modules=[sys.modules[__name__]], label=stage_name(member))
@@ -156,14 +157,16 @@ def train_finetuned_member(cfg: Config, member: int, folds: pd.DataFrame, fold: 
     save_network(out_dir / MODEL_FILE, fitted.outcome.network,
                  {**fitted.meta, "stage": stage_name(member), "seed": settings.seed, "held_out_fold": fold})
     pred_dir = cfg.paths.member_predictions(member)
-    write_predictions(pred_dir / "valid.csv", tables["valid"].imgs, valid)
-    write_predictions(pred_dir / "test.csv", tables["test"].imgs, test)
-    figures = evaluate(valid, tables["valid"].labels, tables["test"].imgs, test, read_hidden_labels(cfg.paths.path("hidden")))
-    return {**figures, **tta, **training_figures(fitted, len(kept)), "n_train_drivers": driver_count(folds, kept)}
+    classes = fitted.meta["classes"]
+    figures = evaluate(valid, tables["valid"].labels, tables["test"].ids, test,
+                       read_hidden_labels(cfg.paths.path("hidden"), classes))
+    write_predictions(pred_dir / "valid.csv", tables["valid"].ids, valid, classes)
+    write_predictions(pred_dir / "test.csv", tables["test"].ids, test, classes)
+    return {**figures, **tta, **training_figures(fitted, len(kept)), "n_train_groups": group_count(folds, kept)}
 
 
-def driver_count(folds: pd.DataFrame, imgs: set[str]) -> int:
-    return int(folds.loc[folds["img"].isin(imgs), "subject"].nunique())
+def group_count(folds: pd.DataFrame, imgs: set[str]) -> int:
+    return int(folds.loc[folds["id"].isin(imgs), "group"].nunique())
 
 
 TRAINERS = {"finetune": train_finetuned_member, "head": train_head_member}

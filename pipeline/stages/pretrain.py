@@ -7,7 +7,7 @@ this stage trains the narrow VGG classifier on a separate synthetic dataset and 
 ``pipeline.models.create_backbone`` then loads them through the same local-file path as
 ``model.weights=file``.
 
-Honesty. The pretraining dataset is rendered by ``pipeline.synthetic.generate`` from its own seed
+Honesty. The pretraining dataset is rendered by ``pipeline.competitions.statefarm.generate`` from its own seed
 (``pretrain.seed``, which must differ from ``ingest.synthetic.seed``): fresh drivers, looks and
 frames, in a temp folder that is deleted afterwards. The stage never reads the competition's files
 (``data/raw``, ``data/hidden``, the split or the sample), so no competition image or driver, valid
@@ -45,8 +45,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.config import CLASSES, Config, SyntheticConfig, TrainerConfig, pretrain_backbone_file
-from pipeline.data import class_index
+from pipeline.competition import label_indices
+from pipeline.competitions.statefarm import CLASSES, generate
+from pipeline.config import Config, SyntheticConfig, TrainerConfig, pretrain_backbone_file
 from pipeline.datamodules import ImageDataModule
 from pipeline.errors import StageError
 from pipeline.io import atomic_write_json
@@ -60,7 +61,6 @@ from pipeline.models import (
     input_hw,
     resolve_preprocessing,
 )
-from pipeline.synthetic import generate
 from pipeline.tables import ImageTable
 from pipeline.training import (
     ClassifierModule,
@@ -69,6 +69,7 @@ from pipeline.training import (
     fingerprint,
     fit_or_resume,
     predict_probs,
+    quiet_training,
     save_network,
     uses_cuda,
 )
@@ -96,12 +97,14 @@ def check_separate_domain(cfg: Config) -> None:
 
 
 def read_domain(raw_dir: Path, hidden_dir: Path) -> dict[str, pd.DataFrame]:
-    """path, label, subject of the generated train drivers and of the held-out drivers."""
+    """path, label (class index) of the generated train drivers and of the held-out drivers. The
+    stand-in domain is drawn by the State Farm generator, so its files are in State Farm's layout."""
     train = pd.read_csv(raw_dir / "driver_imgs_list.csv", dtype=str)
     train["path"] = [str(raw_dir / "imgs" / "train" / c / i) for c, i in zip(train["classname"], train["img"], strict=True)]
     holdout = pd.read_csv(hidden_dir / "test_labels.csv", dtype=str)
-    holdout["path"] = [str(raw_dir / "imgs" / "test" / i) for i in holdout["img"]]
-    return {name: frame.assign(label=class_index(frame["classname"].tolist()))[["path", "label", "subject"]]
+    train = train.rename(columns={"classname": "label"})
+    holdout["path"] = [str(raw_dir / "imgs" / "test" / i) for i in holdout["id"]]
+    return {name: frame.assign(label=label_indices(frame["label"].tolist(), CLASSES))[["path", "label"]]
             for name, frame in (("train", train), ("holdout", holdout))}
 
 
@@ -186,6 +189,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.model.weights != "pretrain":
         return skip(cfg, out_dir, start)
     check_separate_domain(cfg)
+    quiet_training()
     p = cfg.pretrain
     synthetic = pretrain_synthetic_config(cfg)
     with torch.random.fork_rng(devices=[]):

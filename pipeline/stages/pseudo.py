@@ -34,7 +34,8 @@ from lightning.pytorch.callbacks import Callback
 
 from pipeline import data, datamodules, models, recipes, training
 from pipeline import tables as image_tables
-from pipeline.config import CLASSES, Config, PseudoConfig
+from pipeline.competition import read_competition
+from pipeline.config import Config, PseudoConfig
 from pipeline.datamodules import ImageDataModule, PseudoSet
 from pipeline.errors import StageError
 from pipeline.metrics import (
@@ -72,11 +73,11 @@ def teacher_test_probs(path: Path, test: ImageTable) -> np.ndarray:
     """The teacher's test predictions in the test table's order (every test image, nothing else)."""
     if not path.exists():
         raise StageError(f"{path} not found: run the {TEACHER_STAGE} stage first")
-    imgs, probs = read_predictions(path)
-    position = {img: i for i, img in enumerate(imgs)}
-    if len(position) != len(imgs) or set(position) != set(test.imgs):
+    ids, probs = read_predictions(path)
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    if len(position) != len(ids) or set(position) != set(test.ids):
         raise StageError(f"{path}: predictions must cover exactly the {len(test)} test images")
-    return probs[[position[img] for img in test.imgs]]
+    return probs[[position[image_id] for image_id in test.ids]]
 
 
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -102,12 +103,12 @@ def make_pseudo_set(test: ImageTable, teacher_probs: np.ndarray, pseudo_cfg: Pse
 def check_test_only(pseudo: PseudoSet, tables: dict[str, ImageTable]) -> None:
     """The pseudo set holds test images only: never a validation image or label (that would make the
     validation score a lie), nor a train image; and it carries no true label."""
-    imgs = set(pseudo.table.imgs)
-    leaked = sorted(imgs & set(tables["valid"].imgs))
+    imgs = set(pseudo.table.ids)
+    leaked = sorted(imgs & set(tables["valid"].ids))
     if leaked:
         raise StageError(f"{len(leaked)} validation image(s) in the pseudo-labelled set (e.g. {leaked[0]}): "
                          "validation images and labels must never be pseudo-labels")
-    not_test = sorted(imgs - set(tables["test"].imgs))
+    not_test = sorted(imgs - set(tables["test"].ids))
     if not_test:
         raise StageError(f"{len(not_test)} pseudo-labelled image(s) are not test images (e.g. {not_test[0]})")
     if (pseudo.table.labels >= 0).any():
@@ -125,7 +126,7 @@ def iteration_fingerprint(cfg: Config, iteration: int, pseudo: PseudoSet, inputs
         "augment": cfg.augment.model_dump(mode="json"),
         "finetune": cfg.finetune.model_dump(mode="json", exclude={"trainer": {"resume"}}),
         "pseudo": cfg.pseudo.model_dump(mode="json", exclude={"iterations"}),
-        "images": [tables["train"].imgs, tables["valid"].imgs, pseudo.table.imgs],
+        "images": [tables["train"].ids, tables["valid"].ids, pseudo.table.ids],
     }
     return fingerprint(settings, files=inputs, modules=[training, datamodules, recipes, image_tables, data, models, sys.modules[__name__]],
                        arrays=[pseudo.targets])
@@ -154,7 +155,8 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     teacher_probs = teacher_test_probs(teacher_path, tables["test"])
     student_state = load_network_state(finetuned_path, TEACHER_STAGE)
     cuda = uses_cuda(ft.trainer)
-    hidden = read_hidden_labels(cfg.paths.path("hidden"))
+    classes = read_competition(cfg.paths.path("raw")).classes
+    hidden = read_hidden_labels(cfg.paths.path("hidden"), classes)
     out_root = cfg.paths.path("models") / STAGE
     if is_launcher_process():
         remove_stale_iterations(out_root, ps.iterations)
@@ -173,16 +175,16 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             network.compile()
         datamodule = ImageDataModule(tables["train"], tables["valid"], target_hw, cfg.augment, ft.batch_size,
                                      ft.num_workers, ps.seed, copies=ps.max_epochs, pseudo=pseudo, pin_memory=cuda,
-                                     n_classes=len(CLASSES))
+                                     n_classes=len(classes))
         out_dir = out_root / f"iteration_{iteration}"
         run_fp = iteration_fingerprint(cfg, iteration, pseudo, [head_path, finetuned_path], tables)
         outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ps.max_epochs, ft.patience, run_fp, callbacks)
         valid_probs, test_probs = (predict_probs(outcome.network, tables[s], target_hw, ft.batch_size * 2, ft.num_workers,
                                                  outcome.device, cuda) for s in ("valid", "test"))
         if is_launcher_process():
-            write_predictions(out_dir / "pseudo_labels.csv", pseudo.table.imgs, pseudo.targets)
+            write_predictions(out_dir / "pseudo_labels.csv", pseudo.table.ids, pseudo.targets, classes)
             per_iteration[f"iteration_{iteration}"] = {
-                **evaluate(valid_probs, tables["valid"].labels, tables["test"].imgs, test_probs, hidden),
+                **evaluate(valid_probs, tables["valid"].labels, tables["test"].ids, test_probs, hidden),
                 **outcome.facts, "n_pseudo_images": len(pseudo.table),
             }
         teacher_probs = test_probs  # the retrained model labels the next iteration
@@ -192,9 +194,9 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
         return {}
     save_network(out_root / MODEL_FILE, outcome.network, {**head_meta, "stage": STAGE, "iterations": ps.iterations})
     pred_dir = cfg.paths.path("predictions") / STAGE
-    write_predictions(pred_dir / "valid.csv", tables["valid"].imgs, valid_probs)
-    write_predictions(pred_dir / "test.csv", tables["test"].imgs, test_probs)
-    figures: dict[str, Any] = evaluate(valid_probs, tables["valid"].labels, tables["test"].imgs, test_probs, hidden)
+    figures: dict[str, Any] = evaluate(valid_probs, tables["valid"].labels, tables["test"].ids, test_probs, hidden)
+    write_predictions(pred_dir / "valid.csv", tables["valid"].ids, valid_probs, classes)
+    write_predictions(pred_dir / "test.csv", tables["test"].ids, test_probs, classes)
     figures.update({
         "iterations": per_iteration,
         "fraction": ps.fraction,

@@ -23,17 +23,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import CLASSES, Config, item_stage
+from pipeline.competition import TRAIN_INDEX, label_indices, read_competition
+from pipeline.config import Config, item_stage
+from pipeline.errors import StageError
 from pipeline.io import atomic_write_text
-from pipeline.metrics import KAGGLE_EPS, collect_stage_metrics, read_predictions
+from pipeline.metrics import KAGGLE_EPS, collect_stage_metrics, prediction_classes, read_predictions
 from pipeline.registry import STAGES
 
 SCORE_KEYS = ("valid_logloss", "valid_acc", "test_logloss", "test_acc")
 PREDICTION_SOURCES = ("calibrate", "ensemble", "pseudo", "finetune", "head")
-CLASS_NAMES = {
-    "c0": "safe driving", "c1": "texting right", "c2": "phone right", "c3": "texting left", "c4": "phone left",
-    "c5": "radio", "c6": "drinking", "c7": "reaching behind", "c8": "hair and makeup", "c9": "talking to passenger",
-}
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 THUMB_SIZE = (128, 96)
 N_RANDOM = 8
@@ -172,7 +170,7 @@ def ensemble_section(metrics: dict[str, dict]) -> str:
              f"ensemble valid log loss {format_value(figs.get('valid_logloss', ''))}, "
              f"best single member {html.escape(str(figs.get('best_member', '?')))} "
              f"{format_value(figs.get('best_member_valid_logloss', ''))}. "
-             f"Cross-fitted over validation drivers (weights chosen on the others): fitted weights "
+             f"Cross-fitted over validation groups (weights chosen on the others): fitted weights "
              f"{format_value(figs.get('valid_logloss_crossfit_fitted', ''))}, equal weights "
              f"{format_value(figs.get('valid_logloss_crossfit_equal', ''))}."]
     if "smoothing_valid_logloss_before" in figs:
@@ -238,9 +236,10 @@ def learning_curves_section(models_dir: Path) -> str:
 @dataclass
 class ValidPredictions:
     source: str
-    imgs: np.ndarray
+    ids: np.ndarray
     probs: np.ndarray
     labels: np.ndarray
+    classes: list[str]
 
     @property
     def predicted(self) -> np.ndarray:
@@ -256,38 +255,42 @@ def find_valid_predictions(cfg: Config) -> ValidPredictions | str:
             continue
         if not split_csv.exists():
             return f"{path} exists but {split_csv} does not: labels unknown."
-        imgs, probs = read_predictions(path)
-        classes = pd.read_csv(split_csv, dtype={"img": str, "classname": str}).set_index("img")["classname"]
-        known = np.array([img in classes.index for img in imgs], dtype=bool)
+        ids, probs = read_predictions(path)
+        classes = prediction_classes(path)
+        split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
+        # Checked in split.csv's own row order, so an unknown label is named at its row there.
+        index_of = pd.Series(label_indices(split["label"].tolist(), classes, split_csv), index=split["id"])
+        known = np.array([i in index_of.index for i in ids], dtype=bool)
         if not known.any():
             return f"{path}: none of its images is in {split_csv}."
-        imgs_arr = np.asarray(imgs)[known]
-        labels = np.array([int(c[1:]) for c in classes.loc[imgs_arr]], dtype=np.int64)
+        ids_arr = np.asarray(ids)[known]
+        labels = index_of.loc[ids_arr].to_numpy(dtype=np.int64)
         probs = probs[known] / probs[known].sum(axis=1, keepdims=True)
-        return ValidPredictions(source, imgs_arr, probs, labels)
+        return ValidPredictions(source, ids_arr, probs, labels, classes)
     return f"No validation predictions yet (looked for {', '.join(PREDICTION_SOURCES)} under {cfg.paths.predictions}/)."
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
     matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(matrix, (labels, predicted), 1)
     return matrix
 
 
 def confusion_section(preds: ValidPredictions) -> str:
-    matrix = confusion_matrix(preds.labels, preds.predicted)
+    classes = preds.classes
+    matrix = confusion_matrix(preds.labels, preds.predicted, len(classes))
     row_share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    head = "".join(f"<th>{c}</th>" for c in CLASSES)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
     rows = []
-    for i, c in enumerate(CLASSES):
+    for i, c in enumerate(classes):
         cells = "".join(
             f"<td style='background:rgba({'40,120,180' if i == j else '200,40,40'},{row_share[i, j]:.2f})'>{matrix[i, j]}</td>"
-            for j in range(len(CLASSES)))
-        rows.append(f"<tr><th title='{html.escape(CLASS_NAMES[c])}'>{c}</th>{cells}</tr>")
+            for j in range(len(classes)))
+        rows.append(f"<tr><th>{html.escape(c)}</th>{cells}</tr>")
     return f"<p>Rows: true class; columns: predicted.</p><table class='cm'><tr><th></th>{head}</tr>{''.join(rows)}</table>"
 
 
-def per_class_logloss(probs: np.ndarray, labels: np.ndarray, n_classes: int = len(CLASSES)) -> list[float | None]:
+def per_class_logloss(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> list[float | None]:
     """Mean Kaggle log loss over the images of each true class (None for a class with none)."""
     p_true = np.clip(probs[np.arange(len(labels)), labels], KAGGLE_EPS, 1 - KAGGLE_EPS)
     losses = -np.log(p_true)
@@ -295,8 +298,8 @@ def per_class_logloss(probs: np.ndarray, labels: np.ndarray, n_classes: int = le
 
 
 def per_class_section(preds: ValidPredictions) -> str:
-    losses = per_class_logloss(preds.probs, preds.labels)
-    present = [(f"{c} {CLASS_NAMES[c]}", v) for c, v in zip(CLASSES, losses, strict=True) if v is not None]
+    losses = per_class_logloss(preds.probs, preds.labels, len(preds.classes))
+    present = [(c, v) for c, v in zip(preds.classes, losses, strict=True) if v is not None]
     return bar_chart([label for label, _ in present], [v for _, v in present], "log loss per true class")
 
 
@@ -348,7 +351,7 @@ def five_views(preds: ValidPredictions, seed: int = 0) -> dict[str, list[int]]:
         "most correct per class": [],
         "most incorrect per class": [],
     }
-    for c in range(len(CLASSES)):
+    for c in range(len(preds.classes)):
         views["most correct per class"] += most_confident(correct[predicted[correct] == c])
         views["most incorrect per class"] += most_confident(wrong[predicted[wrong] == c])
     top2 = np.sort(probs, axis=1)[:, -2:]
@@ -373,23 +376,25 @@ def thumbnail_data_uri(path: Path) -> str | None:
 
 
 def image_paths(cfg: Config) -> dict[str, Path]:
-    """img -> file under data/raw, from ingest's train_index.csv (empty when absent)."""
+    """id -> file under data/raw, from ingest's train_index.csv (empty when absent)."""
     raw = cfg.paths.path("raw")
-    index = raw / "train_index.csv"
+    index = raw / TRAIN_INDEX
     if not index.exists():
         return {}
-    table = pd.read_csv(index, dtype=str)
-    return {img: raw / path for img, path in zip(table["img"], table["path"], strict=True)}
+    table = pd.read_csv(index, dtype=str, keep_default_na=False)
+    return {image_id: raw / path for image_id, path in zip(table["id"], table["path"], strict=True)}
 
 
 def thumbnail(preds: ValidPredictions, row: int, paths: dict[str, Path]) -> str:
-    img = str(preds.imgs[row])
+    img = str(preds.ids[row])
     true, pred = int(preds.labels[row]), int(preds.predicted[row])
     path = paths.get(img)
     uri = thumbnail_data_uri(path) if path is not None else None
     picture = f"<img src='{uri}' alt='{html.escape(img)}'>" if uri else "<div class='noimg'></div>"
     verdict = "ok" if true == pred else "bad"
-    caption = (f"{html.escape(img)}<br>true c{true}, <span class='{verdict}'>pred c{pred}</span> "
+    names = preds.classes
+    caption = (f"{html.escape(img)}<br>true {html.escape(names[true])}, "
+               f"<span class='{verdict}'>pred {html.escape(names[pred])}</span> "
                f"p={preds.probs[row, pred]:.2f}, p(true)={preds.probs[row, true]:.2f}")
     return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
 
@@ -402,12 +407,24 @@ def views_section(preds: ValidPredictions, paths: dict[str, Path]) -> str:
     return "".join(parts)
 
 
+def validation_kind(cfg: Config) -> str:
+    """What the validation images are: whole held-out groups, or (without groups) single images."""
+    try:
+        competition = read_competition(cfg.paths.path("raw"))
+    except StageError:
+        return "held out"
+    if competition.has_groups:
+        return f"whole held-out groups of {competition.group_name}"
+    return "held-out images: this competition has no groups, so validation is per image"
+
+
 def predictions_sections(cfg: Config) -> str:
     preds = find_valid_predictions(cfg)
     if isinstance(preds, str):
         return f"<h2>Validation predictions</h2>{note(preds)}"
     return (f"<h2>Validation predictions: {html.escape(preds.source)}</h2>"
-            f"<p>{len(preds.imgs)} validation images (held-out drivers), from data/predictions/{html.escape(preds.source)}/valid.csv.</p>"
+            f"<p>{len(preds.ids)} validation images ({html.escape(validation_kind(cfg))}), from "
+            f"data/predictions/{html.escape(preds.source)}/valid.csv.</p>"
             f"<h2>Confusion matrix</h2>{confusion_section(preds)}"
             f"<h2>Per-class log loss</h2>{per_class_section(preds)}"
             f"<h2>Calibration</h2>{calibration_section(preds)}"
@@ -417,11 +434,12 @@ def predictions_sections(cfg: Config) -> str:
 # ---------------------------------------------------------------------------- page
 
 
-def render_html(metrics: dict[str, dict], profile: str, body: str = "") -> str:
-    """The page: stage figures first, then ``body`` (the sections that read other artifacts)."""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>State Farm pipeline report</title>"
-            f"<style>{STYLE}</style></head><body><h1>State Farm pipeline report</h1>"
-            f"<p>profile: <b>{html.escape(profile)}</b>. Validation holds out whole drivers; test figures "
+def render_html(metrics: dict[str, dict], profile: str, body: str = "", validation: str = "held out") -> str:
+    """The page: stage figures first, then ``body`` (the sections that read other artifacts);
+    ``validation`` says what the validation images are (:func:`validation_kind`)."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Pipeline report</title>"
+            f"<style>{STYLE}</style></head><body><h1>Pipeline report</h1>"
+            f"<p>profile: <b>{html.escape(profile)}</b>. Validation images: {html.escape(validation)}; test figures "
             f"exist only where hidden labels do (synthetic data).</p>"
             f"<h2>Log loss per stage</h2>{score_table(metrics)}"
             f"<h2>Ensemble and test-neighbour smoothing</h2>{ensemble_section(metrics)}"
@@ -434,5 +452,5 @@ def run(cfg: Config) -> dict[str, Any]:
     atomic_write_text(cfg.paths.path("metrics"), json.dumps(metrics, indent=2) + "\n")
     body = (f"<h2>Learning curves</h2>{learning_curves_section(cfg.paths.path('models'))}"
             f"{predictions_sections(cfg)}")
-    atomic_write_text(cfg.paths.path("report_html"), render_html(metrics, cfg.profile, body))
+    atomic_write_text(cfg.paths.path("report_html"), render_html(metrics, cfg.profile, body, validation_kind(cfg)))
     return {"stages": list(metrics)}

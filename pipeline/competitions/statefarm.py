@@ -1,4 +1,5 @@
-"""The embedded default dataset: State-Farm-shaped synthetic driver images in the exact Kaggle layout.
+"""The State Farm adapter: State-Farm-shaped synthetic driver images in the exact Kaggle layout (the
+``statefarm`` profile's competition spec reads it, and the real data, the same way).
 
 The structure copies what makes the real competition hard (design.md section 2):
 
@@ -33,9 +34,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.config import CLASSES, SyntheticConfig, load_profile
+from pipeline.config import SyntheticConfig, load_profile
 from pipeline.io import atomic_write_csv
 
+# State Farm's classes, as its sample_submission.csv names them (c0 safe driving ... c9 talking to passenger).
+CLASSES = tuple(f"c{i}" for i in range(10))
 # Real train-set class counts (c0..c9): the synthetic class mix is drawn around these proportions.
 REAL_CLASS_COUNTS = np.array([2489, 2267, 2317, 2346, 2326, 2312, 2325, 2002, 1911, 2129], dtype=float)
 # Real subject numbers run p002..p081; synthetic ones are drawn from the same kind of range.
@@ -620,7 +623,8 @@ def write_tables(plan: DatasetPlan, out_dir: Path, hidden_dir: Path) -> None:
         submission[classname] = 0.1
     atomic_write_csv(out_dir / "sample_submission.csv", submission)
     hidden_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(hidden_dir / "test_labels.csv", test[["img", "subject", "classname"]])
+    hidden = test[["img", "classname", "subject"]].set_axis(["id", "label", "group"], axis=1)
+    atomic_write_csv(hidden_dir / "test_labels.csv", hidden)
 
 
 def generate(cfg: SyntheticConfig, out_dir: Path, hidden_dir: Path) -> dict:
@@ -653,7 +657,7 @@ def preset_config(preset: str) -> SyntheticConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.competitions.statefarm", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="competition folder to write (Kaggle layout)")
     parser.add_argument("hidden_dir", type=Path, help="folder for test_labels.csv, outside out_dir")
     parser.add_argument("--preset", choices=("demo", "smoke", "full"), default="demo")

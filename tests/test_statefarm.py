@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import synthetic
-from pipeline.config import CLASSES, SyntheticConfig, load_profile
+from pipeline.competitions import statefarm as synthetic
+from pipeline.competitions.statefarm import CLASSES
+from pipeline.config import SyntheticConfig, load_profile
 from pipeline.io import file_sha256
 
 HEADER_DRIVERS = "subject,classname,img"
@@ -81,7 +82,7 @@ def test_counts_match_config(dataset, smoke_synthetic):
     per_driver = train.groupby("subject").size()
     assert len(per_driver) == cfg.n_train_drivers
     assert per_driver.between(*cfg.train_per_driver).all()
-    assert len(test) == cfg.n_test and test.subject.nunique() == cfg.n_test_drivers
+    assert len(test) == cfg.n_test and test["group"].nunique() == cfg.n_test_drivers
     assert figures["n_train"] == len(train) and figures["n_test"] == len(test)
     assert figures["n_train_drivers"] == cfg.n_train_drivers and figures["n_test_drivers"] == cfg.n_test_drivers
     assert figures["seconds"] > 0 and figures["images_per_s"] > 0
@@ -100,8 +101,8 @@ def test_test_drivers_are_unseen_in_train(dataset):
     raw, hidden, _ = dataset
     train = pd.read_csv(raw / "driver_imgs_list.csv")
     test = pd.read_csv(hidden / "test_labels.csv")
-    assert all(re.fullmatch(r"p\d{3}", s) for s in set(train.subject) | set(test.subject))
-    assert not set(train.subject) & set(test.subject)
+    assert all(re.fullmatch(r"p\d{3}", s) for s in set(train.subject) | set(test["group"]))
+    assert not set(train.subject) & set(test["group"])
 
 
 def test_every_image_is_a_jpeg_of_the_configured_size(dataset, smoke_synthetic):
@@ -115,9 +116,9 @@ def test_every_image_is_a_jpeg_of_the_configured_size(dataset, smoke_synthetic):
 def test_hidden_labels_cover_exactly_the_test_images_outside_the_competition_folder(dataset):
     raw, hidden, _ = dataset
     labels = pd.read_csv(hidden / "test_labels.csv")
-    assert list(labels.columns) == ["img", "subject", "classname"]
-    assert set(labels.img) == set(pd.read_csv(raw / "sample_submission.csv").img)
-    assert labels.img.is_unique and set(labels.classname) <= set(CLASSES)
+    assert list(labels.columns) == ["id", "label", "group"]  # the normalised hidden-label format
+    assert set(labels["id"]) == set(pd.read_csv(raw / "sample_submission.csv").img)
+    assert labels["id"].is_unique and set(labels["label"]) <= set(CLASSES)
     assert not hidden.resolve().is_relative_to(raw.resolve())
     assert not list(raw.rglob("test_labels.csv"))
 
