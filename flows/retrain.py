@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import Profile, RunParameters
 from flows.pipeline import run_locked
-from flows.submission import read_last_submission, should_submit, submit_stage_present
+from flows.submission import read_last_submission, should_submit
 from flows.tasks import dvc_slot, publish_metrics, publish_submission, push_cache, use_this_python
 from pipeline.env import set_offline_env
 
@@ -27,7 +27,7 @@ def kaggle_credentials() -> bool:
 
 @flow(name="statefarm-retrain", log_prints=True)
 def retrain_flow(
-    profile: Profile = "demo",
+    profile: Profile = "statefarm",
     overrides: dict[str, Any] | None = None,
     submit: bool = True,
     min_improvement: float = 0.0,
@@ -56,10 +56,6 @@ def retrain_flow(
         logger.info(reason)
         if not (submit and improved):
             publish_submission(f"submit=false, not submitting ({reason})" if improved else reason)
-        elif not submit_stage_present():
-            text = f"{reason}; but dvc.yaml has no submit stage yet: submit step skipped (no-op)"
-            logger.info(text)
-            publish_submission(text)
         elif not kaggle_credentials():
             text = f"{reason}; but this worker has no Kaggle credentials: not submitting"
             logger.warning(text)

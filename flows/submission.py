@@ -12,14 +12,9 @@ from prefect import get_run_logger
 from flows.tasks import headline, publish_submission
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.io import atomic_write_json, read_json
-from pipeline.registry import STAGES
 
 SUBMIT_STAGE = "submit"
 STATE_NAME = "last_submission.json"  # under paths.reports
-
-
-def submit_stage_present() -> bool:
-    return SUBMIT_STAGE in STAGES
 
 
 def state_path(root: str) -> Path:
@@ -50,11 +45,6 @@ def note_submission(ran: dict[str, list[str]], metrics: dict[str, Any], profile:
     """After a run with submit.enabled=true: record the score if the submit stage ran, and show the
     result in the UI. Returns whether a submission was made."""
     logger = get_run_logger()
-    if not submit_stage_present():
-        text = f"no `{SUBMIT_STAGE}` stage in dvc.yaml yet: submit step skipped (no-op)"
-        logger.info(text)
-        publish_submission(text)
-        return False
     cfg = load_params(Path(root) / PARAMS_FILE)
     stage_file = cfg.paths.stage_metrics_file(SUBMIT_STAGE)
     figures = read_json(stage_file) if stage_file.exists() else metrics.get(SUBMIT_STAGE, {})

@@ -9,23 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from flows.params import Profile, RunParameters
 from flows.pipeline import run_pipeline
-from flows.submission import SUBMIT_STAGE, submit_stage_present
-from flows.tasks import publish_submission
+from flows.submission import SUBMIT_STAGE
 
 
 @flow(name="statefarm-submit", log_prints=True)
 def submit_flow(
-    profile: Profile = "demo",
+    profile: Profile = "statefarm",
     overrides: dict[str, Any] | None = None,
     force: bool = False,
     push: bool = True,
     root: str = ".",
 ) -> dict:
-    """Run the `submit` stage through DVC with uploads enabled (a no-op while dvc.yaml has none).
+    """Run the `submit` stage through DVC with uploads enabled (refused for synthetic data).
 
     Args:
         profile: configs/<profile>.yaml the submission was computed with
@@ -34,10 +33,5 @@ def submit_flow(
         push: dvc push to the DVC remote afterwards
         root: the project checkout (the deployment's working directory)
     """
-    if not submit_stage_present():
-        text = f"no `{SUBMIT_STAGE}` stage in dvc.yaml yet: nothing to submit (no-op)"
-        get_run_logger().info(text)
-        publish_submission(text)
-        return {}
     run = RunParameters(profile=profile, overrides=overrides or {}, submit=True, push=push)
     return run_pipeline(run, root, force=[SUBMIT_STAGE] if force else ())

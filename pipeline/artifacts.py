@@ -6,13 +6,13 @@ from pipeline.config import Config
 
 # (attribute of PathsConfig, what it holds)
 ARTIFACTS: list[tuple[str, str]] = [
-    ("raw", "competition files as ingested (Kaggle layout) + train/test indexes"),
+    ("raw", "competition files as ingested + train_index/test_index (id,path,label,group), competition.json"),
     ("hidden", "hidden test labels (synthetic data only; never read by training)"),
-    ("split_csv", "one row per train image: img, subject, classname, split, fold"),
+    ("split_csv", "one row per labelled image: id, label, group, split, fold"),
     ("sample", "small train/valid sample mirror for fast iteration"),
-    ("features", "cached conv features (fp16) incl. augmented copies"),
+    ("features", "cached conv features (fp16, checksummed chunks) incl. augmented copies"),
     ("models", "checkpoints per stage and ensemble member"),
-    ("predictions", "valid/test predictions per stage (img,c0..c9)"),
+    ("predictions", "valid/test predictions per stage (id, one column per class)"),
     ("metrics", "per-stage validation (and hidden-test) figures"),
     ("report_html", "the human report"),
     ("submission", "Kaggle submission, validated before any upload"),

@@ -4,14 +4,25 @@ with the resolved config in params.yaml; ``python -m pipeline configure --profil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from pipeline.config import PARAMS_FILE, PROFILES, ConfigError, load_params, load_profile, write_params
+from pipeline.config import (
+    PARAMS_FILE,
+    PROFILES,
+    Config,
+    ConfigError,
+    load_params,
+    load_profile,
+    write_params,
+)
 from pipeline.env import set_offline_env
 from pipeline.errors import StageError
+from pipeline.io import exclusive_lock
 from pipeline.registry import STAGES, stage_module
 
 
@@ -26,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     configure = sub.add_parser("configure", help="resolve a profile (+ overrides) into params.yaml")
-    configure.add_argument("--profile", default="demo", help=f"one of {', '.join(PROFILES)} (default demo)")
+    configure.add_argument("--profile", default="demo", help=f"a configs/<name>.yaml: {', '.join(PROFILES)} or yours (default demo)")
     configure.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a config value, e.g. --set head.max_epochs=3 (repeatable)")
     configure.add_argument("--out", default=PARAMS_FILE, help="where to write (default params.yaml)")
@@ -41,16 +52,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def die_with_parent() -> None:
+    """Linux: end this stage process when its parent (``dvc repro``, a flow) dies, so killing the run
+    never leaves a stage writing on behind its back."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def stage_lock(cfg: Config, name: str, options: dict) -> Path:
+    """One lock file per stage (per foreach item): each output belongs to one stage."""
+    item = f"@{options['member']}" if options.get("member") is not None else ""
+    return cfg.paths.root / ".locks" / f"{name}{item}.lock"
+
+
 def run_stage(name: str, params: str, **options: object) -> dict:
     cfg = load_params(params)
     start = time.perf_counter()
-    figures = stage_module(name).run(cfg, **options) or {}
+    with exclusive_lock(stage_lock(cfg, name, options), f"stage {name}'s outputs"):
+        figures = stage_module(name).run(cfg, **options) or {}
     print(f"[{name}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return figures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     set_offline_env()
+    die_with_parent()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "configure":
@@ -65,5 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(figures, indent=2, default=str))
     except (ConfigError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if args.command in STAGES:
+            print(f"[{args.command}] failed: its previous outputs are left in place (every output is written "
+                  "atomically); fix the cause and rerun", file=sys.stderr)
         return 2
     return 0

@@ -9,14 +9,27 @@ Unknown keys are errors that name the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARAMS_FILE = "params.yaml"
 PROFILES = ("demo", "demo-csv", "statefarm", "smoke")
+
+
+# torch device names this project runs on: auto, cpu, cuda, cuda:N, mps.
+Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
 
 
 class ConfigError(ValueError):
@@ -77,7 +90,7 @@ class SyntheticConfig(Section):
     width: int = Field(640, ge=32)
     height: int = Field(480, ge=24)
     jpeg_quality: int = Field(90, ge=30, le=100)
-    seed: int = 2016
+    seed: int = Field(2016, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticConfig:
@@ -133,7 +146,7 @@ class ShapesConfig(Section):
     width: int = Field(64, ge=16)
     height: int = Field(64, ge=16)
     jpeg_quality: int = Field(90, ge=30, le=100)
-    seed: int = 4242
+    seed: int = Field(4242, ge=0)
 
 
 class IngestConfig(Section):
@@ -161,29 +174,30 @@ class SplitConfig(Section):
     # Without a group column: this fraction of the images, stratified by class.
     valid_fraction: float = Field(0.2, gt=0, lt=1)
     n_folds: int = Field(5, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class SampleConfig(Section):
     # The course convention: ~1,500 train and 1,000 valid images; capped by what the split has.
     n_train: int = Field(1500, ge=10)
     n_valid: int = Field(1000, ge=10)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class ModelConfig(Section):
-    # "vgg16_bn" is timm's model; "vgg16_bn_narrow" is the same layout and class with fewer channels.
-    arch: Literal["vgg16_bn", "vgg16_bn_narrow"] = "vgg16_bn"
+    # Any timm CNN by name ("vgg16_bn", the State Farm course recipe; "resnet50", "convnext_tiny", ...),
+    # or "vgg16_bn_narrow": timm's VGG class in the vgg16_bn layout with fewer channels (CPU tests, demo).
+    arch: str = "vgg16_bn"
     width_divisor: int = Field(8, ge=1)  # only for vgg16_bn_narrow
     # hub: ImageNet weights (hub_tag); file: weights_file; pretrain: the `pretrain` stage's backbone
     # (trained on a separate synthetic domain, the CPU stand-in for ImageNet); none: random init.
     weights: Literal["hub", "file", "pretrain", "none"] = "hub"
     weights_file: str | None = None
-    hub_tag: str = "vgg16_bn.tv_in1k"
+    hub_tag: str | None = None  # weights=hub: a timm name with its pretrained tag; None: model.arch's default tag
     # Model input (height, width); None keeps timm's resolved default (224x224).
-    input_size: tuple[int, int] | None = None
+    input_size: tuple[PositiveInt, PositiveInt] | None = None
     # weights=none: the random init is drawn from this seed, so every stage builds the same network.
-    init_seed: int = 0
+    init_seed: int = Field(0, ge=0)
     # weights=pretrain: the pretrain stage's file (``<paths.models>/pretrain/backbone.pt``). Derived
     # from ``paths`` by ``Config`` (it depends on the root), so it is not a param: never set it by hand.
     pretrain_file: Path | None = Field(None, exclude=True)
@@ -209,7 +223,7 @@ class PretrainConfig(Section):
     # Rendered size (4:3); None: the profile's ingest.synthetic size. Decoded to model.input_size.
     width: int | None = Field(None, ge=32)
     height: int | None = Field(None, ge=24)
-    seed: int = 7919  # the pretraining domain's seed: must differ from ingest.synthetic.seed
+    seed: int = Field(7919, ge=0)  # the pretraining domain's seed: must differ from ingest.synthetic.seed
     # The classifier trained: conv base, pool5 average-pooled to grid x grid, dense head without
     # hidden layers (BatchNorm1d -> Dropout -> Linear): the shape the features stage uses.
     grid: int = Field(2, ge=1)
@@ -219,7 +233,7 @@ class PretrainConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(32, ge=2)
     num_workers: int = Field(0, ge=0)
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: Device = "auto"  # auto: cuda when available, else cpu
 
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:
@@ -256,15 +270,15 @@ class FeaturesConfig(Section):
     chunk_size: int = Field(1024, ge=1)  # rows per chunk file (the unit of resume)
     num_workers: int = Field(4, ge=0)
     use_sample: bool = False
-    device: str = "auto"  # auto: cuda when available, else cpu
-    seed: int = 0  # augmented copy k of image i depends only on (seed, k, image name)
+    device: Device = "auto"  # auto: cuda when available, else cpu
+    seed: int = Field(0, ge=0)  # augmented copy k of image i depends only on (seed, k, image name)
 
 
 Optimizer = Literal["adam", "adamw", "sgd", "nesterov", "rmsprop"]
 
 
 class HeadConfig(Section):
-    widths: list[int] = [512, 512]
+    widths: list[PositiveInt] = [512, 512]
     dropout: float = Field(0.5, ge=0, lt=1)
     optimizer: Optimizer = "adam"
     lr: float = Field(1e-3, gt=0)
@@ -274,7 +288,7 @@ class HeadConfig(Section):
     batch_size: int = Field(128, ge=1)
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(5, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     accelerator: str = "auto"  # the head is small: cpu is fine; auto takes a GPU when there is one
     progress_bar: bool = False
 
@@ -315,7 +329,7 @@ class FinetuneConfig(Section):
     patience: int = Field(3, ge=1)
     num_workers: int = Field(4, ge=0)
     use_sample: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     trainer: TrainerConfig = TrainerConfig()
 
 
@@ -336,7 +350,7 @@ class PseudoConfig(Section):
     distill: bool = False
     temperature: float = Field(1.0, gt=0)
     max_epochs: int = Field(4, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @field_validator("fraction")
     @classmethod
@@ -388,7 +402,11 @@ class EnsembleConfig(Section):
     @field_validator("members", mode="before")
     @classmethod
     def _count_means_range(cls, value: Any) -> Any:
-        return list(range(value)) if isinstance(value, int) and not isinstance(value, bool) else value
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"a member count must be >= 0, got {value}")
+            return list(range(value))
+        return value
 
     @model_validator(mode="after")
     def _check_members(self) -> EnsembleConfig:
@@ -404,7 +422,7 @@ class CalibrateConfig(Section):
     clip: bool = True  # clip to [(1 - hi) / 9, hi], hi chosen on validation (the course: 0.93)
     # Folds over validation drivers for the honest, cross-fitted estimate of the calibrated log loss.
     cross_fit_folds: int = Field(2, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class SubmitConfig(Section):
@@ -418,7 +436,7 @@ class SubmitConfig(Section):
 
 class Config(Section):
     profile: str = "statefarm"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     paths: PathsConfig = PathsConfig()
     competition: CompetitionConfig = CompetitionConfig()
     ingest: IngestConfig = IngestConfig()
@@ -501,6 +519,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (binary bytes): regenerate it with `python -m pipeline configure`") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -546,10 +566,34 @@ def load_profile(profile: str, overrides: list[str] | dict[str, Any] | None = No
     return validate(data, f"profile {profile}" + (f" with overrides {overrides}" if overrides else ""))
 
 
+def missing_keys(data: Any, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted keys of ``model``'s schema absent from ``data`` (a resolved config has every one)."""
+    if not isinstance(data, dict):
+        return []
+    missing = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        if name not in data:
+            missing.append(prefix + name)
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            missing += missing_keys(data[name], field.annotation, f"{prefix}{name}.")
+    return missing
+
+
 def load_params(path: Path | str = PARAMS_FILE, root: Path | str | None = None) -> Config:
-    """The resolved config a stage runs with (``params.yaml``, written by ``configure``)."""
+    """The resolved config a stage runs with (``params.yaml``, written by ``configure``). A file that
+    is not a complete resolved config (empty, partial, hand-trimmed) is refused: filling the gaps
+    with defaults would silently run the statefarm settings."""
     path = Path(path)
-    cfg = validate(read_yaml(path), str(path))
+    data = read_yaml(path)
+    missing = missing_keys(data, Config)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        profile = data.get("profile", "<profile>")
+        raise ConfigError(f"{path} is not a complete resolved config (missing {shown}): regenerate it with "
+                          f"`python -m pipeline configure --profile {profile}`")
+    cfg = validate(data, str(path))
     return cfg.at(root if root is not None else path.resolve().parent)
 
 

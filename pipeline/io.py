@@ -15,6 +15,12 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.errors import StageError
+
+
+class LockedError(StageError):
+    """Another process is writing the same outputs."""
+
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,3 +92,45 @@ def file_sha256(path: Path | str) -> str:
 
 def read_json(path: Path | str) -> Any:
     return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path | str, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) or fail at once: two writers
+    of the same outputs (a second ``dvc repro`` after a stale DVC lock was cleared, two flows) must
+    never interleave. The lock dies with its process, so a killed run leaves nothing to clear."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise LockedError(f"{what} is being written by {holder} (lock {path}): wait for it or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_leftovers(folder: Path, name: str) -> list[Path]:
+    """Temp siblings of ``folder/name`` that a killed run left (``.name.*.tmp``, ``.old``, ``.scratch``);
+    called by the one writer holding the stage's lock, so none of them is in use."""
+    gone = []
+    for leftover in Path(folder).glob(f".{name}.*"):
+        if leftover.suffix in (".tmp", ".old", ".scratch") or leftover.name.endswith((".tmp", ".old", ".scratch")):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            gone.append(leftover)
+    return gone

@@ -21,19 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import timm.data
 import torch
-from timm.models._builder import build_model_with_cfg
-from timm.models.vgg import VGG, ConvMlp, cfgs
+from timm.models import build_model_with_cfg
+from timm.models.vgg import VGG, cfgs
 from torch import nn
 
 from pipeline.config import ModelConfig
 
 VGG16_LAYOUT: list[int | str] = list(cfgs["vgg16"])
 IMAGENET_CLASSES = 1000
+NARROW_VGG = "vgg16_bn_narrow"  # timm's VGG class, vgg16_bn layout, fewer channels: the CPU stand-in
 
 
 # ---------------------------------------------------------------------------- backbone
@@ -68,16 +69,13 @@ def create_narrow_vgg16_bn(width_divisor: int, num_classes: int = IMAGENET_CLASS
     """timm's ``VGG`` class with the vgg16_bn layout and ``1/width_divisor`` of the channels (the
     pre-logits MLP is narrowed by the same factor). Built through timm's builder under the vgg16_bn
     variant, so it carries vgg16_bn's pretrained_cfg (mean, std, input size) and can load a local
-    weights file via ``pretrained_cfg_overlay=dict(file=...)``."""
-    from timm.models.vgg import _filter_fn
-
+    weights file (one this project wrote, so no conversion filter) via ``pretrained_cfg_overlay``."""
     return build_model_with_cfg(
         VGG,
         "vgg16_bn",
         kwargs.pop("pretrained", False),
         model_cfg=narrow_vgg16_layout(width_divisor),
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3, 4, 5)),
-        pretrained_filter_fn=_filter_fn,
         norm_layer=nn.BatchNorm2d,
         mlp_ratio=1.0 / width_divisor,
         num_classes=num_classes,
@@ -85,17 +83,30 @@ def create_narrow_vgg16_bn(width_divisor: int, num_classes: int = IMAGENET_CLASS
     )
 
 
-def create_backbone(model_cfg: ModelConfig, num_classes: int = IMAGENET_CLASSES) -> VGG:
-    """The batchnorm-VGG from ``cfg.model``: weights from the HF hub, a local file, the pretrain
-    stage's file, or random."""
-    if model_cfg.arch == "vgg16_bn_narrow" and model_cfg.weights == "hub":
-        raise ValueError("vgg16_bn_narrow has no published weights: use model.weights=pretrain, file or none")
+def is_vgg(backbone: nn.Module) -> bool:
+    return isinstance(backbone, VGG)
+
+
+def create_backbone(model_cfg: ModelConfig, num_classes: int = IMAGENET_CLASSES) -> nn.Module:
+    """Any timm CNN by name (``model.arch``; ``vgg16_bn`` the State Farm default) or the narrow
+    VGG-16-bn: weights from the HF hub (``model.hub_tag``, else timm's default tag), a local file, the
+    pretrain stage's file, or random. Non-VGG models are built without their classifier: the pipeline
+    puts its own dense head on the pooled feature map."""
+    if model_cfg.arch == NARROW_VGG:
+        if model_cfg.weights == "hub":
+            raise ValueError("vgg16_bn_narrow has no published weights: use model.weights=pretrain, file or none")
+    elif not timm.is_model(model_cfg.arch):
+        raise ValueError(f"model.arch={model_cfg.arch!r} is not a timm model (timm.list_models() lists them) "
+                         f"nor {NARROW_VGG!r}")
     kwargs = _pretrained_kwargs(model_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_cfg.init_seed)  # the same random init in every stage (weights=none)
-        if model_cfg.arch == "vgg16_bn":
-            return timm.create_model(model_cfg.hub_tag, num_classes=num_classes, **kwargs)
-        return create_narrow_vgg16_bn(model_cfg.width_divisor, num_classes=num_classes, **kwargs)
+        if model_cfg.arch == NARROW_VGG:
+            return create_narrow_vgg16_bn(model_cfg.width_divisor, num_classes=num_classes, **kwargs)
+        name = model_cfg.hub_tag if model_cfg.weights == "hub" and model_cfg.hub_tag else model_cfg.arch
+        # Only VGG keeps its classifier (its pretrained files and the pretrain stage's carry one).
+        classes = num_classes if model_cfg.arch.startswith("vgg") else 0
+        return timm.create_model(name, num_classes=classes, **kwargs)
 
 
 def resolve_preprocessing(model: nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
@@ -114,8 +125,20 @@ def input_hw(data_cfg: dict[str, Any]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def feature_channels(model: VGG) -> int:
+def feature_channels(model: nn.Module) -> int:
     return int(model.num_features)
+
+
+class FeatureTrunk(nn.Module):
+    """A timm model's ``forward_features`` (its last feature map, before pooling) as a module: the
+    conv part of any timm CNN, the way ``VGG.features`` is VGG's."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
 
 
 # ---------------------------------------------------------------------------- conv base
@@ -137,16 +160,19 @@ class Normalize(nn.Module):
 
 
 class ConvBase(nn.Module):
-    """Normalise, run VGG's conv layers (to pool5), average-pool to ``grid x grid``, flatten."""
+    """Normalise, run the backbone's conv layers (VGG: to pool5), average-pool to ``grid x grid``,
+    flatten. ``stage_ends`` names (inside ``features``) the last module of each resolution stage, from
+    timm's ``feature_info``: the blocks of staged unfreezing (``backbone_blocks``)."""
 
     def __init__(self, features: nn.Module, mean: Sequence[float], std: Sequence[float], grid: int,
-                 channels: int):
+                 channels: int, stage_ends: Sequence[str] = ()):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.features = features
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.grid = grid
         self.channels = channels
+        self.stage_ends = list(stage_ends)
 
     @property
     def out_features(self) -> int:
@@ -176,12 +202,25 @@ def fuse_conv_batchnorm(features: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def create_conv_base(backbone: VGG, data_cfg: dict[str, Any], grid: int, frozen: bool = True) -> ConvBase:
-    """The conv part of ``backbone`` as a feature extractor. Frozen (for caching, the default): a
-    batchnorm-folded copy in eval mode without gradients, channels-last (2x faster convs on CPU
-    too). Trainable: ``backbone.features`` itself, batchnorm layers kept."""
-    features = fuse_conv_batchnorm(backbone.features) if frozen else backbone.features
-    base = ConvBase(features, data_cfg["mean"], data_cfg["std"], grid, feature_channels(backbone))
+def stage_ends(backbone: nn.Module, prefix: str) -> list[str]:
+    """timm's ``feature_info`` module names (the end of each resolution stage), relative to the
+    module that holds them under ``prefix``."""
+    names = [info["module"] for info in backbone.feature_info]
+    return [name[len(prefix):] if name.startswith(prefix) else name for name in names]
+
+
+def create_conv_base(backbone: nn.Module, data_cfg: dict[str, Any], grid: int, frozen: bool = True) -> ConvBase:
+    """The conv part of ``backbone`` as a feature extractor: VGG's ``features`` stack, or any timm CNN's
+    ``forward_features``. Frozen (for caching, the default): eval mode without gradients,
+    channels-last (2x faster convs on CPU too), VGG's batchnorm folded into its convs. Trainable: the
+    backbone's own modules, batchnorm layers kept."""
+    if is_vgg(backbone):
+        features: nn.Module = fuse_conv_batchnorm(backbone.features) if frozen else backbone.features
+        ends = stage_ends(backbone, "features.")
+    else:
+        features, ends = FeatureTrunk(backbone), stage_ends(backbone, "")
+        ends = [f"backbone.{name}" for name in ends]
+    base = ConvBase(features, data_cfg["mean"], data_cfg["std"], grid, feature_channels(backbone), ends)
     if not frozen:
         return base
     return freeze(base).to(memory_format=torch.channels_last)
@@ -203,14 +242,25 @@ def create_dense_head(in_features: int, widths: Sequence[int], dropout: float = 
 
 
 def backbone_blocks(conv_base: ConvBase) -> list[list[nn.Module]]:
-    """The conv base's layers in blocks, first to last, for staged unfreezing and layer-wise learning
-    rates: VGG's conv stack split after each max pool (5 blocks for the vgg16 layout)."""
-    blocks: list[list[nn.Module]] = [[]]
-    for layer in conv_base.features:
-        blocks[-1].append(layer)
-        if isinstance(layer, nn.MaxPool2d):
-            blocks.append([])
-    return [b for b in blocks if b]
+    """The conv base's leaf modules in blocks, first to last, for staged unfreezing and layer-wise
+    learning rates: one block per resolution stage of timm's ``feature_info`` (VGG-16: the 5 conv
+    blocks between max pools; ResNet: stem, layer1..4; ConvNeXt: its stages). Blocks without
+    parameters are dropped."""
+    ends = conv_base.stage_ends
+    blocks: list[list[nn.Module]] = [[] for _ in range(len(ends) + 1)]
+    stage, inside = 0, False
+    for name, module in conv_base.features.named_modules():
+        if not name or next(module.children(), None) is not None:
+            continue  # leaves only
+        while stage < len(ends):
+            if name == ends[stage] or name.startswith(ends[stage] + "."):
+                inside = True
+                break
+            if not inside:
+                break
+            stage, inside = stage + 1, False  # past this stage's last module
+        blocks[stage].append(module)
+    return [block for block in blocks if any(True for m in block for _ in m.parameters())]
 
 
 class ConvNet(nn.Module):
@@ -223,87 +273,3 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv_base(x))
-
-
-# ---------------------------------------------------------------------------- batchnorm insertion
-
-BatchnormPlace = Literal["conv", "dense", "both"]
-
-
-def identity_batchnorm(mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> nn.BatchNorm2d:
-    """A BatchNorm2d whose eval-mode output equals its input: running stats are the measured mean
-    and (biased) variance, weight = sqrt(var + eps), bias = mean. On the calibration batch the
-    train-mode output is the input too (batch stats = measured stats)."""
-    bn = nn.BatchNorm2d(len(mean), eps=eps).to(device=mean.device, dtype=mean.dtype)
-    with torch.no_grad():
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
-        bn.weight.copy_(torch.sqrt(var + eps))
-        bn.bias.copy_(mean)
-    return bn
-
-
-@torch.no_grad()
-def _measure_channel_stats(model: nn.Module, modules: list[nn.Module], batch: torch.Tensor
-                           ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and biased variance of each module's output on ``batch`` (model in eval)."""
-    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        dims = [d for d in range(output.dim()) if d != 1]
-        stats[module] = (output.mean(dim=dims), output.var(dim=dims, unbiased=False))
-
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return stats
-
-
-def _recompute_feature_taps(model: VGG) -> None:
-    """VGG.forward_intermediates indexes ``features`` by position: refresh after inserting layers."""
-    ends = [i - 1 for i, layer in enumerate(model.features) if isinstance(layer, nn.MaxPool2d)]
-    ends.append(len(model.features) - 1)
-    model.feature_ends = ends
-    for info, end in zip(model.feature_info, ends, strict=False):
-        info["module"] = f"features.{end}"
-
-
-def insert_batchnorm(model: VGG, calibration_batch: torch.Tensor, where: BatchnormPlace = "both",
-                     eps: float = 1e-5) -> VGG:
-    """Insert batchnorm into a plain (BN-less) VGG so that it computes the same function.
-
-    ``conv``: a BatchNorm2d after every conv of ``features`` (before its ReLU): the result has the
-    vgg16_bn layout. ``dense``: a BatchNorm2d after each activation of the pre-logits MLP (the
-    course's BN in the dense block; timm's dense layers are 7x7 and 1x1 convs). Each BN is
-    initialised from the activation statistics measured on ``calibration_batch`` (the input the
-    model normally receives) so it starts as the identity, and training can then move it.
-    Modifies ``model`` in place and returns it."""
-    if getattr(model, "use_norm", False) or any(isinstance(m, nn.BatchNorm2d) for m in model.features):
-        raise ValueError("insert_batchnorm expects a plain VGG without batchnorm (e.g. timm 'vgg16')")
-    convs = [m for m in model.features if isinstance(m, nn.Conv2d)] if where in ("conv", "both") else []
-    dense: list[nn.Module] = []
-    mlp = model.pre_logits
-    if where in ("dense", "both") and isinstance(mlp, ConvMlp):
-        dense = [mlp.act1, mlp.act2]
-    stats = _measure_channel_stats(model, convs + dense, calibration_batch)
-
-    if convs:
-        layers: list[nn.Module] = []
-        for layer in model.features:
-            layers.append(layer)
-            if layer in stats and isinstance(layer, nn.Conv2d):
-                layers.append(identity_batchnorm(*stats[layer], eps=eps))
-        model.features = nn.Sequential(*layers)
-        model.use_norm = True
-        _recompute_feature_taps(model)
-    if dense:
-        for name in ("act1", "act2"):
-            act = getattr(mlp, name)
-            setattr(mlp, name, nn.Sequential(act, identity_batchnorm(*stats[act], eps=eps)))
-    return model.train(model.training)  # the new layers take the model's train/eval mode

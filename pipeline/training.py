@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ from pipeline.config import AugmentConfig, TrainerConfig
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
 from pipeline.datamodules import epoch_seed
 from pipeline.errors import StageError
-from pipeline.io import atomic_path, atomic_write_json, file_sha256, read_json
+from pipeline.io import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from pipeline.tables import ImageTable
 
 MONITOR = "valid/logloss"
@@ -70,9 +71,11 @@ def save_network(path: Path, network: nn.Module, meta: dict[str, Any]) -> Path:
     """The one checkpoint format of every stage's network (pretrain backbone, dense head, fine-tuned
     CNN): ``{"state_dict", "meta"}``, written atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp)
-    return Path(path)
+    # Through a buffer: torch.save names the archive's root after the file it writes, and a temp
+    # file's random name would make equal weights differ byte-wise (DVC's run cache keys on bytes).
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state, "meta": meta}, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_network_file(path: Path | str, writer: str = "stage that writes it") -> dict[str, Any]:
@@ -440,11 +443,13 @@ def load_module_weights(module: ClassifierModule, checkpoint: Path) -> None:
 
 def fit_or_resume(module: ClassifierModule, data: L.LightningDataModule, trainer_cfg: TrainerConfig, out_dir: Path,
                   max_epochs: int, patience: int, run_fingerprint: str,
-                  callbacks: Sequence[Callback] = (), label: str | None = None) -> FitOutcome:
-    """Fit (fresh, resumed from last.ckpt, or reused when complete) and load the best weights."""
+                  callbacks: Sequence[Callback] = (), label: str | None = None, keep: str = "best") -> FitOutcome:
+    """Fit (fresh, resumed from last.ckpt, or reused when complete) and load the ``keep`` weights:
+    ``best`` (lowest valid/logloss) or ``last`` (a schedule that anneals to its end, whose validation
+    is only reported)."""
     mode, checkpoint_path = plan_run(out_dir, run_fingerprint, trainer_cfg.resume)
     if mode == "reuse":
-        load_module_weights(module, checkpoint_path)
+        load_module_weights(module, checkpoint_path if keep == "best" else out_dir / "last.ckpt")
         facts = {**read_json(out_dir / RUN_FILE).get("facts", {}), "reused": True}
         device = torch.device("cuda") if uses_cuda(trainer_cfg) else torch.device("cpu")
         return FitOutcome(module.network.eval(), facts, device, is_launcher_process())
@@ -454,9 +459,11 @@ def fit_or_resume(module: ClassifierModule, data: L.LightningDataModule, trainer
     trainer.fit(module, datamodule=data, ckpt_path=checkpoint_path)
     seconds = time.perf_counter() - start
     trainer.strategy.barrier("best checkpoint written")
-    best_path = Path(checkpoint.best_model_path or out_dir / "last.ckpt")
-    best = torch.load(best_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(best["state_dict"])
+    if keep == "best":
+        best = torch.load(Path(checkpoint.best_model_path or out_dir / "last.ckpt"), map_location="cpu", weights_only=False)
+        module.load_state_dict(best["state_dict"])
+    else:  # the weights in memory are the last epoch's
+        best = {"epoch": int(trainer.current_epoch) - 1}
     facts = {
         "epochs": int(trainer.current_epoch),
         "best_epoch": int(best.get("epoch", -1)),

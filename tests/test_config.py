@@ -97,3 +97,29 @@ def test_profiles_that_extend_in_a_loop_are_refused(tmp_path, monkeypatch):
 def test_an_impossible_competition_spec_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_profile("smoke", override)
+
+
+@pytest.mark.parametrize("text", ["", "profile: demo\n", "seed: 0\nhead:\n  lr: 0.1\n"])
+def test_a_params_file_that_is_not_a_complete_resolved_config_is_refused(tmp_path, text):
+    """An empty or partial params.yaml must not silently run with the statefarm defaults."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"not a complete resolved config \(missing .*configure --profile"):
+        load_params(path)
+    assert cli_main(["head", "--params", str(path)]) == 2
+
+
+def test_a_binary_params_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="params.yaml: not"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("features.seed=-1", "features.seed"), ("split.seed=-1", "split.seed"), ("model.input_size=[0, 0]", "model.input_size"),
+    ("features.device=tpu", "features.device"), ("head.widths=[0]", "head.widths"), ("ensemble.members=-1", "ensemble.members"),
+])
+def test_values_a_stage_would_crash_on_are_refused_at_configure(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_profile("smoke", [override])

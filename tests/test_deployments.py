@@ -283,22 +283,12 @@ def test_failures_name_the_stage_or_the_key(stack, tmp_path):
     assert not (repo / "data/split.csv").exists()
 
 
-def cache_stage_metrics(repo: Path, stages: list[str]) -> None:
-    """Mark the stages' per-stage metrics files DVC-cached: DVC pushes and restores a remote run-cache
-    entry only when every output of the stage is cached (a `cache: false` file is neither pushed nor
-    pulled, so the stage would re-run). Stages meant to fan out across machines need this."""
-    import yaml
-
-    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
-    for stage in stages:
-        dvc_yaml["stages"][stage]["metrics"] = [
-            {next(iter(m)) if isinstance(m, dict) else m: {"cache": True}} for m in dvc_yaml["stages"][stage]["metrics"]]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-
-
 def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_path):
-    """Scale-out through DVC: a worker runs some stages and pushes (outputs + run cache) to the shared
-    remote; another checkout running with pull=true restores them instead of re-running."""
+    """Scale-out through DVC: a worker runs an ensemble member (a foreach stage, the unit that fans
+    out) and pushes outputs + run cache to the shared remote; another checkout running with pull=true
+    restores the member instead of re-running it. Upstream stages are persistent (a failed run keeps
+    their last good outputs), so the run cache skips them: they re-run, deterministically, and the
+    member's inputs match."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
@@ -306,24 +296,24 @@ def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_p
 
     remote = tmp_path / "shared-remote"
     worker, coordinator = (copy_repo(tmp_path / name) for name in ("worker", "coordinator"))
+    targets = ["ingest", "split", "sample", "pretrain", "features", "head", "member@0"]
     for repo in (worker, coordinator):
-        cache_stage_metrics(repo, ["ingest", "split"])
         git(["init", "-q"], repo, stack.env)
         run([sys.executable, "-m", "pipeline", "configure", "--profile", "smoke"], repo, stack.env)
         run([sys.executable, "-m", "dvc", "remote", "modify", "--local", "local", "url", str(remote)], repo, stack.env)
     with stack.settings():
         try:
-            assert stages_flow(targets=["ingest", "split"], pull=False, root=str(worker)) == {
-                "ingest": ["ingest"], "split": ["split"]}
-            state = stages_flow(targets=["ingest", "split", "sample"], pull=True, push=False, root=str(coordinator),
-                                return_state=True)
+            ran = stages_flow(targets=targets, pull=False, root=str(worker))
+            assert ran["member@0"] == ["member@0"]
+            state = stages_flow(targets=targets, pull=True, push=False, root=str(coordinator), return_state=True)
         finally:
             APILogHandler().flush()
         assert state.is_completed(), state.message
         with stack.client() as client:
             logs = [log.message for log in client.read_logs(log_filter=LogFilter(
                 flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))]
-    for stage in ("ingest", "split"):
-        assert any(m.startswith(f"{stage}: restored from the run cache") for m in logs), logs
-    assert any(m.startswith("sample: ran") for m in logs), logs
-    assert (coordinator / "data/split.csv").read_bytes() == (worker / "data/split.csv").read_bytes()
+    assert any(m.startswith("member@0: restored from the run cache") for m in logs), logs
+    assert any(m.startswith("head: ran") for m in logs), logs
+    for rel in ("data/predictions/member/0/test.csv", "data/split.csv"):
+        assert (coordinator / rel).read_bytes() == (worker / rel).read_bytes()
+

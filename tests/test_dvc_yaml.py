@@ -152,3 +152,12 @@ def test_dvc_itself_tracks_a_moved_artifact(tmp_path):
     with Repo(str(tmp_path)) as repo:
         ingest = next(s for s in repo.index.stages if s.name == "ingest")
         assert "elsewhere/raw" in {str(out.def_path) for out in ingest.outs}
+
+
+@pytest.mark.parametrize("stage", [s for s in DVC if s not in FOREACH])
+def test_outputs_survive_a_failed_run(stage):
+    """DVC deletes non-persistent outputs before running a stage, so a failure would lose the last good
+    ones; stages write atomically instead, so every non-foreach output is persistent."""
+    for out in DVC[stage].get("outs", []) + DVC[stage].get("metrics", []):
+        options = next(iter(out.values())) if isinstance(out, dict) else {}
+        assert options.get("persist", False), f"{stage}: {out} is not persistent"

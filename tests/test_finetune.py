@@ -132,7 +132,8 @@ def test_staged_unfreezing_and_layerwise_learning_rates(prepared, tmp_path):
     cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"finetune.unfreeze_blocks": 2, "finetune.unfreeze_every": 2})
     network, _, _ = build_network(cfg, cfg.paths.path("models") / "head" / HEAD_FILE)
     blocks = backbone_blocks(network.conv_base)
-    assert len(blocks) == 5 and all(isinstance(b[-1], torch.nn.MaxPool2d) for b in blocks)
+    convs = [sum(isinstance(layer, torch.nn.Conv2d) for layer in b) for b in blocks]
+    assert convs == [2, 2, 3, 3, 3]  # VGG-16's 5 conv blocks (timm feature_info stages)
     assert [trainable_block_count(e, TrainSettings.from_section(cfg.finetune), 5) for e in range(8)] == [2, 2, 3, 3, 4, 4, 5, 5]
 
     set_trainable_blocks(blocks, 2)
@@ -253,3 +254,24 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path, capsys):
     results = read_json(out)
     assert results["loader_train"]["images_per_s"] > 0 and results["eager"]["model_train"]["images_per_s"] > 0
     assert results["eager"]["train_bound"] in ("loader", "model") and "compiled" not in results  # auto: eager on CPU
+
+
+def test_a_non_vgg_timm_backbone_runs_features_head_and_finetune(prepared, tmp_path):
+    """model.arch takes any timm CNN: a small ResNet (random init) through the feature cache, the
+    dense head on it and fine-tuning with its timm stages as unfreezing blocks."""
+    from pipeline.stages import features, head
+
+    root = tmp_path / "resnet"
+    for rel in ("data/raw", "data/hidden", "data/split.csv"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(prepared / rel)
+    cfg = tiny_cfg(root, **{"model.arch": "resnet18", "model.input_size": [32, 32], "features.copies": 2,
+                            "finetune.unfreeze_blocks": 2, "finetune.max_epochs": 2, "finetune.unfreeze_every": 1})
+    cached = features.run(cfg)
+    assert cached["feature_dim"] == 512 * cfg.features.grid ** 2
+    fitted_head = head.run(cfg)
+    tuned = finetune.run(cfg)
+    for figures in (fitted_head, tuned):
+        assert np.isfinite(figures["valid_logloss"]) and figures["valid_logloss"] < 5
+    log = pd.read_csv(cfg.paths.path("models") / "finetune" / "logs" / "metrics.csv")
+    assert log["train/trainable_blocks"].dropna().tolist() == [2.0, 3.0]  # staged unfreezing over timm stages

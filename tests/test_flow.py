@@ -84,6 +84,29 @@ def test_dvc_repro_runs_every_stage_then_nothing(clone):
             module.write_text(original)
     assert changed_stages(clone) == set()
     assert_submission_matches_the_sample(clone, "sample_submission.csv")
+    assert_a_failed_stage_keeps_its_outputs(clone)
+
+
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_a_failed_stage_keeps_its_outputs(clone: Path) -> None:
+    """DVC deletes a stage's outputs before running it; with persistent outputs written atomically,
+    a failed `dvc repro ingest` (a 0-byte JPEG in the source) leaves the last good data/raw in place."""
+    bad = clone.parent / "bad_source"
+    shutil.copytree(clone / "data/raw", bad)
+    next((bad / "imgs/train/c0").iterdir()).write_bytes(b"")
+    before = tree_digest(clone / "data/raw")
+    sh([sys.executable, "-m", "pipeline", "configure", "--profile", "smoke", "--set", "ingest.source=dir",
+        "--set", f"ingest.path={bad}"], clone)
+    failed = subprocess.run([sys.executable, "-m", "dvc", "repro", "ingest"], cwd=clone, env=tool_env(),
+                            capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert "empty or truncated file" in failed.stderr and "previous outputs are left in place" in failed.stderr
+    assert tree_digest(clone / "data/raw") == before
+    sh([sys.executable, "-m", "pipeline", "configure", "--profile", "smoke"], clone)
+    assert changed_stages(clone) == set()  # back to the last good state: nothing to re-run
 
 
 @pytest.mark.slow

@@ -13,11 +13,11 @@ from pipeline.models import (
     ConvBase,
     ConvNet,
     Normalize,
+    backbone_blocks,
     create_backbone,
     create_conv_base,
     create_dense_head,
     input_hw,
-    insert_batchnorm,
     narrow_vgg16_layout,
     resolve_preprocessing,
 )
@@ -128,33 +128,6 @@ def plain_narrow_vgg16(divisor: int = 16) -> VGG:
     return VGG(cfg=narrow_vgg16_layout(divisor), norm_layer=None, mlp_ratio=1 / divisor, num_classes=10).eval()
 
 
-def test_insert_batchnorm_preserves_the_logits():
-    model = plain_narrow_vgg16()
-    calibration = torch.randn(16, 3, 32, 32)
-    probe = torch.randn(8, 3, 32, 32)
-    with torch.no_grad():
-        before_cal, before_probe = model(calibration), model(probe)
-    insert_batchnorm(model, calibration)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(bns) == 13 + 2
-    # The conv stack now has the vgg16_bn layout: conv, bn, relu ... like timm's vgg16_bn.
-    assert layer_types(model.features) == layer_types(create_backbone(NARROW).features)
-    with torch.no_grad():
-        after_cal, after_probe = model(calibration), model(probe)
-        torch.testing.assert_close(after_cal, before_cal, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(after_probe, before_probe, rtol=1e-4, atol=1e-5)
-        model.train()  # on the calibration batch, batch statistics = measured statistics
-        model.pre_logits.drop.p = model.head.drop.p = 0.0
-        torch.testing.assert_close(model(calibration), before_cal, rtol=1e-3, atol=1e-4)
-    # BN parameters are trainable and the intermediates API still works after the insertion.
-    assert all(bn.weight.requires_grad for bn in bns)
-    model.eval()
-    _, intermediates = model.forward_intermediates(probe)
-    assert [t.shape[1] for t in intermediates] == [4, 8, 16, 32, 32, 32]
-    with pytest.raises(ValueError, match="without batchnorm"):
-        insert_batchnorm(model, calibration)
-
-
 @pytest.mark.slow
 def test_real_vgg16_bn_extracts_features_on_tiny_inputs():
     cfg = ModelConfig(arch="vgg16_bn", weights="none", input_size=(32, 32))
@@ -166,3 +139,28 @@ def test_real_vgg16_bn_extracts_features_on_tiny_inputs():
         out = base(torch.randint(0, 256, (2, 3, *input_hw(data_cfg)), dtype=torch.uint8))
     assert out.shape == (2, 512 * 4) and torch.isfinite(out).all()
     assert out.half().dtype == torch.float16 and torch.isfinite(out.half()).all()
+
+
+@pytest.mark.parametrize("arch, n_blocks", [("resnet18", 5), ("convnext_atto", 5)])
+def test_any_timm_cnn_is_a_backbone_with_stage_blocks(arch, n_blocks):
+    """Not only VGG: the conv base is the model's forward_features, pooled to the grid, and its blocks
+    for staged unfreezing are timm's feature_info stages."""
+    cfg = ModelConfig(arch=arch, weights="none", input_size=(32, 32))
+    backbone = create_backbone(cfg)
+    data_cfg = resolve_preprocessing(backbone, cfg)
+    frozen, trainable = (create_conv_base(backbone, data_cfg, 2, frozen=f) for f in (True, False))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(images), trainable.eval()(images))
+    assert frozen.out_features == backbone.num_features * 4
+    blocks = backbone_blocks(trainable)
+    assert len(blocks) == n_blocks
+    in_blocks = {id(p) for block in blocks for m in block for p in m.parameters()}
+    stem = next(iter(trainable.features.parameters()))
+    assert id(stem) in {id(p) for m in blocks[0] for p in m.parameters()}  # first block = the stem
+    assert len(in_blocks) >= 0.9 * len(list(trainable.parameters()))
+
+
+def test_an_unknown_arch_is_refused_by_name():
+    with pytest.raises(ValueError, match="model.arch='no_such_net' is not a timm model"):
+        create_backbone(ModelConfig(arch="no_such_net", weights="none"))

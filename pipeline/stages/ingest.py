@@ -51,7 +51,7 @@ from pipeline.competition import (
 )
 from pipeline.config import CompetitionConfig, Config
 from pipeline.errors import BadInputError, StageError
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, remove_leftovers
 from pipeline.kaggle_client import download_competition
 from pipeline.metrics import write_stage_metrics
 
@@ -94,6 +94,8 @@ def run(cfg: Config) -> dict[str, Any]:
     """Materialise ``cfg.ingest.source`` into data/raw (+ data/hidden), verified; return the figures."""
     start = time.perf_counter()
     raw_dir, hidden_dir = cfg.paths.path("raw"), cfg.paths.path("hidden")
+    for done in (raw_dir, hidden_dir):  # temp folders a killed run left (thousands of linked images)
+        remove_leftovers(done.parent, done.name)
     with atomic_dir(raw_dir) as raw_build, atomic_dir(hidden_dir) as hidden_build, scratch_dir(raw_dir) as scratch:
         origin = materialize(cfg, raw_build, hidden_build, scratch)
         ingested = verify_and_index(raw_build, origin, cfg.competition, cfg.ingest.on_corrupt, cfg.ingest.source)
