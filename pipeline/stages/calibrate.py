@@ -1,7 +1,7 @@
 """``calibrate`` stage: make the ensemble's probabilities honest before Kaggle's log loss sees them.
 
 Log loss punishes confident mistakes without limit, so two cheap post-hoc fixes are fitted on the
-validation drivers and applied to valid and test predictions alike:
+validation groups (drivers) and applied to valid and test predictions alike:
 
 - **temperature scaling**: ``softmax(log p / T)``; one scalar ``T`` fitted on validation log loss
   (``T > 1`` softens an over-confident model, ``T < 1`` sharpens an under-confident one). It never
@@ -11,8 +11,8 @@ validation drivers and applied to valid and test predictions alike:
   a wrong 0.93 costs 2.6).
 
 Fitting on the same validation set the figures are reported on is optimistic, so the stage also
-reports ``valid_logloss_crossfit``: calibration fitted on some validation drivers and scored on the
-others (folds over whole drivers, since frames of one driver are near-duplicates). The fitting
+reports ``valid_logloss_crossfit``: calibration fitted on some validation groups and scored on the
+others (folds over whole groups, since frames of one driver are near-duplicates; single images without groups). The fitting
 functions are pure so any caller can cross-fit the same way.
 
 Reads ``data/predictions/ensemble/{valid,test}.csv`` and ``data/split.csv``; writes

@@ -1,17 +1,10 @@
 """``features`` stage: the frozen conv base run once over valid, test, and train x N augmented copies,
 cached as fp16 so the dense head trains in seconds per epoch (the course's fast inner loop).
 
-Layout (the DVC out is the whole ``data/features`` folder)::
+The cache's format (folders, ``index.csv``, checksummed fp16 chunks, ``meta.json`` written last) is
+``pipeline.featurecache``'s; this stage is its only writer.
 
-    data/features/
-      meta.json                    written last: the cache is complete only when it exists and
-                                   its fingerprints match the split folders
-      {valid,test,train}/
-        fingerprint.txt            hash of everything the chunks depend on
-        index.csv                  id,row,copy,chunk,offset,label (one line per cached row)
-        chunk_00000.npy ...        float16 (rows, channels * grid * grid), chunk_size rows each
-
-What is cached. VGG's pool5 map (512x7x7 at 224 px for vgg16_bn: 50 KB per image in fp16, 11 GB
+What is cached. The backbone's last feature map (vgg16_bn: pool5, 512x7x7 at 224 px: 50 KB per image in fp16, 11 GB
 for 10 copies of 22k train images) is average-pooled to ``features.grid`` x ``grid`` and flattened
 (channel-major, like ``torch.flatten``). Grid 2 keeps coarse position (left/right hand, top/bottom)
 at 512*4*2 = 4 KB per image (0.9 GB for 224k train rows); grid 3 is 9 KB. ``meta.json`` records
