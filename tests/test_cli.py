@@ -68,3 +68,5 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path):
     (tmp_path / ".other.abc.tmp").mkdir()
     gone = remove_leftovers(tmp_path, "raw")
     assert len(gone) == 3 and sorted(p.name for p in tmp_path.iterdir()) == [".other.abc.tmp", "raw"]
+
+

@@ -870,3 +870,18 @@ def test_bad_image_inside_zip_is_named_by_zip_and_member(comp, tmp_path):
     with pytest.raises(BadInputError) as err:
         ingest.run(with_source(comp.cfg, "zip", archive))
     assert err.value.file == archive / rel
+
+
+def test_an_mpo_jpeg_is_an_image_not_a_corrupt_file(tmp_path):
+    """Phone cameras write MPO (a JPEG with extra frames); it decodes as a JPEG and must not be refused."""
+    from PIL import Image
+
+    from pipeline.stages.ingest import inspect_image
+
+    path = tmp_path / "img_1.jpg"
+    frames = [Image.new("RGB", (32, 24), (200, 30, 30)), Image.new("RGB", (32, 24), (30, 200, 30))]
+    frames[0].save(path, format="MPO", save_all=True, append_images=frames[1:])
+    with Image.open(path) as im:
+        assert im.format == "MPO"
+    assert inspect_image(str(path)) is None
+

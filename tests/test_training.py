@@ -59,3 +59,17 @@ def test_checkpoint_round_trip_and_a_truncated_file_names_itself(tmp_path):
         load_network_file(path)
     with pytest.raises(StageError, match="not found"):
         load_network_file(tmp_path / "missing.pt")
+
+
+def test_a_truncated_checkpoint_means_a_fresh_fit_not_a_traceback_on_every_rerun(tmp_path):
+    """A best.ckpt/last.ckpt cut short (a kill mid-write, a full disk) is not trusted for reuse or resume."""
+    from pipeline.io import atomic_write_json
+    from pipeline.training import RUN_FILE, plan_run
+
+    torch.save({"state_dict": {}}, tmp_path / "best.ckpt")
+    atomic_write_json(tmp_path / RUN_FILE, {"fingerprint": "f", "status": "complete"})
+    assert plan_run(tmp_path, "f", resume=True)[0] == "reuse"
+    (tmp_path / "best.ckpt").write_bytes((tmp_path / "best.ckpt").read_bytes()[:30])
+    atomic_write_json(tmp_path / RUN_FILE, {"fingerprint": "f", "status": "complete"})
+    assert plan_run(tmp_path, "f", resume=True) == ("fresh", None)
+    assert not (tmp_path / "best.ckpt").exists()  # cleared for the fresh run
