@@ -21,6 +21,8 @@ have copy 0 only.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,11 +136,12 @@ def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
         path = chunk_path(split_dir, j)
         if not chunk_is_valid(path, hi - lo, dim):
             raise StageError(f"{path}: missing or malformed chunk: rerun the features stage")
+        data = path.read_bytes()  # read once: hashed and parsed from the same bytes
         expected = info.get("chunk_sha256", [None] * (j + 1))[j]
-        if expected is not None and file_sha256(path) != expected:
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
             raise StageError(f"{path}: checksum differs from {META_FILE} (corrupt chunk): delete {features_dir} "
                              "and rerun the features stage")
-        chunk = np.load(path)
+        chunk = np.load(io.BytesIO(data))
         if not np.isfinite(chunk).all():
             row = int(np.argwhere(~np.isfinite(chunk))[0][0])
             raise StageError(f"{path}: non-finite feature value in row {row} of the chunk: delete {features_dir} "

@@ -127,7 +127,7 @@ def remove_leftovers(folder: Path, name: str) -> list[Path]:
     called by the one writer holding the stage's lock, so none of them is in use."""
     gone = []
     for leftover in Path(folder).glob(f".{name}.*"):
-        if leftover.suffix in (".tmp", ".old", ".scratch") or leftover.name.endswith((".tmp", ".old", ".scratch")):
+        if leftover.name.endswith((".tmp", ".old", ".scratch")):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:

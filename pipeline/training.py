@@ -36,6 +36,7 @@ import random
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -417,15 +418,17 @@ def plan_run(out_dir: Path, run_fingerprint: str, resume: bool) -> tuple[str, Pa
 
 
 def checkpoint_loads(path: Path) -> bool:
-    """Whether a Lightning checkpoint exists and loads (a truncated one, from a kill mid-write by an
-    older version or a full disk, means start afresh rather than fail on every rerun)."""
+    """Whether a Lightning checkpoint exists and is a whole torch archive (a truncated one, from a kill
+    mid-write by an older version or a full disk, means start afresh rather than fail on every rerun).
+    Reads only the zip's central directory, at the end of the file: a cut file has none, and the
+    checkpoint itself is loaded once, by the fit that uses it."""
     if not path.exists():
         return False
     try:
-        torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # any unreadable bytes
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
         return False
-    return True
 
 
 @dataclass
