@@ -23,7 +23,7 @@ from pipeline.config import (
 from pipeline.env import set_offline_env
 from pipeline.errors import StageError
 from pipeline.io import exclusive_lock
-from pipeline.registry import STAGES, stage_module
+from pipeline.registry import PER_FOLD, STAGES, stage_module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGES.items():
         stage = sub.add_parser(name, help=text)
         stage.add_argument("--params", default=PARAMS_FILE, help="resolved config (default params.yaml)")
-        if name == "member":  # one DVC foreach item per ensemble member, each cached on its own
+        if name == "member":  # one DVC matrix item per (member, fold), each cached on its own
             stage.add_argument("--id", dest="member", type=int, default=None, metavar="M",
                                help="train only member M of ensemble.members (default: all)")
+        if name in PER_FOLD:
+            stage.add_argument("--fold", dest="fold", type=int, default=None, metavar="K",
+                               help="train only fold K of split.fold_ids (default: every fold)")
     return parser
 
 
@@ -67,7 +70,8 @@ def die_with_parent() -> None:
 
 def stage_lock(cfg: Config, name: str, options: dict) -> Path:
     """One lock file per stage (per foreach item): each output belongs to one stage."""
-    item = f"@{options['member']}" if options.get("member") is not None else ""
+    items = [str(options[key]) for key in ("member", "fold") if options.get(key) is not None]
+    item = "@" + "-".join(items) if items else ""
     return cfg.paths.root / ".locks" / f"{name}{item}.lock"
 
 
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "show-config":
             print(json.dumps(load_params(args.params).to_params(), indent=2))
         else:
-            options = {"member": args.member} if getattr(args, "member", None) is not None else {}
+            options = {key: getattr(args, key) for key in ("member", "fold") if getattr(args, key, None) is not None}
             figures = run_stage(args.command, args.params, **options)
             if figures:
                 print(json.dumps(figures, indent=2, default=str))

@@ -40,9 +40,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def item_stage(stage: str, item: object) -> str:
-    """The DVC name of one ``foreach`` item of ``stage``: ``member@0``."""
-    return f"{stage}@{item}"
+def item_stage(stage: str, *items: object) -> str:
+    """The DVC name of one ``foreach`` item (``head@0``) or ``matrix`` item (``member@1-0``) of ``stage``."""
+    return f"{stage}@{'-'.join(str(i) for i in items)}"
 
 
 class PathsConfig(Section):
@@ -70,13 +70,18 @@ class PathsConfig(Section):
     def stage_metrics_file(self, stage: str) -> Path:
         return self.path("stage_metrics") / f"{stage}.json"
 
-    def member_models(self, member: int) -> Path:
-        """The ``member@<m>`` stage's model folder (one DVC foreach item each)."""
-        return self.path("models") / "member" / str(member)
+    def fold_models(self, model: str, fold: int) -> Path:
+        """The checkpoints and weights of ``model`` (head, finetune, pseudo, member<m>) trained for ``fold``."""
+        return self.path("models") / model / f"fold{fold}"
 
-    def member_predictions(self, member: int) -> Path:
-        """The ``member@<m>`` stage's ``valid.csv`` and ``test.csv``."""
-        return self.path("predictions") / "member" / str(member)
+    def fold_predictions(self, model: str, fold: int) -> Path:
+        """``oof.csv`` (the fold's held-out rows) and ``test.csv`` of ``model``'s ``fold`` model."""
+        return self.path("predictions") / "folds" / model / str(fold)
+
+    def oof_predictions(self, model: str) -> Path:
+        """``oof.csv`` (every held-out row, with its fold) and ``test.csv`` (mean of the fold models) of a
+        model, gathered by the ``oof`` stage."""
+        return self.path("predictions") / "oof" / model
 
 
 class SyntheticConfig(Section):
@@ -169,12 +174,28 @@ class IngestConfig(Section):
 
 
 class SplitConfig(Section):
-    # Whole groups (drivers) held out for validation: a count (>= 1) or a fraction of groups (< 1).
+    # cv: K-fold cross-validation; every labelled image is in one of n_folds folds (grouped by the
+    # competition's group column, stratified by class), each model is trained once per fold on the
+    # other folds and predicts its fold (out-of-fold) and the test set. holdout: one validation split
+    # (valid_groups / valid_fraction), one model each: faster, a noisier estimate.
+    validation: Literal["cv", "holdout"] = "cv"
+    # holdout: whole groups (drivers) held out, a count (>= 1) or a fraction of groups (< 1).
     valid_groups: float = Field(3, gt=0)
-    # Without a group column: this fraction of the images, stratified by class.
+    # holdout without a group column: this fraction of the images, stratified by class.
     valid_fraction: float = Field(0.2, gt=0, lt=1)
     n_folds: int = Field(5, ge=2)
     seed: int = Field(0, ge=0)
+    # Derived, not set: the folds that get a model (cv: 0..n_folds-1; holdout: [0], the validation
+    # split). Written to params.yaml because dvc.yaml's per-fold stages loop over it.
+    fold_ids: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _derive_fold_ids(self) -> SplitConfig:
+        derived = list(range(self.n_folds)) if self.validation == "cv" else [0]
+        if self.fold_ids is not None and list(self.fold_ids) != derived:
+            raise ValueError(f"split.fold_ids is derived from validation and n_folds ({derived}); do not set it")
+        object.__setattr__(self, "fold_ids", derived)
+        return self
 
 
 class SampleConfig(Section):
@@ -370,33 +391,35 @@ class PseudoConfig(Section):
         return self
 
 
-class EnsembleConfig(Section):
-    """Members are models trained for the ensemble, one DVC stage each (``member@<id>``, a
-    ``foreach`` over ``members``), plus the predictions of the stages in ``include`` that exist."""
+MODELS = ("head", "finetune", "pseudo")  # the stage chain's models; members are member<m>
 
-    # Member ids. Member m trains with seed <model's section>.seed + 1 + m and, with hold_out_fold,
-    # without the drivers of fold m % split.n_folds (bagging over drivers). A count n means [0, ..., n-1].
+
+class EnsembleConfig(Section):
+    """Members are extra models trained for the ensemble, one DVC stage per (member, fold)
+    (``member@<m>-<fold>``, a ``matrix`` over ``members`` and ``split.fold_ids``). The candidates are
+    the models in ``include`` and the members, each as its out-of-fold predictions."""
+
+    # Member ids. Member m is the member_model recipe with seed <model's section>.seed + 1 + m; in
+    # holdout mode, with hold_out_fold, also without the train drivers of fold m % split.n_folds.
     members: list[int] = [0, 1, 2]
     # What a member is. finetune: the CNN fine-tuned like the finetune stage (its settings, the member's
-    # seed and train drivers), the strong and diverse kind. head: a dense head on the cached features
-    # (seconds even on CPU, but weaker than and correlated with the fine-tuned model).
+    # seed), the strong and diverse kind. head: a dense head on the cached features (seconds on CPU).
     member_model: Literal["finetune", "head"] = "finetune"
     hold_out_fold: bool = True
-    # The dense head is left out by default: fine-tuning starts from it and beats it.
-    include: list[Literal["head", "finetune", "pseudo"]] = ["finetune", "pseudo"]
-    # Test-time augmentation: augmented passes (copies 1..tta, never flipped) averaged with the
-    # plain one; kept for a member only when it lowers that member's validation log loss. 0: off.
+    include: list[Literal["head", "finetune", "pseudo"]] = list(MODELS)
+    # Test-time augmentation of fine-tuned members: augmented passes (copies 1..tta, never flipped)
+    # averaged with the plain one; kept for a member only when it lowers its held-out log loss. 0: off.
     tta: int = Field(4, ge=0)
     mean: Literal["arithmetic", "geometric"] = "arithmetic"
-    # Weights on the simplex fitted on validation log loss, else equal. Off by default: the members
-    # are the same recipe with other seeds, and a few validation drivers pick noise (measured in
-    # valid_logloss_crossfit, reported for both choices).
-    fit_weights: bool = False
+    # hill_climb: Caruana et al. (2004) ensemble selection with replacement on out-of-fold log loss
+    # (weights = how often a model was picked); equal: every candidate alike.
+    weights: Literal["hill_climb", "equal"] = "hill_climb"
+    hill_climb_steps: int = Field(30, ge=1)
     # Test-neighbour smoothing: average each prediction with its k nearest neighbours (cosine on the
-    # cached conv features), k the best of 1, 2, 3, 5, 10 ... up to this on validation log loss,
-    # applied only when it lowers it. 0 switches it off.
+    # cached conv features), k the best of 1, 2, 3, 5, 10 ... up to this on out-of-fold log loss
+    # (each fold's rows smoothed among that fold's images), applied only when it lowers it. 0: off.
     neighbours: int = Field(10, ge=0)
-    # Folds over validation drivers for the honest, cross-fitted estimate of the fitted ensemble.
+    # holdout mode: folds over the validation drivers for the nested estimate of fitted decisions.
     cross_fit_folds: int = Field(2, ge=2)
 
     @field_validator("members", mode="before")
@@ -416,11 +439,26 @@ class EnsembleConfig(Section):
             raise ValueError("ensemble needs members or include (no predictions to combine)")
         return self
 
+    def models(self) -> list[str]:
+        """Every candidate model's name, in DAG order: the included stages, then member<m>."""
+        return [m for m in MODELS if m in self.include] + [member_model_name(m) for m in self.members]
+
+
+def member_model_name(member: int) -> str:
+    return f"member{member}"
+
+
+def model_stage(model: str, fold: int) -> str:
+    """The DVC stage that trains ``model``'s fold ``fold``: ``head@0``, ``member@1-0`` (model member1)."""
+    if model.startswith("member") and model.removeprefix("member").isdigit():
+        return item_stage("member", int(model.removeprefix("member")), fold)
+    return item_stage(model, fold)
+
 
 class CalibrateConfig(Section):
-    temperature: bool = True  # temperature scaling fitted on validation log loss
-    clip: bool = True  # clip to [(1 - hi) / 9, hi], hi chosen on validation (the course: 0.93)
-    # Folds over validation drivers for the honest, cross-fitted estimate of the calibrated log loss.
+    temperature: bool = True  # temperature scaling fitted on out-of-fold log loss
+    clip: bool = True  # clip to [(1 - hi) / (K - 1), hi], hi chosen on out-of-fold rows (the course: 0.93)
+    # holdout mode: folds over validation drivers for the nested estimate of the calibrated log loss.
     cross_fit_folds: int = Field(2, ge=2)
     seed: int = Field(0, ge=0)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,26 @@ class FeatureSplit:
 
     def rows_of_copy(self, copy: int) -> np.ndarray:
         return self.index.index[self.index["copy"] == copy].to_numpy()
+
+    def subset(self, ids: Iterable[str], plain_only: bool = False) -> FeatureSplit:
+        """The rows (every copy, or copy 0 only) of ``ids``, renumbered so row ``i`` is ``features[i]``."""
+        keep = self.index["id"].isin(set(ids)).to_numpy().copy()
+        if plain_only:
+            keep &= (self.index["copy"] == 0).to_numpy()
+        return FeatureSplit(self.name, renumbered(self.index.loc[keep]), self.features[keep], 1 if plain_only else self.copies)
+
+
+def renumbered(index: pd.DataFrame) -> pd.DataFrame:
+    index = index.reset_index(drop=True)
+    index["row"] = np.arange(len(index))
+    return index
+
+
+def concat_splits(name: str, parts: Sequence[FeatureSplit]) -> FeatureSplit:
+    """Several splits' rows as one (e.g. a fold's held-out rows from the train and valid caches)."""
+    index = renumbered(pd.concat([p.index for p in parts], ignore_index=True))
+    features = np.concatenate([p.features for p in parts]) if parts else np.empty((0, 0), np.float16)
+    return FeatureSplit(name, index, features, min((p.copies for p in parts), default=1))
 
 
 def load_meta(features_dir: Path) -> dict[str, Any]:

@@ -74,6 +74,26 @@ def assign_folds(table: pd.DataFrame, n_folds: int, seed: int, grouped: bool = T
     return folds
 
 
+def held_out_mask(split: pd.DataFrame, fold: int, validation: str) -> np.ndarray:
+    """Rows of ``split.csv`` that fold model ``fold`` never trains on and predicts out of fold: cv,
+    the rows of fold ``fold``; holdout (one fold model), the validation split."""
+    if validation == "holdout":
+        return (split["split"] == "valid").to_numpy()
+    folds = pd.to_numeric(split["fold"]).to_numpy()
+    if fold not in set(folds.tolist()):
+        raise StageError(f"fold {fold} has no rows in the split (folds: {sorted(set(folds.tolist()))}): "
+                         "rerun the split stage")
+    return folds == fold
+
+
+def nested_folds(folds: np.ndarray, groups: np.ndarray, validation: str, n_folds: int, seed: int | None = None) -> np.ndarray | None:
+    """The folds a decision fitted on out-of-fold rows is cross-fitted over for its honest estimate:
+    cv, the K folds themselves; holdout, folds over the validation groups."""
+    if validation == "cv":
+        return np.asarray(folds) if len(np.unique(folds)) > 1 else None
+    return group_folds(np.asarray(groups), n_folds, seed)
+
+
 def group_folds(groups: np.ndarray, n_folds: int, seed: int | None = None) -> np.ndarray | None:
     """Fold per row with whole groups per fold, groups dealt round-robin (sorted, or shuffled with
     ``seed``); None for fewer than two groups. The cross-fitted estimates of ensemble and calibrate."""

@@ -47,6 +47,8 @@ def collect_stage_metrics(folder: Path, order: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- predictions
 
 ID_COLUMN = "id"  # predictions files: id, then one probability column per class in competition order
+FOLD_COLUMN = "fold"  # out-of-fold files: id, fold, then the classes
+OOF_FILE = "oof.csv"  # a model's predictions of the labelled rows it never trained on
 
 
 def require_finite(values: np.ndarray, what: str, where: Path | str, columns: Sequence[str] | None = None) -> None:
@@ -61,8 +63,10 @@ def require_finite(values: np.ndarray, what: str, where: Path | str, columns: Se
                          "nothing was written: check the inputs (e.g. a corrupt feature chunk) and rerun")
 
 
-def write_predictions(path: Path, ids: list[str] | np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> Path:
-    """Predictions as ``id,<class columns>``, written atomically; refused when any value is not finite."""
+def write_predictions(path: Path, ids: list[str] | np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                      folds: Sequence[int] | np.ndarray | None = None) -> Path:
+    """Predictions as ``id,<class columns>`` (``id,fold,<class columns>`` for out-of-fold predictions
+    with ``folds``), written atomically; refused when any value is not finite."""
     import pandas as pd
 
     from pipeline.io import atomic_write_csv
@@ -72,6 +76,8 @@ def write_predictions(path: Path, ids: list[str] | np.ndarray, probs: np.ndarray
         raise ValueError(f"probs shape {probs.shape} does not match {len(ids)} images x {len(classes)} classes")
     require_finite(probs, "a predicted probability", path, classes)
     df = pd.DataFrame(probs, columns=list(classes))
+    if folds is not None:
+        df.insert(0, FOLD_COLUMN, np.asarray(folds, dtype=np.int64))
     df.insert(0, ID_COLUMN, list(ids))
     return atomic_write_csv(path, df, float_format="%.6g")
 
@@ -83,14 +89,38 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray]:
     import pandas as pd
 
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return df[ID_COLUMN].tolist(), df.drop(columns=[ID_COLUMN]).replace("", "nan").to_numpy(dtype=np.float64)
+    return df[ID_COLUMN].tolist(), df.drop(columns=meta_columns(df.columns)).replace("", "nan").to_numpy(dtype=np.float64)
+
+
+def meta_columns(columns: Sequence[str]) -> list[str]:
+    """``id``, and ``fold`` where it is the second column (out-of-fold files)."""
+    columns = list(columns)
+    return [ID_COLUMN] + ([FOLD_COLUMN] if len(columns) > 1 and columns[1] == FOLD_COLUMN else [])
+
+
+def read_oof(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ids, fold per row, probabilities) of an out-of-fold predictions file (``id,fold,<classes>``)."""
+    import pandas as pd
+
+    from pipeline.errors import BadInputError
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if meta_columns(df.columns) != [ID_COLUMN, FOLD_COLUMN]:
+        raise BadInputError(path, f"expected columns {ID_COLUMN},{FOLD_COLUMN},<classes>", row=1)
+    folds = pd.to_numeric(df[FOLD_COLUMN], errors="coerce").to_numpy()
+    if np.isnan(folds).any():
+        row = int(np.argmax(np.isnan(folds)))
+        raise BadInputError(path, f"fold {df[FOLD_COLUMN].iloc[row]!r} is not an integer", row=row + 2)
+    probs = df.drop(columns=[ID_COLUMN, FOLD_COLUMN]).replace("", "nan").to_numpy(dtype=np.float64)
+    return df[ID_COLUMN].tolist(), folds.astype(np.int64), probs
 
 
 def prediction_classes(path: Path) -> list[str]:
     """The class columns of a predictions file, in order."""
     import pandas as pd
 
-    return [c for c in pd.read_csv(path, nrows=0).columns if c != ID_COLUMN]
+    columns = list(pd.read_csv(path, nrows=0).columns)
+    return [c for c in columns if c not in meta_columns(columns)]
 
 
 def read_hidden_labels(hidden_dir: Path, classes: Sequence[str]) -> dict[str, int] | None:
@@ -124,16 +154,17 @@ def evaluate(valid_probs: np.ndarray, valid_labels: np.ndarray, test_ids: list[s
 
 def keep_tta_if_better(labels: np.ndarray, valid: np.ndarray, test: np.ndarray,
                        valid_tta: Callable[[], np.ndarray] | None,
-                       test_tta: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                       test_tta: Callable[[], np.ndarray], decide: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Test-time augmentation is kept only when it lowers validation log loss: (valid, test, figures)
     with the TTA predictions or the plain ones. ``valid_tta`` None means no TTA passes; ``test_tta`` is
-    called only when TTA is kept (it is the expensive half)."""
+    called only when TTA is kept (it is the expensive half). ``decide=False`` (out-of-fold rows, which
+    must not steer their own model) always keeps TTA and only reports both figures."""
     figures: dict[str, Any] = {"valid_logloss_plain": kaggle_logloss(valid, labels)}
     if valid_tta is None:
         return valid, test, figures
     augmented = valid_tta()
     figures["valid_logloss_tta"] = kaggle_logloss(augmented, labels)
-    figures["tta_used"] = figures["valid_logloss_tta"] < figures["valid_logloss_plain"]
+    figures["tta_used"] = figures["valid_logloss_tta"] < figures["valid_logloss_plain"] or not decide
     if figures["tta_used"]:
         return augmented, test_tta(), figures
     return valid, test, figures

@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -27,8 +28,9 @@ from pipeline import data, datamodules, models, training
 from pipeline.config import AugmentConfig, Config, FinetuneConfig, TrainerConfig
 from pipeline.datamodules import CachedFeaturesDataModule, ImageDataModule
 from pipeline.errors import StageError
-from pipeline.featurecache import FeatureSplit
-from pipeline.metrics import evaluate, read_hidden_labels, write_predictions
+from pipeline.featurecache import FeatureSplit, concat_splits, load_split
+from pipeline.folds import held_out_mask
+from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions
 from pipeline.models import (
     ConvNet,
     create_backbone,
@@ -76,18 +78,51 @@ def head_trainer_config(cfg: Config) -> TrainerConfig:
                          log_every_n_steps=1)
 
 
+def monitors_held_out(cfg: Config) -> bool:
+    """Whether training may watch its held-out rows (early stopping, best checkpoint): in holdout mode
+    yes (the validation split, as the course does); in cv mode never, so out-of-fold predictions stay
+    honest: fold models train exactly ``max_epochs`` and keep the last weights."""
+    return cfg.split.validation == "holdout"
+
+
+def fold_feature_splits(cfg: Config, fold: int) -> tuple[FeatureSplit, FeatureSplit, FeatureSplit]:
+    """Fold model ``fold``'s cached features: train (every copy of its train images), held out (copy 0
+    of the images it predicts out of fold) and test."""
+    features_dir = cfg.paths.path("features")
+    train_cache, valid_cache, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
+    split = read_split_csv(cfg.paths.path("split_csv"))
+    held = held_out_mask(split, fold, cfg.split.validation)
+    held_ids, train_ids = set(split.loc[held, "id"]), set(split.loc[~held, "id"])
+    cached = set(train_cache.index["id"])
+    if not train_ids <= cached:
+        raise StageError(f"{features_dir}: {len(train_ids - cached)} train image(s) of fold {fold} have no cached "
+                         "copies: rerun the features stage")
+    held_split = concat_splits("held_out", [train_cache.subset(held_ids, plain_only=True), valid_cache.subset(held_ids)])
+    return train_cache.subset(train_ids), held_split, test
+
+
+def read_split_csv(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise StageError(f"{path} not found: run the split stage first")
+    return pd.read_csv(path, dtype={"id": str, "label": str, "group": str, "split": str}, keep_default_na=False)
+
+
 def fit_head(cfg: Config, train: FeatureSplit, valid: FeatureSplit, out_dir: Path, classes: Sequence[str],
              label: str = "head") -> tuple[nn.Module, dict[str, Any]]:
-    """Fit a fresh head with ``cfg.head`` on ``train`` (early stopping on ``valid``); return the
-    best-checkpoint head (eval, CPU) and training facts. Shared by the head stage and head members."""
+    """Fit a fresh head with ``cfg.head`` on ``train`` (early stopping on ``valid`` in holdout mode; in
+    cv mode ``valid`` is never looked at); return the head (eval, CPU) and training facts. Shared by
+    the head stage and head members."""
     L.seed_everything(cfg.head.seed, workers=True, verbose=False)
+    monitor = monitors_held_out(cfg)
     in_features = int(train.features.shape[1])
     head = create_dense_head(in_features, cfg.head.widths, cfg.head.dropout, len(classes))
     module = ClassifierModule(head, TrainSettings.from_section(cfg.head))
-    datamodule = CachedFeaturesDataModule(train, valid, cfg.head.batch_size, classes, cfg.head.seed)
-    run_fp = fingerprint({"head": cfg.head.model_dump(mode="json"), "label": label})
+    watched = valid if monitor else valid.subset(())
+    datamodule = CachedFeaturesDataModule(train, watched, cfg.head.batch_size, classes, cfg.head.seed)
+    run_fp = fingerprint({"head": cfg.head.model_dump(mode="json"), "label": label, "monitor": monitor,
+                          "train": train.index["id"].tolist()})
     outcome = fit_or_resume(module, datamodule, head_trainer_config(cfg), out_dir, cfg.head.max_epochs,
-                            cfg.head.patience, run_fp, label=label)
+                            cfg.head.patience, run_fp, label=label, monitor=monitor)
     facts = dict(outcome.facts)
     facts["seconds_per_epoch"] = round(facts.get("train_seconds", 0.0) / max(facts.get("epochs", 1), 1), 3)
     return outcome.network.cpu().eval(), facts
@@ -104,8 +139,8 @@ def load_head(path: Path | str) -> tuple[nn.Sequential, dict[str, Any]]:
 
 def predict_and_score(cfg: Config, head: nn.Module, valid: FeatureSplit, test: FeatureSplit, pred_dir: Path,
                       classes: Sequence[str]) -> dict[str, Any]:
-    """Predict the unaugmented valid and test rows, write ``pred_dir/{valid,test}.csv``, return the
-    validation (and, with hidden labels, test) figures."""
+    """Predict the unaugmented held-out and test rows, write ``pred_dir/{oof,test}.csv``, return the
+    held-out (and, with hidden labels, test) figures."""
     valid_rows, test_rows = valid.rows_of_copy(0), test.rows_of_copy(0)
     valid_probs = predict_features(head, valid.features[valid_rows])
     test_probs = predict_features(head, test.features[test_rows])
@@ -113,7 +148,7 @@ def predict_and_score(cfg: Config, head: nn.Module, valid: FeatureSplit, test: F
     test_ids = test.index["id"].to_numpy()[test_rows]
     figures = evaluate(valid_probs, valid.labels(classes)[valid_rows], list(test_ids), test_probs,
                        read_hidden_labels(cfg.paths.path("hidden"), classes))
-    write_predictions(pred_dir / "valid.csv", valid_ids, valid_probs, classes)
+    write_predictions(pred_dir / OOF_FILE, valid_ids, valid_probs, classes)
     write_predictions(pred_dir / "test.csv", test_ids, test_probs, classes)
     return figures
 
@@ -121,10 +156,11 @@ def predict_and_score(cfg: Config, head: nn.Module, valid: FeatureSplit, test: F
 # ---------------------------------------------------------------------------- fine-tuning from the head
 
 
-def head_file(cfg: Config) -> Path:
-    path = cfg.paths.path("models") / "head" / HEAD_FILE
+def head_file(cfg: Config, fold: int) -> Path:
+    """The head stage's head for ``fold``: every fine-tune of that fold starts from it."""
+    path = cfg.paths.fold_models("head", fold) / HEAD_FILE
     if not path.exists():
-        raise StageError(f"{path} not found: run the features and head stages first")
+        raise StageError(f"{path} not found: run the features and head@{fold} stages first")
     return path
 
 
@@ -162,6 +198,7 @@ def run_fingerprint(cfg: Config, ft: FinetuneConfig, head_path: Path, tables: di
         "augment": cfg.augment.model_dump(mode="json"),
         "finetune": ft.model_dump(mode="json", exclude={"trainer": {"resume"}}),
         "images": {name: [t.ids, t.labels.tolist()] for name, t in tables.items() if name != "test"},
+        "validation": cfg.split.validation,
     }
     return fingerprint(settings, files=[head_path],
                        modules=[training, datamodules, data, models, sys.modules[__name__], *modules])
@@ -184,13 +221,14 @@ class FineTuned:
                              self.outcome.device, self.cuda, copy=copy, augment=augment, seed=seed)
 
 
-def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], out_dir: Path,
+def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], out_dir: Path, fold: int,
               callbacks: Sequence[Callback] = (), modules: Sequence[ModuleType] = (), label: str = "finetune") -> FineTuned:
-    """Fine-tune from the head stage's weights with the settings ``ft`` on ``tables["train"]``
-    (validation: ``tables["valid"]``), checkpoints in ``out_dir``. Used by this stage and by the
-    fine-tuned ensemble members, which pass their own seed and train rows."""
+    """Fine-tune from fold ``fold``'s head with the settings ``ft`` on ``tables["train"]``, checkpoints
+    in ``out_dir``; ``tables["valid"]`` (the held-out rows) steers early stopping in holdout mode only.
+    Used by the finetune stage and by the fine-tuned ensemble members (their own seed and train rows)."""
     L.seed_everything(ft.seed, workers=True, verbose=False)
-    head_path = head_file(cfg)
+    head_path = head_file(cfg, fold)
+    monitor = monitors_held_out(cfg)
     network, data_cfg, head_meta = build_network(cfg, head_path)
     target_hw = input_hw(data_cfg)
     cuda = uses_cuda(ft.trainer)
@@ -198,11 +236,12 @@ def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], ou
                               channels_last=cuda)
     if ft.trainer.compile:
         network.compile()  # in place: state_dict keys stay those of the plain network
-    datamodule = ImageDataModule(tables["train"], tables["valid"], target_hw, cfg.augment, ft.batch_size,
+    watched = tables["valid"] if monitor else tables["valid"].subset(np.array([], dtype=np.int64))
+    datamodule = ImageDataModule(tables["train"], watched, target_hw, cfg.augment, ft.batch_size,
                                  ft.num_workers, ft.seed, copies=ft.max_epochs, pin_memory=cuda,
                                  n_classes=int(head_meta["num_classes"]))
     outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ft.max_epochs, ft.patience,
-                            run_fingerprint(cfg, ft, head_path, tables, modules), callbacks, label)
+                            run_fingerprint(cfg, ft, head_path, tables, modules), callbacks, label, monitor=monitor)
     return FineTuned(outcome, target_hw, cuda, ft.batch_size, ft.num_workers,
                      {**head_meta, "input_size": list(target_hw)})
 

@@ -7,19 +7,23 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+# Stages trained once per fold (DVC foreach over split.fold_ids; member: a matrix with ensemble.members).
+PER_FOLD = ("head", "finetune", "pseudo", "member")
+
 # name -> one-line description (shown by `python -m pipeline --help`)
 STAGES: dict[str, str] = {
     "ingest": "verify and copy the competition files into data/raw (synthetic, dir, zip or kaggle)",
-    "split": "hold out whole drivers for validation; driver-grouped, class-stratified folds",
+    "split": "group-aware, class-stratified K folds (cv) or one held-out validation set (holdout)",
     "sample": "a small train/valid sample drawn from the split, drivers kept apart",
     "pretrain": "stand-in for ImageNet weights on CPU: narrow VGG trained on a separate synthetic domain",
     "features": "frozen conv base over valid, test and train x N augmented copies, fp16 chunks",
-    "head": "dense batchnorm + dropout head trained on the cached features",
-    "finetune": "Lightning fine-tuning of the batchnorm VGG, starting from the head",
-    "pseudo": "retraining with a fixed pseudo-labelled fraction of every batch",
-    "member": "ensemble members (DVC foreach): fine-tuned CNNs (or heads) with their own seed and held-out fold",
-    "ensemble": "weighted mean of members with TTA and test-neighbour smoothing",
-    "calibrate": "temperature scaling and clipping chosen on validation log loss",
+    "head": "per fold: dense batchnorm + dropout head trained on the cached features",
+    "finetune": "per fold: Lightning fine-tuning of the batchnorm VGG, starting from the fold's head",
+    "pseudo": "per fold: retraining with a fixed pseudo-labelled fraction of every batch",
+    "member": "per (member, fold): extra fine-tuned CNNs (or heads) with their own seed",
+    "oof": "gather each model's out-of-fold predictions; CV log loss per model and per fold",
+    "ensemble": "hill-climbing ensemble on out-of-fold predictions, nested estimate, neighbour smoothing",
+    "calibrate": "temperature scaling and clipping fitted on out-of-fold rows, nested estimate",
     "submit": "validated submissions/submission.csv; Kaggle upload or dry run",
     "report": "collect every stage's figures into reports/metrics.json and reports/report.html",
 }

@@ -13,6 +13,7 @@ import pandas as pd
 from pipeline.competition import TEST_INDEX, TRAIN_INDEX, label_indices, read_competition
 from pipeline.config import Config
 from pipeline.errors import StageError
+from pipeline.folds import held_out_mask
 
 COLUMNS = ["id", "path", "label"]
 
@@ -21,9 +22,34 @@ def read_csv_of_strings(path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def read_image_tables(cfg: Config, use_sample: bool = False) -> dict[str, pd.DataFrame]:
+def read_image_tables(cfg: Config, use_sample: bool = False, fold: int | None = None) -> dict[str, pd.DataFrame]:
     """id, path, label per split. Train/valid come from the split (or the sample's split when
-    ``use_sample``), test from data/raw/test_index.csv; paths are absolute; test labels are empty."""
+    ``use_sample``), test from data/raw/test_index.csv; paths are absolute; test labels are empty.
+    With ``fold``: train and valid of that fold model (``pipeline.folds.held_out_mask``): in cv mode
+    valid is the fold's rows and train every other labelled row."""
+    split = read_split_with_paths(cfg, use_sample)
+    raw = cfg.paths.path("raw")
+    test_index = raw / TEST_INDEX
+    if not test_index.exists():
+        raise StageError(f"{test_index} not found: run the ingest stage first")
+    test = read_csv_of_strings(test_index)
+    test["path"] = [str(raw / p) for p in test["path"]]
+    test["label"] = ""
+    if fold is None:
+        held = (split["split"] == "valid").to_numpy()
+        train = (split["split"] == "train").to_numpy()
+    else:
+        held = held_out_mask(split, fold, cfg.split.validation)
+        train = ~held
+    return {
+        "valid": split.loc[held, COLUMNS].reset_index(drop=True),
+        "test": test[COLUMNS].reset_index(drop=True),
+        "train": split.loc[train, COLUMNS].reset_index(drop=True),
+    }
+
+
+def read_split_with_paths(cfg: Config, use_sample: bool = False) -> pd.DataFrame:
+    """split.csv (or the sample's) with each image's absolute path."""
     raw = cfg.paths.path("raw")
     if use_sample:
         split_csv = cfg.paths.path("sample") / "split.csv"
@@ -42,17 +68,7 @@ def read_image_tables(cfg: Config, use_sample: bool = False) -> dict[str, pd.Dat
         if missing.any():
             raise StageError(f"{split_csv}: image {split['id'][missing].iloc[0]!r} is not in {train_index}")
         split["path"] = [str(raw / p) for p in paths.loc[split["id"]]]
-    test_index = raw / TEST_INDEX
-    if not test_index.exists():
-        raise StageError(f"{test_index} not found: run the ingest stage first")
-    test = read_csv_of_strings(test_index)
-    test["path"] = [str(raw / p) for p in test["path"]]
-    test["label"] = ""
-    return {
-        "valid": split.loc[split["split"] == "valid", COLUMNS].reset_index(drop=True),
-        "test": test[COLUMNS].reset_index(drop=True),
-        "train": split.loc[split["split"] == "train", COLUMNS].reset_index(drop=True),
-    }
+    return split
 
 
 @dataclass(frozen=True)
@@ -76,10 +92,11 @@ class ImageTable:
         return ImageTable([self.ids[i] for i in rows], [self.paths[i] for i in rows], self.labels[rows])
 
 
-def read_tables(cfg: Config, use_sample: bool) -> dict[str, ImageTable]:
-    """train (split train rows), valid (split valid rows) and test, as the features stage reads them."""
+def read_tables(cfg: Config, use_sample: bool, fold: int | None = None) -> dict[str, ImageTable]:
+    """train (split train rows), valid (split valid rows) and test, as the features stage reads them;
+    with ``fold``, fold model ``fold``'s train and held-out (valid) rows."""
     classes = read_competition(cfg.paths.path("raw")).classes
-    frames = read_image_tables(cfg, use_sample)
+    frames = read_image_tables(cfg, use_sample, fold)
     return {name: ImageTable.from_frame(frame, classes) for name, frame in frames.items()}
 
 

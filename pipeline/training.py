@@ -331,13 +331,17 @@ class EpochSummary(Callback):
 
 
 def build_trainer(trainer_cfg: TrainerConfig, out_dir: Path, max_epochs: int, patience: int,
-                  callbacks: Sequence[Callback] = (), label: str | None = None) -> tuple[L.Trainer, ModelCheckpoint]:
+                  callbacks: Sequence[Callback] = (), label: str | None = None,
+                  monitor: bool = True) -> tuple[L.Trainer, ModelCheckpoint]:
     """Lightning trainer from config: best (by valid/logloss) and last checkpoints in ``out_dir``,
     early stopping, CSV + TensorBoard logs, a rich progress bar on a terminal only (else epoch lines
-    prefixed with ``label``, by default the folder's name)."""
-    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
-                                 save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
-    stopping = EarlyStopping(monitor=MONITOR, mode="min", patience=patience)
+    prefixed with ``label``, by default the folder's name). Without ``monitor`` (a cross-validation
+    fold model, whose held-out rows must not steer it) there is no validation loop, no early stopping
+    and only the last checkpoint: it trains exactly ``max_epochs``."""
+    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR if monitor else None, mode="min",
+                                 save_top_k=1 if monitor else 0, save_last=True, auto_insert_metric_name=False,
+                                 enable_version_counter=False)
+    stopping = [EarlyStopping(monitor=MONITOR, mode="min", patience=patience)] if monitor else []
     bars: list[Callback] = [RichProgressBar()] if interactive() else [EpochSummary(label or out_dir.name)]
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
@@ -348,7 +352,8 @@ def build_trainer(trainer_cfg: TrainerConfig, out_dir: Path, max_epochs: int, pa
         deterministic=trainer_cfg.deterministic,
         benchmark=trainer_cfg.benchmark,
         max_epochs=max_epochs,
-        callbacks=[checkpoint, stopping, *bars, *callbacks],
+        callbacks=[checkpoint, *stopping, *bars, *callbacks],
+        limit_val_batches=None if monitor else 0,
         logger=[CSVLogger(save_dir=out_dir, name="logs", version=""),
                 TensorBoardLogger(save_dir=out_dir, name="tb", version="", default_hp_metric=False)],
         enable_progress_bar=interactive(),
@@ -446,10 +451,12 @@ def load_module_weights(module: ClassifierModule, checkpoint: Path) -> None:
 
 def fit_or_resume(module: ClassifierModule, data: L.LightningDataModule, trainer_cfg: TrainerConfig, out_dir: Path,
                   max_epochs: int, patience: int, run_fingerprint: str,
-                  callbacks: Sequence[Callback] = (), label: str | None = None, keep: str = "best") -> FitOutcome:
+                  callbacks: Sequence[Callback] = (), label: str | None = None, keep: str = "best",
+                  monitor: bool = True) -> FitOutcome:
     """Fit (fresh, resumed from last.ckpt, or reused when complete) and load the ``keep`` weights:
     ``best`` (lowest valid/logloss) or ``last`` (a schedule that anneals to its end, whose validation
-    is only reported)."""
+    is only reported). Without ``monitor``: no validation at all, exactly ``max_epochs``, the last weights."""
+    keep = keep if monitor else "last"
     mode, checkpoint_path = plan_run(out_dir, run_fingerprint, trainer_cfg.resume)
     if mode == "reuse":
         load_module_weights(module, checkpoint_path if keep == "best" else out_dir / "last.ckpt")
@@ -457,7 +464,7 @@ def fit_or_resume(module: ClassifierModule, data: L.LightningDataModule, trainer
         device = torch.device("cuda") if uses_cuda(trainer_cfg) else torch.device("cpu")
         return FitOutcome(module.network.eval(), facts, device, is_launcher_process())
 
-    trainer, checkpoint = build_trainer(trainer_cfg, out_dir, max_epochs, patience, callbacks, label)
+    trainer, checkpoint = build_trainer(trainer_cfg, out_dir, max_epochs, patience, callbacks, label, monitor)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=checkpoint_path)
     seconds = time.perf_counter() - start

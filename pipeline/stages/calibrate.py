@@ -1,22 +1,24 @@
 """``calibrate`` stage: make the ensemble's probabilities honest before Kaggle's log loss sees them.
 
 Log loss punishes confident mistakes without limit, so two cheap post-hoc fixes are fitted on the
-validation groups (drivers) and applied to valid and test predictions alike:
+out-of-fold (OOF) rows and applied to OOF and test predictions alike:
 
-- **temperature scaling**: ``softmax(log p / T)``; one scalar ``T`` fitted on validation log loss
+- **temperature scaling**: ``softmax(log p / T)``; one scalar ``T`` fitted on OOF log loss
   (``T > 1`` softens an over-confident model, ``T < 1`` sharpens an under-confident one). It never
   changes the argmax, so accuracy is untouched.
-- **clipping** every probability to ``[(1 - hi) / (K - 1), hi]`` (K classes) and renormalising the row, ``hi`` chosen on
-  validation (the fast.ai course clipped to 0.93 and gained a lot: a wrong 0.999 costs 6.9 nats,
-  a wrong 0.93 costs 2.6).
+- **clipping** every probability to ``[(1 - hi) / (K - 1), hi]`` (K classes) and renormalising the
+  row, ``hi`` chosen on OOF rows (the fast.ai course clipped to 0.93 and gained a lot: a wrong 0.999
+  costs 6.9 nats, a wrong 0.93 costs 2.6).
 
-Fitting on the same validation set the figures are reported on is optimistic, so the stage also
-reports ``valid_logloss_crossfit``: calibration fitted on some validation groups and scored on the
-others (folds over whole groups, since frames of one driver are near-duplicates; single images without groups). The fitting
+Fitting on the rows the figures are reported on is optimistic, so the calibration is nested: each
+fold's rows are calibrated by a fit on the other folds (cv mode; holdout mode: folds over the
+validation groups). It is applied to test only when that nested log loss beats no calibration
+(``applied``), and ``oof.csv``/``valid_logloss`` are the nested rows: the honest estimate of the
+submission. ``curve`` is the OOF reliability curve (confidence against accuracy). The fitting
 functions are pure so any caller can cross-fit the same way.
 
-Reads ``data/predictions/ensemble/{valid,test}.csv`` and ``data/split.csv``; writes
-``data/predictions/calibrate/{valid,test}.csv`` and ``reports/stages/calibrate.json``.
+Reads ``data/predictions/ensemble/{oof,test}.csv`` and ``data/split.csv``; writes
+``data/predictions/calibrate/{oof,test}.csv`` and ``reports/stages/calibrate.json``.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from pipeline.competition import label_indices, read_competition
+from pipeline.competition import read_competition
 from pipeline.config import Config
 from pipeline.errors import BadInputError, StageError
-from pipeline.folds import group_folds
+from pipeline.folds import nested_folds
 from pipeline.metrics import (
     ID_COLUMN,
     KAGGLE_EPS,
+    OOF_FILE,
     evaluate,
     kaggle_logloss,
     prediction_classes,
@@ -44,6 +46,7 @@ from pipeline.metrics import (
     write_predictions,
     write_stage_metrics,
 )
+from pipeline.oof import read_held_out
 
 SOURCE_STAGE = "ensemble"
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -123,12 +126,11 @@ def apply_calibration(probs: np.ndarray, calibration: Calibration) -> np.ndarray
     return out
 
 
-def cross_fitted_probs(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, temperature: bool = True,
-                       clip: bool = True, n_folds: int = 2, seed: int = 0) -> np.ndarray | None:
-    """Every validation row calibrated by a fit on the other drivers' rows: an honest estimate of
-    what calibration does to unseen drivers. None when validation has a single driver."""
-    folds = group_folds(np.asarray(groups), n_folds, seed)
-    if folds is None:
+def cross_fitted_probs(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray | None, temperature: bool = True,
+                       clip: bool = True) -> np.ndarray | None:
+    """Every row calibrated by a fit on the other folds' rows: an honest estimate of what calibration
+    does to unseen groups. None without at least two folds."""
+    if folds is None or len(np.unique(folds)) < 2:
         return None
     out = np.empty_like(np.asarray(probs, dtype=np.float64))
     for fold in np.unique(folds):
@@ -165,19 +167,19 @@ def read_checked_predictions(path: Path, classes: list[str]) -> tuple[list[str],
     return ids, probs
 
 
-def valid_targets(split_csv: Path, ids: list[str], predictions_path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Class index and group of each validation prediction, from split.csv's valid rows."""
-    if not split_csv.exists():
-        raise StageError(f"{split_csv} not found: run the split stage first")
-    split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
-    # Every label is checked in split.csv's own row order, so an unknown one is named at its row there.
-    split["class_index"] = label_indices(split["label"].tolist(), classes, split_csv)
-    valid = split[split["split"] == "valid"].set_index("id")
-    missing = [i for i, image_id in enumerate(ids) if image_id not in valid.index]
+def aligned_rows(path: Path, ids: list[str], probs: np.ndarray, wanted: list[str]) -> np.ndarray:
+    """``probs`` (rows of ``path`` in ``ids`` order) reordered to ``wanted``; every wanted id exactly once."""
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    if len(position) != len(ids):
+        dup = next(i for i, image_id in enumerate(ids) if position[image_id] != i)
+        raise BadInputError(path, f"id {ids[dup]!r} appears twice", row=dup + 2)
+    unknown = [i for i, image_id in enumerate(ids) if image_id not in set(wanted)]
+    if unknown:
+        raise BadInputError(path, f"{ids[unknown[0]]} is not an out-of-fold row of the split", row=unknown[0] + 2)
+    missing = [image_id for image_id in wanted if image_id not in position]
     if missing:
-        raise BadInputError(predictions_path, f"{ids[missing[0]]} is not a validation image in {split_csv}",
-                            row=missing[0] + 2)
-    return valid.loc[ids, "class_index"].to_numpy(dtype=np.int64), valid.loc[ids, "group"].to_numpy()
+        raise StageError(f"{path}: {len(missing)} row(s) missing (e.g. {missing[0]!r}): rerun the {SOURCE_STAGE} stage")
+    return probs[[position[image_id] for image_id in wanted]]
 
 
 # ---------------------------------------------------------------------------- stage
@@ -192,37 +194,54 @@ def run(cfg: Config) -> dict:
     source = cfg.paths.path("predictions") / SOURCE_STAGE
     out = cfg.paths.path("predictions") / "calibrate"
     classes = list(read_competition(cfg.paths.path("raw")).classes)
-    valid_imgs, valid_probs = read_checked_predictions(source / "valid.csv", classes)
+    held = read_held_out(cfg, classes)
+    oof_ids, oof_probs = read_checked_predictions(source / OOF_FILE, classes)
     test_imgs, test_probs = read_checked_predictions(source / "test.csv", classes)
-    labels, drivers = valid_targets(cfg.paths.path("split_csv"), valid_imgs, source / "valid.csv", classes)
+    oof_probs = aligned_rows(source / OOF_FILE, oof_ids, oof_probs, held.ids)
+    labels = held.labels
 
     opts = cfg.calibrate
-    crossfit = cross_fitted_probs(valid_probs, labels, drivers, opts.temperature, opts.clip, opts.cross_fit_folds, opts.seed)
-    crossfit_logloss = None if crossfit is None else kaggle_logloss(crossfit, labels)
-    fitted = fit_calibration(valid_probs, labels, opts.temperature, opts.clip)
-    # Trust the calibration only if it also helps drivers it was not fitted on: a fit on a few
-    # validation drivers can lower their own log loss and still raise everyone else's.
-    trusted = crossfit_logloss is None or crossfit_logloss < kaggle_logloss(valid_probs, labels)
+    folds = nested_folds(held.folds, held.groups, cfg.split.validation, opts.cross_fit_folds, opts.seed)
+    nested = cross_fitted_probs(oof_probs, labels, folds, opts.temperature, opts.clip)
+    nested_logloss = None if nested is None else kaggle_logloss(nested, labels)
+    fitted = fit_calibration(oof_probs, labels, opts.temperature, opts.clip)
+    # Apply the calibration only if it also helps folds it was not fitted on: a fit on a few groups
+    # can lower their own log loss and still raise everyone else's.
+    trusted = nested_logloss is not None and nested_logloss < kaggle_logloss(oof_probs, labels)
     calibration = fitted if trusted else Calibration()
-    valid_cal, test_cal = apply_calibration(valid_probs, calibration), apply_calibration(test_probs, calibration)
-    write_predictions(out / "valid.csv", valid_imgs, valid_cal, classes)
+    oof_cal = nested if trusted else oof_probs  # the honest rows: each fold calibrated by the others' fit
+    test_cal = apply_calibration(test_probs, calibration)
+    write_predictions(out / OOF_FILE, held.ids, oof_cal, classes, folds=held.folds)
     write_predictions(out / "test.csv", test_imgs, test_cal, classes)
 
     hidden = read_hidden_labels(cfg.paths.path("hidden"), classes)
-    before = evaluate(valid_probs, labels, test_imgs, test_probs, hidden)
-    after = evaluate(valid_cal, labels, test_imgs, test_cal, hidden)
+    before = evaluate(oof_probs, labels, test_imgs, test_probs, hidden)
+    after = evaluate(oof_cal, labels, test_imgs, test_cal, hidden)
     figures: dict = {
         **rounded(after),
         **rounded({f"{key}_before": value for key, value in before.items()}),
-        # Honest estimate: fitted on other validation drivers (None with a single valid driver).
-        "valid_logloss_crossfit": None if crossfit_logloss is None else round(crossfit_logloss, 6),
+        "validation": cfg.split.validation,
+        # nested: each fold calibrated by a fit on the others (None with a single group)
+        "valid_logloss_nested": None if nested_logloss is None else round(nested_logloss, 6),
+        "valid_logloss_insample": round(kaggle_logloss(apply_calibration(oof_probs, fitted), labels), 6),
         "applied": trusted,
         **rounded({f"fitted_{key}": value for key, value in asdict(fitted).items()}),
         **rounded(asdict(calibration)),
-        "n_valid": len(valid_imgs),
-        "n_valid_groups": int(len(np.unique(drivers))),
+        "curve": reliability_curve(oof_cal, labels),
+        "n_valid": len(held),
+        "n_valid_groups": int(len(np.unique(held.groups))),
         "n_test": len(test_imgs),
         "seconds": round(time.perf_counter() - start, 3),
     }
     write_stage_metrics(cfg.paths.stage_metrics_file("calibrate"), figures)
     return figures
+
+
+def reliability_curve(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Top-class confidence against accuracy in equal-width confidence bins (the OOF calibration curve)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return [{"confidence": float(confidence[which == b].mean()), "accuracy": float(correct[which == b].mean()),
+             "n": int((which == b).sum())} for b in range(bins) if (which == b).any()]

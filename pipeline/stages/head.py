@@ -1,16 +1,18 @@
-"""``head`` stage: the dense batchnorm + dropout head trained on the cached conv features.
+"""``head`` stage: the dense batchnorm + dropout head trained on the cached conv features, once per
+fold (``head@<fold>``, a DVC ``foreach`` over ``split.fold_ids``).
 
-Each epoch sees every train image once, as one of its cached copies drawn at random (copy 0 is the
-plain image, 1.. augmented), so ten precomputed copies give augmentation at cached speed. Validation
-uses the unaugmented valid rows. The first epoch runs at ``head.first_epoch_lr`` (the course: a low
-learning rate first, or the net can lock onto one class), then ``head.lr``. Early stopping and the
-best checkpoint follow ``valid/logloss``. The training itself is ``pipeline.recipes.fit_head``.
+Fold model k trains on every labelled image outside fold k (cv) or on the train split (holdout), and
+predicts the rows it never saw: its out-of-fold rows. Each epoch sees every train image once, as one
+of its cached copies drawn at random (copy 0 is the plain image, 1.. augmented), so ten precomputed
+copies give augmentation at cached speed. The first epoch runs at ``head.first_epoch_lr`` (the course:
+a low learning rate first, or the net can lock onto one class), then ``head.lr``. In holdout mode
+early stopping and the best checkpoint follow ``valid/logloss``; in cv mode the fold's rows are never
+looked at during training: exactly ``head.max_epochs``, the last weights.
 
 Outputs
-- ``models/head/best.ckpt``, ``last.ckpt`` (Lightning), ``models/head/logs/metrics.csv``
-  (``train/loss``, ``train/lr``, ``valid/logloss``, ``valid/acc`` per epoch).
-- ``models/head/head.pt``: the best weights (``pipeline.recipes.load_head`` rebuilds the module).
-- ``data/predictions/head/{valid,test}.csv`` and ``reports/stages/head.json``.
+- ``models/head/fold<k>/``: ``head.pt`` (``pipeline.recipes.load_head`` rebuilds it; every fine-tune of
+  fold k starts from it), Lightning checkpoints and ``logs/metrics.csv``.
+- ``data/predictions/folds/head/<k>/{oof,test}.csv`` and ``reports/stages/head@<k>.json``.
 """
 
 from __future__ import annotations
@@ -18,28 +20,34 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.config import Config
-from pipeline.featurecache import load_meta, load_split
+from pipeline.config import Config, item_stage
+from pipeline.featurecache import load_meta
 from pipeline.metrics import write_stage_metrics
-from pipeline.recipes import HEAD_FILE, fit_head, head_meta, predict_and_score
+from pipeline.recipes import HEAD_FILE, fit_head, fold_feature_splits, head_meta, predict_and_score
+from pipeline.stagefolds import run_folds
 from pipeline.training import quiet_training, save_network
 
 STAGE = "head"
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train the head on the feature cache, predict valid and test, report; return the figures."""
+def run_fold(cfg: Config, fold: int) -> dict[str, Any]:
+    """Train fold ``fold``'s head on the feature cache, predict its held-out rows and the test set."""
     start = time.perf_counter()
     quiet_training()
-    features_dir = cfg.paths.path("features")
-    features_meta = load_meta(features_dir)
-    train, valid, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
-    head_dir = cfg.paths.path("models") / STAGE
+    features_meta = load_meta(cfg.paths.path("features"))
+    train, held, test = fold_feature_splits(cfg, fold)
+    out_dir = cfg.paths.fold_models(STAGE, fold)
     classes = features_meta["classes"]
-    head, facts = fit_head(cfg, train, valid, head_dir, classes)
-    figures = predict_and_score(cfg, head, valid, test, cfg.paths.path("predictions") / STAGE, classes)
-    save_network(head_dir / HEAD_FILE, head, head_meta(cfg, features_meta, int(features_meta["feature_dim"])))
-    figures.update({**facts, "n_train_images": int(train.index["copy"].eq(0).sum()), "copies": train.copies,
-                    "seconds": round(time.perf_counter() - start, 3)})
-    write_stage_metrics(cfg.paths.stage_metrics_file(STAGE), figures)
+    head, facts = fit_head(cfg, train, held, out_dir, classes, label=item_stage(STAGE, fold))
+    figures = predict_and_score(cfg, head, held, test, cfg.paths.fold_predictions(STAGE, fold), classes)
+    save_network(out_dir / HEAD_FILE, head, {**head_meta(cfg, features_meta, int(features_meta["feature_dim"])),
+                                             "fold": fold})
+    figures.update({**facts, "fold": fold, "n_train_images": int(train.index["copy"].eq(0).sum()),
+                    "copies": train.copies, "seconds": round(time.perf_counter() - start, 3)})
+    write_stage_metrics(cfg.paths.stage_metrics_file(item_stage(STAGE, fold)), figures)
     return figures
+
+
+def run(cfg: Config, fold: int | None = None) -> dict[str, Any]:
+    """One fold (the DVC ``head@<fold>`` stages), or every fold of ``split.fold_ids`` in turn."""
+    return run_folds(cfg, STAGE, run_fold, fold)

@@ -53,7 +53,7 @@ from pipeline.config import CompetitionConfig, Config
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import atomic_dir, remove_leftovers
 from pipeline.kaggle_client import download_competition
-from pipeline.metrics import write_stage_metrics
+from pipeline.metrics import FOLD_COLUMN, ID_COLUMN, write_stage_metrics
 
 log = logging.getLogger(__name__)
 
@@ -591,6 +591,9 @@ def read_submission_header(path: Path, label: Path) -> tuple[str, list[str]]:
     if len(set(header)) != len(header):
         duplicated = sorted({c for c in header if header.count(c) > 1})
         raise BadInputError(label, f"duplicated column(s) {', '.join(duplicated)}", row=1)
+    reserved = {ID_COLUMN, FOLD_COLUMN} & set(header[1:])
+    if reserved:  # the pipeline's own predictions files use these column names
+        raise BadInputError(label, f"a class named {sorted(reserved)[0]!r} is not supported (reserved column name)", row=1)
     return header[0], header[1:]
 
 

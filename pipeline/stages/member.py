@@ -1,43 +1,42 @@
-"""``member`` stage: one ensemble member, trained with its own seed and, by default, without one
-driver fold (bagging over drivers), so members disagree where a single model is unsure. One DVC stage
-per member id (``member@<id>``, a ``foreach`` over ``ensemble.members``), so each member is cached on
-its own and adding one trains only that one.
+"""``member`` stage: one ensemble member, trained once per fold with its own seed, so members
+disagree where a single model is unsure. One DVC stage per (member, fold) (``member@<m>-<fold>``, a
+``matrix`` over ``ensemble.members`` and ``split.fold_ids``), each cached and restorable on its own:
+adding a member trains only its folds, and a fan-out sends each to its own worker.
 
 What a member is follows ``ensemble.member_model``:
 
-- ``finetune`` (default): the CNN fine-tuned from the head stage's weights exactly as the finetune
-  stage does (``pipeline.recipes.fine_tune``: its settings and DDP; under DVC a killed member starts
-  over, since its outputs are not persistent: see dvc.yaml), with seed
-  ``finetune.seed + 1 + m``. Test-time augmentation happens here, since it needs the CNN:
-  ``ensemble.tta`` augmented passes of every valid and test image (the features stage's copies
-  1..tta, never flipped) averaged with the plain pass, kept only when that lowers this member's
-  validation log loss. Outputs ``models/member/<m>/`` (``model.pt`` as the finetune stage writes it,
-  checkpoints, ``run.json``, ``logs/``).
-- ``head``: a dense head on the cached conv features (``pipeline.recipes.fit_head``), seed ``head.seed + 1 + m``:
-  seconds on a CPU, but weaker than and correlated with the fine-tuned model. Writes ``head.pt``;
-  its predictions are plain (the ensemble stage adds TTA from the feature cache).
+- ``finetune`` (default): the CNN fine-tuned from fold k's head exactly as the finetune stage does
+  (``pipeline.recipes.fine_tune``: its settings and DDP; under DVC a killed member starts over, since
+  its outputs are not persistent: see dvc.yaml), with seed ``finetune.seed + 1 + m``. Test-time
+  augmentation happens here, since it needs the CNN: ``ensemble.tta`` augmented passes (the features
+  stage's copies 1..tta, never flipped) averaged with the plain pass. In cv mode TTA is always kept
+  when configured (the fold's rows must not decide anything about their own model); in holdout mode
+  only when it lowers the validation log loss.
+- ``head``: a dense head on the cached conv features (``pipeline.recipes.fit_head``), seed
+  ``head.seed + 1 + m``: seconds on a CPU, but weaker than and correlated with the fine-tuned model.
 
-Member ``m`` trains on the train images outside driver fold ``m % split.n_folds`` (all of them when
-``ensemble.hold_out_fold`` is off, or when that fold holds every train driver). Validation (early
-stopping, checkpoint) is the held-out validation drivers, as everywhere.
+Fold model (m, k) trains on the rows outside fold k (cv) or on the train split (holdout; there, with
+``ensemble.hold_out_fold``, also without the train drivers of fold ``m % split.n_folds``: bagging over
+drivers, the only source of diversity besides the seed with a single fold).
 
-Outputs also ``data/predictions/member/<m>/{valid,test}.csv`` and ``reports/stages/member@<m>.json``.
+Outputs ``models/member<m>/fold<k>/`` (``model.pt`` or ``head.pt``, checkpoints, ``run.json``, logs),
+``data/predictions/folds/member<m>/<k>/{oof,test}.csv`` and ``reports/stages/member@<m>-<k>.json``.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import AugmentConfig, Config, item_stage
+from pipeline.config import Config, item_stage, member_model_name
 from pipeline.errors import StageError
-from pipeline.featurecache import FeatureSplit, load_meta, load_split
+from pipeline.featurecache import load_meta
 from pipeline.metrics import (
+    OOF_FILE,
     evaluate,
     keep_tta_if_better,
     read_hidden_labels,
@@ -49,10 +48,14 @@ from pipeline.recipes import (
     FineTuned,
     fine_tune,
     fit_head,
+    fold_feature_splits,
     head_meta,
+    monitors_held_out,
     predict_and_score,
+    read_split_csv,
     training_figures,
 )
+from pipeline.stagefolds import check_fold
 from pipeline.tables import ImageTable, read_tables
 from pipeline.training import MODEL_FILE, quiet_training, save_network
 
@@ -62,8 +65,8 @@ STAGE = "member"
 # ---------------------------------------------------------------------------- naming
 
 
-def stage_name(member: int) -> str:
-    return item_stage(STAGE, member)
+def stage_name(member: int, fold: int) -> str:
+    return item_stage(STAGE, member, fold)
 
 
 def member_seed(cfg: Config, member: int) -> int:
@@ -72,33 +75,31 @@ def member_seed(cfg: Config, member: int) -> int:
     return section.seed + 1 + member
 
 
-def held_out_fold(cfg: Config, member: int) -> int | None:
-    return member % cfg.split.n_folds if cfg.ensemble.hold_out_fold else None
+def bagged_fold(cfg: Config, member: int) -> int | None:
+    """Holdout mode only: the fold of train drivers member ``member`` leaves out (bagging)."""
+    if cfg.split.validation == "holdout" and cfg.ensemble.hold_out_fold:
+        return member % cfg.split.n_folds
+    return None
 
 
 # ---------------------------------------------------------------------------- train rows
 
 
-def read_train_folds(split_csv: Path) -> pd.DataFrame:
-    """id, group, fold of every train-split image."""
-    if not split_csv.exists():
-        raise StageError(f"{split_csv} not found: run the split stage first")
-    split = pd.read_csv(split_csv, dtype={"id": str, "group": str, "split": str}, keep_default_na=False)
-    return split.loc[split["split"] == "train", ["id", "group", "fold"]]
+def kept_train_ids(cfg: Config, train_ids: list[str], member: int) -> set[str]:
+    """The member's train images: the fold model's train rows, less the bagged fold (holdout mode);
+    all of them when that would leave none."""
+    fold = bagged_fold(cfg, member)
+    if fold is None:
+        return set(train_ids)
+    split = read_split_csv(cfg.paths.path("split_csv"))
+    dropped = set(split.loc[pd.to_numeric(split["fold"]) == fold, "id"])
+    kept = set(train_ids) - dropped
+    return kept or set(train_ids)
 
 
-def images_outside_fold(folds: pd.DataFrame, fold: int | None) -> set[str]:
-    """Train images not in ``fold``; all of them when ``fold`` is None or would leave none."""
-    kept = folds if fold is None else folds[folds["fold"] != fold]
-    return set((kept if len(kept) else folds)["id"])
-
-
-def subset_split(split: FeatureSplit, imgs: set[str]) -> FeatureSplit:
-    """The rows (every copy) of ``imgs``, renumbered so row ``i`` is ``features[i]`` again."""
-    keep = split.index["id"].isin(imgs).to_numpy()
-    index = split.index.loc[keep].reset_index(drop=True)
-    index["row"] = np.arange(len(index))
-    return FeatureSplit(split.name, index, split.features[keep], split.copies)
+def group_count(cfg: Config, ids: set[str]) -> int:
+    split = read_split_csv(cfg.paths.path("split_csv"))
+    return int(split.loc[split["id"].isin(ids), "group"].nunique())
 
 
 # ---------------------------------------------------------------------------- training
@@ -109,87 +110,85 @@ def member_config(cfg: Config, member: int) -> Config:
     return cfg.model_copy(update={"head": cfg.head.model_copy(update={"seed": member_seed(cfg, member)})})
 
 
-def train_head_member(cfg: Config, member: int, folds: pd.DataFrame, fold: int | None) -> dict[str, Any]:
+def train_head_member(cfg: Config, member: int, fold: int) -> dict[str, Any]:
     """A dense head on the cached features of the member's train images; plain predictions."""
     quiet_training()
-    features_dir = cfg.paths.path("features")
-    features_meta = load_meta(features_dir)
-    train, valid, test = (load_split(features_dir, s) for s in ("train", "valid", "test"))
-    kept = images_outside_fold(folds[folds["id"].isin(train.index["id"])], fold)
+    features_meta = load_meta(cfg.paths.path("features"))
+    train, held, test = fold_feature_splits(cfg, fold)
+    kept = kept_train_ids(cfg, train.index["id"].unique().tolist(), member)
     member_cfg = member_config(cfg, member)
-    out_dir = cfg.paths.member_models(member)
+    name = member_model_name(member)
+    out_dir = cfg.paths.fold_models(name, fold)
     classes = features_meta["classes"]
-    head, facts = fit_head(member_cfg, subset_split(train, kept), valid, out_dir, classes, label=stage_name(member))
+    head, facts = fit_head(member_cfg, train.subset(kept), held, out_dir, classes, label=stage_name(member, fold))
     meta = {**head_meta(member_cfg, features_meta, int(train.features.shape[1])),
-            "member": member, "seed": member_seed(cfg, member), "held_out_fold": fold}
-    figures = predict_and_score(cfg, head, valid, test, cfg.paths.member_predictions(member), classes)
+            "member": member, "fold": fold, "seed": member_seed(cfg, member), "bagged_fold": bagged_fold(cfg, member)}
+    figures = predict_and_score(cfg, head, held, test, cfg.paths.fold_predictions(name, fold), classes)
     save_network(out_dir / HEAD_FILE, head, meta)
-    return {**figures, **facts, "n_train_images": len(kept), "n_train_groups": group_count(folds, kept)}
+    return {**figures, **facts, "n_train_images": len(kept), "n_train_groups": group_count(cfg, kept)}
 
 
-def tta_predictions(fitted: FineTuned, tables: dict[str, ImageTable], passes: int, augment: AugmentConfig,
-                    seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Valid and test probabilities: the plain pass, or its mean with ``passes`` augmented passes
-    when that lowers validation log loss (test is augmented only then)."""
+def tta_predictions(cfg: Config, fitted: FineTuned, tables: dict[str, ImageTable]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Held-out and test probabilities: the plain pass, or its mean with ``ensemble.tta`` augmented
+    passes (decided on the held-out rows in holdout mode only)."""
+    passes, augment, seed = cfg.ensemble.tta, cfg.augment, cfg.features.seed
+
     def averaged(table: ImageTable, plain: np.ndarray) -> np.ndarray:
         return np.mean([plain, *(fitted.predict(table, k, augment, seed) for k in range(1, passes + 1))], axis=0)
 
     valid, test = fitted.predict(tables["valid"]), fitted.predict(tables["test"])
     return keep_tta_if_better(tables["valid"].labels, valid, test,
                               (lambda: averaged(tables["valid"], valid)) if passes else None,
-                              lambda: averaged(tables["test"], test))
+                              lambda: averaged(tables["test"], test), decide=monitors_held_out(cfg))
 
 
-def train_finetuned_member(cfg: Config, member: int, folds: pd.DataFrame, fold: int | None) -> dict[str, Any]:
-    """The CNN fine-tuned like the finetune stage with this member's seed and train drivers; TTA
+def train_finetuned_member(cfg: Config, member: int, fold: int) -> dict[str, Any]:
+    """The CNN fine-tuned like the finetune stage with this member's seed and train rows; TTA
     predictions. ``{}`` on DDP ranks other than 0, which write nothing."""
     quiet_training()
-    tables = read_tables(cfg, cfg.finetune.use_sample)
+    tables = read_tables(cfg, cfg.finetune.use_sample, fold)
     train = tables["train"]
-    kept = images_outside_fold(folds[folds["id"].isin(train.ids)], fold)
+    kept = kept_train_ids(cfg, train.ids, member)
     tables["train"] = train.subset(np.flatnonzero(np.isin(train.ids, sorted(kept))))
     settings = cfg.finetune.model_copy(update={"seed": member_seed(cfg, member)})
-    out_dir = cfg.paths.member_models(member)
-    fitted = fine_tune(cfg, settings, tables, out_dir, modules=[sys.modules[__name__]], label=stage_name(member))
-    valid, test, tta = tta_predictions(fitted, tables, cfg.ensemble.tta, cfg.augment, cfg.features.seed)
+    name = member_model_name(member)
+    out_dir = cfg.paths.fold_models(name, fold)
+    fitted = fine_tune(cfg, settings, tables, out_dir, fold, modules=[sys.modules[__name__]], label=stage_name(member, fold))
+    valid, test, tta = tta_predictions(cfg, fitted, tables)
     if not fitted.outcome.is_global_zero:
         return {}
     save_network(out_dir / MODEL_FILE, fitted.outcome.network,
-                 {**fitted.meta, "stage": stage_name(member), "seed": settings.seed, "held_out_fold": fold})
-    pred_dir = cfg.paths.member_predictions(member)
+                 {**fitted.meta, "stage": stage_name(member, fold), "seed": settings.seed, "fold": fold,
+                  "bagged_fold": bagged_fold(cfg, member)})
+    pred_dir = cfg.paths.fold_predictions(name, fold)
     classes = fitted.meta["classes"]
     figures = evaluate(valid, tables["valid"].labels, tables["test"].ids, test,
                        read_hidden_labels(cfg.paths.path("hidden"), classes))
-    write_predictions(pred_dir / "valid.csv", tables["valid"].ids, valid, classes)
+    write_predictions(pred_dir / OOF_FILE, tables["valid"].ids, valid, classes)
     write_predictions(pred_dir / "test.csv", tables["test"].ids, test, classes)
-    return {**figures, **tta, **training_figures(fitted, len(kept)), "n_train_groups": group_count(folds, kept)}
-
-
-def group_count(folds: pd.DataFrame, imgs: set[str]) -> int:
-    return int(folds.loc[folds["id"].isin(imgs), "group"].nunique())
+    return {**figures, **tta, **training_figures(fitted, len(kept)), "n_train_groups": group_count(cfg, kept)}
 
 
 TRAINERS = {"finetune": train_finetuned_member, "head": train_head_member}
 
 
-def run_member(cfg: Config, member: int) -> dict[str, Any]:
-    """Train member ``member``, write its model, predictions and figures; return the figures."""
+def run_member(cfg: Config, member: int, fold: int) -> dict[str, Any]:
+    """Train member ``member`` for fold ``fold``, write its model, predictions and figures."""
     start = time.perf_counter()
-    folds = read_train_folds(cfg.paths.path("split_csv"))
-    fold = held_out_fold(cfg, member)
-    figures = TRAINERS[cfg.ensemble.member_model](cfg, member, folds, fold)
+    check_fold(cfg, fold)
+    figures = TRAINERS[cfg.ensemble.member_model](cfg, member, fold)
     if not figures:  # a DDP rank other than 0
         return {}
-    figures.update({"member": member, "model": cfg.ensemble.member_model, "seed": member_seed(cfg, member),
-                    "held_out_fold": fold, "seconds": round(time.perf_counter() - start, 3)})
-    write_stage_metrics(cfg.paths.stage_metrics_file(stage_name(member)), figures)
+    figures.update({"member": member, "fold": fold, "model": cfg.ensemble.member_model, "seed": member_seed(cfg, member),
+                    "bagged_fold": bagged_fold(cfg, member), "seconds": round(time.perf_counter() - start, 3)})
+    write_stage_metrics(cfg.paths.stage_metrics_file(stage_name(member, fold)), figures)
     return figures
 
 
-def run(cfg: Config, member: int | None = None) -> dict[str, Any]:
-    """One member (the DVC ``member@<id>`` stages), or every member of ``ensemble.members`` in turn."""
-    if member is not None:
-        if member not in cfg.ensemble.members:
-            raise StageError(f"member {member} is not in ensemble.members {cfg.ensemble.members}")
-        return run_member(cfg, member)
-    return {stage_name(m): run_member(cfg, m) for m in cfg.ensemble.members}
+def run(cfg: Config, member: int | None = None, fold: int | None = None) -> dict[str, Any]:
+    """One (member, fold) (the DVC ``member@<m>-<fold>`` stages), or every member and/or fold in turn."""
+    if member is not None and member not in cfg.ensemble.members:
+        raise StageError(f"member {member} is not in ensemble.members {cfg.ensemble.members}")
+    members = [member] if member is not None else cfg.ensemble.members
+    folds = [fold] if fold is not None else cfg.split.fold_ids
+    return {stage_name(m, f): run_member(cfg, m, f) for m in members for f in folds}

@@ -1,7 +1,10 @@
 """``pseudo`` stage: pseudo-labelling on the test set, then retraining with a fixed pseudo-labelled
-share of every batch (the course: a quarter to a third; lesson 7 used 44 train + 16 pseudo).
+share of every batch (the course: a quarter to a third; lesson 7 used 44 train + 16 pseudo). Once per
+fold (``pseudo@<fold>``): fold k's student and its teacher (``finetune@<k>``) never saw fold k, so
+fold k's out-of-fold predictions stay honest (its rows reach it neither as labels nor through
+pseudo-labels made by a model trained on them).
 
-Pseudo-labels are the best fine-tuned model's test predictions (``data/predictions/finetune/test.csv``):
+Pseudo-labels are fold k's fine-tuned model's test predictions (``data/predictions/folds/finetune/<k>/test.csv``):
 soft by default (the teacher's probabilities), or hard (its argmax) optionally only for test images
 at least ``pseudo.threshold`` confident. Only test images are ever pseudo-labelled: validation images
 and labels never enter the pseudo set (checked before every iteration, ``check_test_only``), so the
@@ -14,9 +17,9 @@ fine-tuned weights; with ``pseudo.distill`` it restarts from the head-stage netw
 teacher's probabilities softened by ``pseudo.temperature`` (Hinton's knowledge distillation, loss
 scaled by T^2). Optimiser and trainer settings are ``finetune``'s; epochs are ``pseudo.max_epochs``.
 
-Outputs: ``models/pseudo/iteration_<k>/`` (checkpoints, ``run.json``, logs, ``pseudo_labels.csv``: the
-targets used), ``models/pseudo/model.pt`` (the last iteration's best weights),
-``data/predictions/pseudo/{valid,test}.csv`` and ``reports/stages/pseudo.json``.
+Outputs: ``models/pseudo/fold<k>/iteration_<i>/`` (checkpoints, ``run.json``, logs,
+``pseudo_labels.csv``: the targets used), ``models/pseudo/fold<k>/model.pt`` (the last iteration's
+weights), ``data/predictions/folds/pseudo/<k>/{oof,test}.csv`` and ``reports/stages/pseudo@<k>.json``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from lightning.pytorch.callbacks import Callback
 from pipeline import data, datamodules, models, recipes, training
 from pipeline import tables as image_tables
 from pipeline.competition import read_competition
-from pipeline.config import Config, PseudoConfig
+from pipeline.config import Config, PseudoConfig, item_stage
 from pipeline.datamodules import ImageDataModule, PseudoSet
 from pipeline.errors import StageError
 from pipeline.metrics import (
+    OOF_FILE,
     evaluate,
     read_hidden_labels,
     read_predictions,
@@ -46,7 +50,8 @@ from pipeline.metrics import (
     write_stage_metrics,
 )
 from pipeline.models import input_hw
-from pipeline.recipes import build_network, head_file
+from pipeline.recipes import build_network, head_file, monitors_held_out
+from pipeline.stagefolds import run_folds
 from pipeline.tables import ImageTable, one_hot, read_tables
 from pipeline.training import (
     MODEL_FILE,
@@ -127,6 +132,7 @@ def iteration_fingerprint(cfg: Config, iteration: int, pseudo: PseudoSet, inputs
         "finetune": cfg.finetune.model_dump(mode="json", exclude={"trainer": {"resume"}}),
         "pseudo": cfg.pseudo.model_dump(mode="json", exclude={"iterations"}),
         "images": [tables["train"].ids, tables["valid"].ids, pseudo.table.ids],
+        "validation": cfg.split.validation,
     }
     return fingerprint(settings, files=inputs, modules=[training, datamodules, recipes, image_tables, data, models, sys.modules[__name__]],
                        arrays=[pseudo.targets])
@@ -140,24 +146,26 @@ def remove_stale_iterations(out_root: Path, iterations: int) -> None:
             shutil.rmtree(folder)
 
 
-def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Pseudo-label the test set, retrain, repeat; predict valid and test with the last iteration's best
-    weights, report; return the figures (``{}`` on DDP ranks other than 0)."""
+def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Pseudo-label the test set with fold ``fold``'s fine-tuned model, retrain, repeat; predict the
+    fold's held-out rows and the test set, report; return the figures (``{}`` on DDP ranks other than 0)."""
     start = time.perf_counter()
     quiet_training()
     ft, ps = cfg.finetune, cfg.pseudo
     settings = ft.model_copy(update={"seed": ps.seed, "max_epochs": ps.max_epochs})
     L.seed_everything(ps.seed, workers=True, verbose=False)
-    tables = read_tables(cfg, ft.use_sample)
-    head_path = head_file(cfg)
-    teacher_path = cfg.paths.path("predictions") / TEACHER_STAGE / "test.csv"
-    finetuned_path = cfg.paths.path("models") / TEACHER_STAGE / MODEL_FILE
+    tables = read_tables(cfg, ft.use_sample, fold)
+    head_path = head_file(cfg, fold)
+    teacher_path = cfg.paths.fold_predictions(TEACHER_STAGE, fold) / "test.csv"
+    finetuned_path = cfg.paths.fold_models(TEACHER_STAGE, fold) / MODEL_FILE
     teacher_probs = teacher_test_probs(teacher_path, tables["test"])
     student_state = load_network_state(finetuned_path, TEACHER_STAGE)
     cuda = uses_cuda(ft.trainer)
     classes = read_competition(cfg.paths.path("raw")).classes
     hidden = read_hidden_labels(cfg.paths.path("hidden"), classes)
-    out_root = cfg.paths.path("models") / STAGE
+    out_root = cfg.paths.fold_models(STAGE, fold)
+    monitor = monitors_held_out(cfg)
+    watched = tables["valid"] if monitor else tables["valid"].subset(np.array([], dtype=np.int64))
     if is_launcher_process():
         remove_stale_iterations(out_root, ps.iterations)
     per_iteration: dict[str, Any] = {}
@@ -173,12 +181,13 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
                                   channels_last=cuda)
         if ft.trainer.compile:
             network.compile()
-        datamodule = ImageDataModule(tables["train"], tables["valid"], target_hw, cfg.augment, ft.batch_size,
+        datamodule = ImageDataModule(tables["train"], watched, target_hw, cfg.augment, ft.batch_size,
                                      ft.num_workers, ps.seed, copies=ps.max_epochs, pseudo=pseudo, pin_memory=cuda,
                                      n_classes=len(classes))
         out_dir = out_root / f"iteration_{iteration}"
         run_fp = iteration_fingerprint(cfg, iteration, pseudo, [head_path, finetuned_path], tables)
-        outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ps.max_epochs, ft.patience, run_fp, callbacks)
+        outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ps.max_epochs, ft.patience, run_fp, callbacks,
+                                label=f"{item_stage(STAGE, fold)} iteration {iteration}", monitor=monitor)
         valid_probs, test_probs = (predict_probs(outcome.network, tables[s], target_hw, ft.batch_size * 2, ft.num_workers,
                                                  outcome.device, cuda) for s in ("valid", "test"))
         if is_launcher_process():
@@ -192,10 +201,11 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
 
     if not outcome.is_global_zero:
         return {}
-    save_network(out_root / MODEL_FILE, outcome.network, {**head_meta, "stage": STAGE, "iterations": ps.iterations})
-    pred_dir = cfg.paths.path("predictions") / STAGE
+    save_network(out_root / MODEL_FILE, outcome.network, {**head_meta, "stage": STAGE, "iterations": ps.iterations,
+                                                          "fold": fold})
+    pred_dir = cfg.paths.fold_predictions(STAGE, fold)
     figures: dict[str, Any] = evaluate(valid_probs, tables["valid"].labels, tables["test"].ids, test_probs, hidden)
-    write_predictions(pred_dir / "valid.csv", tables["valid"].ids, valid_probs, classes)
+    write_predictions(pred_dir / OOF_FILE, tables["valid"].ids, valid_probs, classes)
     write_predictions(pred_dir / "test.csv", tables["test"].ids, test_probs, classes)
     figures.update({
         "iterations": per_iteration,
@@ -206,7 +216,13 @@ def run(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
         "distill": ps.distill,
         "n_train_images": len(tables["train"]),
         "n_pseudo_images": len(pseudo.table),
+        "fold": fold,
         "seconds": round(time.perf_counter() - start, 3),
     })
-    write_stage_metrics(cfg.paths.stage_metrics_file(STAGE), figures)
+    write_stage_metrics(cfg.paths.stage_metrics_file(item_stage(STAGE, fold)), figures)
     return figures
+
+
+def run(cfg: Config, fold: int | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """One fold (the DVC ``pseudo@<fold>`` stages), or every fold of ``split.fold_ids`` in turn."""
+    return run_folds(cfg, STAGE, lambda c, f: run_fold(c, f, callbacks), fold)

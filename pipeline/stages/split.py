@@ -1,4 +1,6 @@
-"""``split`` stage: hold out validation images and assign K folds, grouped like the test split.
+"""``split`` stage: assign K folds grouped like the test split (``split.validation: cv``, every
+labelled image in ``split`` "train", each fold held out by its own fold models) or, in holdout mode,
+also hold out one validation set.
 
 With a group column (State Farm: drivers) whole groups are held out: frames are video frames, an
 image's nearest neighbour is the same driver ~100% of the time, so a random split leaks (98-99%
@@ -29,11 +31,14 @@ def make_split(table: pd.DataFrame, cfg: SplitConfig, grouped: bool = True) -> p
     """The split table (id, label, group, split, fold) for a train index table (id, label, group)."""
     table = table.sort_values("id", kind="stable").reset_index(drop=True)
     out = table[["id", "label", "group"]].copy()
-    if grouped:
+    if not grouped:
+        out["group"] = out["id"]  # every image its own group: per-image validation and cross-fitting
+    if cfg.validation == "cv":
+        out["split"] = "train"  # nothing held out for good: each fold is held out by its own fold models
+    elif grouped:
         valid = choose_valid_groups(out, n_valid_groups(cfg.valid_groups, out["group"].nunique()), cfg.seed)
         out["split"] = np.where(out["group"].isin(valid), "valid", "train")
     else:
-        out["group"] = out["id"]  # every image its own group: per-image validation and cross-fitting
         out["split"] = np.where(out["id"].isin(choose_valid_images(out, cfg.valid_fraction, cfg.seed)), "valid", "train")
     out["fold"] = assign_folds(out, cfg.n_folds, cfg.seed, grouped)
     return out[SPLIT_COLUMNS]
@@ -70,6 +75,6 @@ def run(cfg: Config) -> dict:
     grouped = competition.has_groups
     split = make_split(read_train_index(cfg, competition.classes), cfg.split, grouped)
     atomic_write_csv(cfg.paths.path("split_csv"), split)
-    figures = split_figures(split, grouped) | {"seconds": round(time.perf_counter() - start, 3)}
+    figures = split_figures(split, grouped) | {"validation": cfg.split.validation, "seconds": round(time.perf_counter() - start, 3)}
     write_stage_metrics(cfg.paths.stage_metrics_file("split"), figures)
     return figures

@@ -1,0 +1,66 @@
+"""``oof`` stage: gather each model's fold predictions into its out-of-fold (OOF) predictions and
+score them: the cross-validation figures the ensemble, calibration, report and retrain decisions
+steer by.
+
+For every model (``ensemble.models()``: head, finetune, pseudo and each member<m>), the K fold models'
+held-out rows are concatenated (every labelled image exactly once in cv mode, checked against
+split.csv: a row held out twice or never is an error) and their test predictions averaged.
+
+Figures per model: ``valid_logloss``/``valid_acc`` over all OOF rows (the CV estimate in cv mode),
+the per-fold values with their mean and standard deviation, and, on synthetic data, ``test_logloss``/
+``test_acc`` of the fold-averaged test predictions beside them.
+
+Outputs ``data/predictions/oof/<model>/{oof,test}.csv`` (``pipeline.oof``) and ``reports/stages/oof.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline.competition import read_competition
+from pipeline.config import Config, model_stage
+from pipeline.errors import StageError
+from pipeline.io import atomic_dir
+from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions, write_stage_metrics
+from pipeline.oof import HeldOut, aligned, fold_figures, read_held_out, read_test_ids
+
+STAGE = "oof"
+
+
+def gather(cfg: Config, model: str, held: HeldOut, test_ids: list[str], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(OOF probabilities in ``held`` order, mean test probabilities) of ``model``'s fold models."""
+    oof = np.full((len(held), len(classes)), np.nan)
+    tests = []
+    for fold in cfg.split.fold_ids:
+        folder = cfg.paths.fold_predictions(model, fold)
+        stage = model_stage(model, fold)
+        rows = np.flatnonzero(held.folds == fold)
+        oof[rows] = aligned(folder / OOF_FILE, [held.ids[r] for r in rows], classes, stage)
+        tests.append(aligned(folder / "test.csv", test_ids, classes, stage))
+    if np.isnan(oof).any():
+        raise StageError(f"{model}: {int(np.isnan(oof).any(axis=1).sum())} labelled row(s) have no out-of-fold prediction")
+    return oof, np.mean(tests, axis=0)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    start = time.perf_counter()
+    classes = list(read_competition(cfg.paths.path("raw")).classes)
+    held = read_held_out(cfg, classes)
+    test_ids = read_test_ids(cfg)
+    hidden = read_hidden_labels(cfg.paths.path("hidden"), classes)
+    models: dict[str, Any] = {}
+    gathered = {model: gather(cfg, model, held, test_ids, classes) for model in cfg.ensemble.models()}
+    with atomic_dir(cfg.paths.path("predictions") / "oof") as out:  # all models or none
+        for model, (oof, test) in gathered.items():
+            write_predictions(out / model / OOF_FILE, held.ids, oof, classes, folds=held.folds)
+            write_predictions(out / model / "test.csv", test_ids, test, classes)
+            models[model] = {**evaluate(oof, held.labels, test_ids, test, hidden), **fold_figures(oof, held.labels, held.folds)}
+    best = min(models, key=lambda m: models[m]["valid_logloss"])
+    figures = {"validation": cfg.split.validation, "n_folds": len(cfg.split.fold_ids), "n_oof": len(held),
+               "models": models, "best_model": best, "best_valid_logloss": models[best]["valid_logloss"],
+               "seconds": round(time.perf_counter() - start, 3)}
+    write_stage_metrics(cfg.paths.stage_metrics_file(STAGE), figures)
+    return figures
