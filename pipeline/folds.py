@@ -69,8 +69,11 @@ def assign_folds(table: pd.DataFrame, n_folds: int, seed: int, grouped: bool = T
             if smallest < n_folds:
                 raise StageError(f"split.n_folds={n_folds}: the rarest class has only {smallest} training images")
             splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(table, table["label"])
-        for fold, (_, held) in enumerate(splits):
-            folds[held] = fold
+        try:
+            for fold, (_, held) in enumerate(splits):
+                folds[held] = fold
+        except ValueError as err:  # e.g. every class has fewer images than folds
+            raise StageError(f"split.n_folds={n_folds} cannot be met: {err}") from None
     return folds
 
 

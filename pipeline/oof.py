@@ -78,10 +78,11 @@ def aligned(path: Path, ids: Sequence[str], classes: Sequence[str], produced_by:
         raise BadInputError(path, f"class columns must be {','.join(classes)} (the competition's), "
                                   f"got {','.join(prediction_classes(path))}", row=1)
     got, probs = read_predictions(path)
-    position = {image_id: i for i, image_id in enumerate(got)}
-    if len(position) != len(got):
-        dup = next(i for i, image_id in enumerate(got) if position[image_id] != i)
-        raise BadInputError(path, f"id {got[dup]!r} appears twice", row=dup + 2)
+    position: dict[str, int] = {}
+    for i, image_id in enumerate(got):
+        if image_id in position:  # name the repeat, where the file goes wrong
+            raise BadInputError(path, f"id {image_id!r} appears twice (first at row {position[image_id] + 2})", row=i + 2)
+        position[image_id] = i
     missing = [i for i in ids if i not in position]
     if missing or len(got) != len(ids):
         extra = sorted(set(got) - set(ids))

@@ -19,6 +19,12 @@ def smoke_cfg(tmp_path) -> Config:
     return load_profile("smoke").at(tmp_path)
 
 
+def with_validation(cfg: Config, validation: str) -> Config:
+    """``cfg`` in ``cv`` or ``holdout`` mode (``split.fold_ids`` re-derived)."""
+    split = cfg.split.model_dump() | {"validation": validation, "fold_ids": None}
+    return cfg.model_copy(update={"split": type(cfg.split)(**split)})
+
+
 def csv_smoke_overrides(n_train: int = 60, n_test: int = 24) -> dict:
     """The smoke profile moved onto the CSV layout: demo-csv's real competition spec and source (read
     from configs/demo-csv.yaml, not restated), a tiny shapes dataset, square inputs."""

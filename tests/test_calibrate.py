@@ -1,5 +1,6 @@
-"""calibrate stage: temperature and clip fitted on validation, applied to valid and test alike, with an
-honest cross-fitted estimate over validation drivers."""
+"""calibrate stage: temperature and clip fitted on the out-of-fold (OOF) rows, applied to test only when
+a nested estimate (cv: each fold calibrated by a fit on the other folds; holdout: folds over the
+validation drivers) beats no calibration; the OOF rows written are the nested ones."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pipeline.competition import Competition, write_competition
 from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import load_profile
 from pipeline.errors import BadInputError, StageError
-from pipeline.folds import group_folds as driver_folds
-from pipeline.metrics import kaggle_logloss, read_predictions, write_predictions
+from pipeline.folds import group_folds, nested_folds
+from pipeline.metrics import kaggle_logloss, read_oof, read_predictions, write_predictions
 from pipeline.stages.calibrate import (
     Calibration,
     apply_calibration,
@@ -24,6 +25,7 @@ from pipeline.stages.calibrate import (
     fit_calibration,
     fit_clip,
     fit_temperature,
+    reliability_curve,
     run,
     temperature_scale,
 )
@@ -102,65 +104,168 @@ def test_switches_and_identity():
     assert only_clip.temperature == 1 and only_clip.clip_hi < 1
 
 
-def test_cross_fitting_calibrates_each_driver_with_the_others_fit():
+def test_cross_fitting_calibrates_each_fold_with_the_others_fit():
     labels, probs = model_outputs(400, sharpness=3.0)
     drivers = np.repeat(["p001", "p002", "p003", "p004"], 100)
-    crossed = cross_fitted_probs(probs, labels, drivers, n_folds=2, seed=0)
+    folds = group_folds(drivers, 2, 0)
+    crossed = cross_fitted_probs(probs, labels, folds)
     assert crossed is not None and np.allclose(crossed.sum(axis=1), 1)
-    folds = driver_folds(drivers, 2, 0)
     for fold in (0, 1):
         held = folds == fold
         assert set(drivers[held]).isdisjoint(drivers[~held]) and held.sum() == 200  # whole drivers
         expected = apply_calibration(probs[held], fit_calibration(probs[~held], labels[~held]))
         assert np.allclose(crossed[held], expected)
-    assert cross_fitted_probs(probs, labels, np.array(["p001"] * 400)) is None
+    assert not np.allclose(crossed, apply_calibration(probs, fit_calibration(probs, labels)))  # not in-sample
+    assert cross_fitted_probs(probs, labels, np.zeros(400, dtype=int)) is None  # one fold: nothing to nest over
+    assert cross_fitted_probs(probs, labels, None) is None
+
+
+def test_nested_folds_are_the_cv_folds_or_folds_over_validation_drivers():
+    folds = np.array([1, 0, 2, 1, 0, 2])
+    drivers = np.array(["p1", "p1", "p2", "p2", "p3", "p3"])
+    assert nested_folds(folds, drivers, "cv", 2, 0).tolist() == folds.tolist()
+    assert nested_folds(np.zeros(6, dtype=int), drivers, "holdout", 2, 0).tolist() == group_folds(drivers, 2, 0).tolist()
+    assert nested_folds(np.zeros(6, dtype=int), drivers, "cv", 2, 0) is None  # a single fold
 
 
 # ---------------------------------------------------------------------------- the stage
 
+ENSEMBLE_OOF = "data/predictions/ensemble/oof.csv"
+CALIBRATED_OOF = "data/predictions/calibrate/oof.csv"
+
+
+def holdout_cfg(tmp_path: Path, *overrides: str):
+    """The smoke profile in holdout mode (``split.fold_ids`` derived again: [0])."""
+    return load_profile("smoke", ["split.validation=holdout", *overrides]).at(tmp_path)
+
 
 def write_inputs(root: Path, n_valid: int = 300, n_test: int = 200, classes: tuple[str, ...] = CLASSES,
-                 has_groups: bool = True) -> None:
-    """competition.json, split.csv (id,label,group,split,fold: 20 train rows first, then validation),
-    the ensemble's predictions and hidden test labels. Without groups every image is its own group,
-    as the split stage writes it."""
+                 has_groups: bool = True, validation: str = "cv", n_folds: int = 2) -> None:
+    """competition.json, split.csv (id,label,group,split,fold), the ensemble's out-of-fold predictions
+    (oof.csv: id,fold,<classes>, in split.csv order) and test predictions, and hidden test labels.
+
+    cv: ``n_valid`` labelled rows, all split "train" and all out of fold; driver p00g (g = i % 6) in
+    fold g % n_folds, so the folds interleave in split.csv. holdout: 20 train rows of driver p009 first,
+    then ``n_valid`` validation rows of drivers p000-p002, the out-of-fold rows of fold 0. Without
+    groups every image is its own group, as the split stage writes it (cv fold: i % n_folds)."""
     labels, probs = model_outputs(n_valid + n_test, sharpness=3.0, seed=1, k=len(classes))
-    valid_ids = [f"img_v{i}.jpg" for i in range(n_valid)]
+    held_ids = [f"img_v{i}.jpg" for i in range(n_valid)]
     test_ids = [f"img_t{i}.jpg" for i in range(n_test)]
-    train_ids = [f"img_tr{i}.jpg" for i in range(20)]
     write_competition(root / "data/raw", Competition(classes, "img", has_groups, "subject" if has_groups else "image",
                                                      "folder", "synthetic"))
-    split = pd.DataFrame({
-        "id": train_ids + valid_ids,
-        "label": [classes[0]] * 20 + [classes[c] for c in labels[:n_valid]],
-        "group": (["p009"] * 20 + [f"p00{i % 3}" for i in range(n_valid)]) if has_groups else train_ids + valid_ids,
-        "split": ["train"] * 20 + ["valid"] * n_valid,
-        "fold": [0] * 20 + [-1] * n_valid,
-    })
+    held_labels = [classes[c] for c in labels[:n_valid]]
+    if validation == "cv":
+        drivers = [f"p00{i % 6}" for i in range(n_valid)]
+        split = pd.DataFrame({
+            "id": held_ids, "label": held_labels, "group": drivers if has_groups else held_ids, "split": "train",
+            "fold": [(i % 6 if has_groups else i) % n_folds for i in range(n_valid)],
+        })
+        oof_folds = split["fold"].to_numpy()
+    else:
+        train_ids = [f"img_tr{i}.jpg" for i in range(20)]
+        drivers = ["p009"] * 20 + [f"p00{i % 3}" for i in range(n_valid)]
+        split = pd.DataFrame({
+            "id": train_ids + held_ids,
+            "label": [classes[0]] * 20 + held_labels,
+            "group": drivers if has_groups else train_ids + held_ids,
+            "split": ["train"] * 20 + ["valid"] * n_valid,
+            "fold": [int(d[1:]) % n_folds for d in drivers] if has_groups else [i % n_folds for i in range(20 + n_valid)],
+        })
+        oof_folds = np.zeros(n_valid, dtype=int)  # one fold model: the validation split is fold 0's
     split.to_csv(root / "data/split.csv", index=False)
-    write_predictions(root / "data/predictions/ensemble/valid.csv", valid_ids, probs[:n_valid], classes)
+    write_predictions(root / ENSEMBLE_OOF, held_ids, probs[:n_valid], classes, folds=oof_folds)
     write_predictions(root / "data/predictions/ensemble/test.csv", test_ids, probs[n_valid:], classes)
     (root / "data/hidden").mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"id": test_ids, "label": [classes[c] for c in labels[n_valid:]]}).to_csv(
         root / "data/hidden/test_labels.csv", index=False)
 
 
-def test_stage_writes_calibrated_predictions_and_figures(smoke_cfg, tmp_path):
+def held_out_rows(root: Path, validation: str) -> pd.DataFrame:
+    """split.csv's out-of-fold rows: every row in cv mode, the validation split in holdout mode."""
+    split = pd.read_csv(root / "data/split.csv", dtype={"fold": int})
+    return split[split["split"] == "valid"] if validation == "holdout" else split
+
+
+def label_index(labels: pd.Series, classes: tuple[str, ...] = CLASSES) -> np.ndarray:
+    return np.array([classes.index(c) for c in labels])
+
+
+def test_stage_writes_nested_calibrated_oof_rows_and_figures(smoke_cfg, tmp_path):
     write_inputs(tmp_path)
     figures = run(smoke_cfg)
-    for key in ("valid_logloss", "valid_acc", "test_logloss", "test_acc", "valid_logloss_before",
-                "test_logloss_before", "valid_logloss_crossfit", "temperature", "clip_lo", "clip_hi"):
+    for key in ("valid_logloss", "valid_acc", "test_logloss", "test_acc", "valid_logloss_before", "test_logloss_before",
+                "valid_logloss_nested", "valid_logloss_insample", "applied", "temperature", "clip_lo", "clip_hi",
+                "fitted_temperature", "fitted_clip_lo", "fitted_clip_hi", "curve", "n_valid", "n_valid_groups",
+                "n_test", "validation"):
         assert key in figures, key
-    assert figures["valid_logloss"] < figures["valid_logloss_before"]
+    assert "valid_logloss_crossfit" not in figures
+    assert figures["validation"] == "cv" and figures["applied"] is True
+    assert (figures["n_valid"], figures["n_valid_groups"], figures["n_test"]) == (300, 6, 200)
+    assert figures["valid_logloss_nested"] < figures["valid_logloss_before"]
+    assert figures["valid_logloss"] == figures["valid_logloss_nested"]  # what is written: the nested rows
+    assert figures["valid_logloss_insample"] <= figures["valid_logloss_nested"]  # in-sample is the optimistic one
     assert figures["test_logloss"] < figures["test_logloss_before"]  # the fit transfers to unseen rows
-    assert figures["valid_logloss"] <= figures["valid_logloss_crossfit"]  # in-sample is the optimistic one
-    assert figures["temperature"] > 1 and figures["n_valid_groups"] == 3
+    applied = (figures["temperature"], figures["clip_lo"], figures["clip_hi"])
+    assert applied == (figures["fitted_temperature"], figures["fitted_clip_lo"], figures["fitted_clip_hi"])
+    assert figures["temperature"] > 1
     assert json.loads(smoke_cfg.paths.stage_metrics_file("calibrate").read_text()) == figures
-    for name in ("valid", "test"):
-        imgs, probs = read_predictions(tmp_path / f"data/predictions/calibrate/{name}.csv")
-        assert len(imgs) == (300 if name == "valid" else 200)
-        assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
-        assert probs.max() <= figures["clip_hi"] + 1e-5
+
+    split = held_out_rows(tmp_path, "cv")
+    path = tmp_path / CALIBRATED_OOF
+    assert path.read_text().splitlines()[0] == "id,fold," + ",".join(CLASSES)
+    ids, folds, oof = read_oof(path)
+    assert ids == split["id"].tolist() and folds.tolist() == split["fold"].tolist()  # split.csv order and folds
+    labels = label_index(split["label"])
+    assert np.allclose(oof.sum(axis=1), 1, atol=1e-5)
+    assert kaggle_logloss(oof, labels) == pytest.approx(figures["valid_logloss"], abs=1e-4)
+    curve = figures["curve"]
+    assert sum(b["n"] for b in curve) == 300
+    assert [b["n"] for b in curve] == [b["n"] for b in reliability_curve(oof, labels)]
+    test_ids, test = read_predictions(tmp_path / "data/predictions/calibrate/test.csv")
+    assert test_ids == [f"img_t{i}.jpg" for i in range(200)]
+    assert np.allclose(test.sum(axis=1), 1, atol=1e-5) and test.max() <= figures["clip_hi"] + 1e-5
+
+
+def test_cv_writes_each_folds_rows_calibrated_by_a_fit_on_the_other_folds(tmp_path):
+    """Three folds; the ensemble's rows in another order than split.csv (matched by id): fold k's rows
+    written are ``apply_calibration(rows, fit_calibration(the other folds' rows))``, not the in-sample fit."""
+    cfg = load_profile("smoke", ["split.n_folds=3"]).at(tmp_path)
+    write_inputs(tmp_path, n_folds=3)
+    source = tmp_path / ENSEMBLE_OOF
+    in_ids, probs = read_predictions(source)
+    pd.read_csv(source, dtype=str).iloc[::-1].to_csv(source, index=False)
+    figures = run(cfg)
+    assert figures["applied"] is True
+
+    split = held_out_rows(tmp_path, "cv")
+    assert in_ids == split["id"].tolist()
+    labels = label_index(split["label"])
+    ids, folds, written = read_oof(tmp_path / CALIBRATED_OOF)
+    assert ids == in_ids and sorted(set(folds.tolist())) == [0, 1, 2]
+    for fold in (0, 1, 2):
+        rows = folds == fold
+        expected = apply_calibration(probs[rows], fit_calibration(probs[~rows], labels[~rows]))
+        np.testing.assert_allclose(written[rows], expected, rtol=1e-5, atol=1e-7)
+    insample = apply_calibration(probs, fit_calibration(probs, labels))
+    assert not np.allclose(written, insample, rtol=1e-5, atol=1e-7)
+    assert kaggle_logloss(insample, labels) == pytest.approx(figures["valid_logloss_insample"], abs=1e-6)
+
+
+def test_holdout_calibrates_the_validation_split_nested_over_its_drivers(tmp_path):
+    cfg = holdout_cfg(tmp_path)
+    write_inputs(tmp_path, validation="holdout")
+    figures = run(cfg)
+    assert figures["validation"] == "holdout" and figures["applied"] is True
+    assert (figures["n_valid"], figures["n_valid_groups"], figures["n_test"]) == (300, 3, 200)
+    assert figures["valid_logloss"] == figures["valid_logloss_nested"] < figures["valid_logloss_before"]
+
+    valid = held_out_rows(tmp_path, "holdout")
+    labels = label_index(valid["label"])
+    _, probs = read_predictions(tmp_path / ENSEMBLE_OOF)
+    ids, folds, written = read_oof(tmp_path / CALIBRATED_OOF)
+    assert ids == valid["id"].tolist() and set(folds.tolist()) == {0}  # only validation rows, fold 0
+    over_drivers = group_folds(valid["group"].to_numpy(), cfg.calibrate.cross_fit_folds, cfg.calibrate.seed)
+    np.testing.assert_allclose(written, cross_fitted_probs(probs, labels, over_drivers), rtol=1e-5, atol=1e-7)
 
 
 def test_stage_switches_off(tmp_path):
@@ -168,36 +273,67 @@ def test_stage_switches_off(tmp_path):
     cfg = load_profile("smoke", {"calibrate.temperature": False, "calibrate.clip": False}).at(tmp_path)
     figures = run(cfg)
     assert (figures["temperature"], figures["clip_lo"], figures["clip_hi"]) == (1.0, 0.0, 1.0)
-    assert figures["valid_logloss"] == pytest.approx(figures["valid_logloss_before"])
-
-
-def test_stage_keeps_predictions_when_the_fit_does_not_transfer_across_drivers(smoke_cfg, tmp_path):
-    """One validation driver over-confident, the other under-confident: a temperature fitted on both
-    looks good in-sample, but fitted on one driver it hurts the other, so it is not applied."""
-    write_inputs(tmp_path, n_valid=200)
-    labels_a, over = model_outputs(100, sharpness=3.0, seed=2)
-    labels_b, under = model_outputs(100, sharpness=0.4, seed=3, accuracy=1.0)
-    valid_ids = [f"img_v{i}.jpg" for i in range(200)]
-    split = pd.read_csv(tmp_path / "data/split.csv")
-    split.loc[20:, "group"] = ["p001"] * 100 + ["p002"] * 100
-    split.loc[20:, "label"] = [f"c{c}" for c in np.concatenate([labels_a, labels_b])]
-    split.to_csv(tmp_path / "data/split.csv", index=False)
-    write_predictions(tmp_path / "data/predictions/ensemble/valid.csv", valid_ids, np.concatenate([over, under]),
-                      CLASSES)
-    figures = run(smoke_cfg)
-    assert figures["valid_logloss_crossfit"] > figures["valid_logloss_before"]
-    assert figures["applied"] is False
+    assert figures["fitted_temperature"] == 1.0 and figures["fitted_clip_hi"] == 1.0
+    assert figures["applied"] is False  # the identity never beats itself
     assert figures["valid_logloss"] == pytest.approx(figures["valid_logloss_before"])
     assert figures["test_logloss"] == pytest.approx(figures["test_logloss_before"])
 
 
-def test_stage_refuses_predictions_for_images_outside_validation(smoke_cfg, tmp_path):
-    write_inputs(tmp_path)
-    path = tmp_path / "data/predictions/ensemble/valid.csv"
+@pytest.mark.parametrize("validation", ["cv", "holdout"])
+def test_stage_keeps_predictions_when_the_fit_does_not_transfer_across_folds(tmp_path, validation):
+    """One fold (cv) or validation driver (holdout) over-confident, the other under-confident: a
+    temperature fitted on both looks good in-sample, but fitted on one it hurts the other, so the nested
+    estimate loses to no calibration and nothing is applied."""
+    cfg = holdout_cfg(tmp_path) if validation == "holdout" else load_profile("smoke").at(tmp_path)
+    write_inputs(tmp_path, n_valid=200, validation=validation)
+    labels_a, over = model_outputs(100, sharpness=3.0, seed=2)
+    labels_b, under = model_outputs(100, sharpness=0.4, seed=3, accuracy=1.0)
+    split_csv = tmp_path / "data/split.csv"
+    split = pd.read_csv(split_csv)
+    held = split.index[split["split"] == "valid"] if validation == "holdout" else split.index
+    split.loc[held, "group"] = ["p001"] * 100 + ["p002"] * 100
+    split.loc[held, "label"] = [f"c{c}" for c in np.concatenate([labels_a, labels_b])]
+    if validation == "cv":
+        split.loc[held, "fold"] = [0] * 100 + [1] * 100
+    split.to_csv(split_csv, index=False)
+    oof_folds = split.loc[held, "fold"] if validation == "cv" else np.zeros(200, dtype=int)
+    oof = np.concatenate([over, under])
+    write_predictions(tmp_path / ENSEMBLE_OOF, split.loc[held, "id"].tolist(), oof, CLASSES, folds=oof_folds)
+    figures = run(cfg)
+    assert figures["valid_logloss_insample"] < figures["valid_logloss_before"]  # the fit looks good in-sample
+    assert figures["valid_logloss_nested"] > figures["valid_logloss_before"]  # and hurts the fold it never saw
+    assert figures["applied"] is False
+    assert (figures["temperature"], figures["clip_lo"], figures["clip_hi"]) == (1.0, 0.0, 1.0)
+    assert figures["valid_logloss"] == pytest.approx(figures["valid_logloss_before"])
+    assert figures["test_logloss"] == pytest.approx(figures["test_logloss_before"])
+    _, written = read_predictions(tmp_path / CALIBRATED_OOF)
+    _, given = read_predictions(tmp_path / ENSEMBLE_OOF)
+    np.testing.assert_allclose(written, given, rtol=1e-5)  # the input rows, not the nested ones
+
+
+@pytest.mark.parametrize(("validation", "stranger"), [("cv", "img_t3.jpg"), ("holdout", "img_tr3.jpg")])
+def test_stage_refuses_rows_that_are_not_out_of_fold_rows_of_the_split(tmp_path, validation, stranger):
+    """cv: a test image (every labelled row is out of fold); holdout: a train image of the split."""
+    cfg = holdout_cfg(tmp_path) if validation == "holdout" else load_profile("smoke").at(tmp_path)
+    write_inputs(tmp_path, validation=validation)
+    path = tmp_path / ENSEMBLE_OOF
     df = pd.read_csv(path)
-    df.loc[4, "id"] = "img_tr3.jpg"  # a train image
+    df.loc[4, "id"] = stranger
     df.to_csv(path, index=False)
-    with pytest.raises(BadInputError, match=r"valid.csv, row 6: img_tr3.jpg is not a validation image"):
+    with pytest.raises(BadInputError, match=rf"oof.csv, row 6: {stranger} is not an out-of-fold row of the split") as info:
+        run(cfg)
+    assert info.value.file == path and info.value.row == 6
+
+
+def test_stage_refuses_oof_rows_missing_or_twice(smoke_cfg, tmp_path):
+    write_inputs(tmp_path)
+    path = tmp_path / ENSEMBLE_OOF
+    df = pd.read_csv(path)
+    df.drop(index=4).to_csv(path, index=False)
+    with pytest.raises(StageError, match=r"oof.csv: 1 row\(s\) missing \(e.g. 'img_v4.jpg'\): rerun the ensemble"):
+        run(smoke_cfg)
+    pd.concat([df, df.iloc[[7]]]).to_csv(path, index=False)  # img_v7.jpg at rows 9 and 302
+    with pytest.raises(BadInputError, match=r"oof.csv, row 302: id 'img_v7.jpg' appears twice \(first at row 9\)"):
         run(smoke_cfg)
 
 
@@ -207,19 +343,21 @@ def test_stage_refuses_unusable_probabilities(smoke_cfg, tmp_path):
     df = pd.read_csv(path)
     df.loc[2, "c5"] = np.nan
     df.to_csv(path, index=False)
-    with pytest.raises(BadInputError, match=r"test.csv, row 4: img_t2.jpg: c5 = nan"):
+    with pytest.raises(BadInputError, match=r"test.csv, row 4: img_t2.jpg: c5 = nan") as info:
         run(smoke_cfg)
+    assert info.value.file == path and info.value.row == 4
 
 
 @pytest.mark.parametrize("value", ["-0.1", "inf"])
 def test_stage_refuses_a_negative_or_infinite_probability_naming_its_column(smoke_cfg, tmp_path, value):
     write_inputs(tmp_path)
-    path = tmp_path / "data/predictions/ensemble/valid.csv"
+    path = tmp_path / ENSEMBLE_OOF
     df = pd.read_csv(path, dtype=str)
     df.loc[6, "c7"] = value
     df.to_csv(path, index=False)
-    with pytest.raises(BadInputError, match=rf"valid.csv, row 8: img_v6.jpg: c7 = {value}"):
+    with pytest.raises(BadInputError, match=rf"oof.csv, row 8: img_v6.jpg: c7 = {value}") as info:
         run(smoke_cfg)
+    assert info.value.file == path and info.value.row == 8
 
 
 def test_stage_refuses_predictions_whose_columns_are_not_the_competitions(smoke_cfg, tmp_path):
@@ -234,11 +372,11 @@ def test_stage_refuses_predictions_whose_columns_are_not_the_competitions(smoke_
 
 
 def test_stage_refuses_an_unknown_label_naming_its_row_in_split_csv(smoke_cfg, tmp_path):
-    """A validation label that is not a class is refused with split.csv's own row, not the prediction's."""
+    """An out-of-fold label that is not a class is refused with split.csv's own row, not the prediction's."""
     write_inputs(tmp_path)
     split_csv = tmp_path / "data/split.csv"
     split = pd.read_csv(split_csv)
-    split.loc[25, "label"] = "c10"  # img_v5.jpg: row 27 of split.csv, row 7 of valid.csv
+    split.loc[25, "label"] = "c10"  # img_v25.jpg: row 27 of split.csv
     split.to_csv(split_csv, index=False)
     with pytest.raises(BadInputError, match="label 'c10' is not a class") as info:
         run(smoke_cfg)
@@ -246,22 +384,31 @@ def test_stage_refuses_an_unknown_label_naming_its_row_in_split_csv(smoke_cfg, t
 
 
 def test_stage_calibrates_a_five_class_problem_without_groups(smoke_cfg, tmp_path):
-    """Any competition: string class names from competition.json, per-image validation groups and a clip
+    """Any competition: string class names from competition.json, every image its own group, and a clip
     bound of (1 - hi) / (K - 1)."""
     classes = ("cat", "dog", "fox", "owl", "yak")
     write_inputs(tmp_path, classes=classes, has_groups=False)
     figures = run(smoke_cfg)
-    assert figures["n_valid_groups"] == 300 and figures["valid_logloss_crossfit"] is not None
+    assert figures["n_valid_groups"] == 300 and figures["valid_logloss_nested"] is not None
+    assert figures["applied"] is True and figures["valid_logloss"] < figures["valid_logloss_before"]
     assert figures["clip_hi"] < 1 and figures["clip_lo"] == pytest.approx((1 - figures["clip_hi"]) / 4, abs=1e-6)
+    assert read_oof(tmp_path / CALIBRATED_OOF)[1].tolist() == [i % 2 for i in range(300)]
+    assert (tmp_path / CALIBRATED_OOF).read_text().splitlines()[0] == "id,fold," + ",".join(classes)
     path = tmp_path / "data/predictions/calibrate/test.csv"
     assert path.read_text().splitlines()[0] == "id," + ",".join(classes)
     _, probs = read_predictions(path)
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5) and probs.max() <= figures["clip_hi"] + 1e-5
 
 
-def test_stage_needs_ingest_and_the_ensemble(smoke_cfg, tmp_path):
-    with pytest.raises(StageError, match="competition.json not found: run the ingest stage first"):
+def test_stage_needs_ingest_split_and_the_ensemble(smoke_cfg, tmp_path):
+    write_inputs(tmp_path)
+    (tmp_path / ENSEMBLE_OOF).unlink()
+    with pytest.raises(StageError, match=r"ensemble/oof.csv not found: run the ensemble stage first"):
         run(smoke_cfg)
-    write_competition(tmp_path / "data/raw", Competition(CLASSES, "img", True, "subject", "folder", "synthetic"))
-    with pytest.raises(StageError, match="run the ensemble stage first"):
+    (tmp_path / "data/split.csv").unlink()
+    with pytest.raises(StageError, match="split.csv not found: run the split stage first"):
+        run(smoke_cfg)
+    for path in (tmp_path / "data/raw").iterdir():
+        path.unlink()
+    with pytest.raises(StageError, match="competition.json not found: run the ingest stage first"):
         run(smoke_cfg)

@@ -114,13 +114,30 @@ def test_params_yaml_has_every_param_section():
             assert param.split(".")[0] in params
 
 
-FOREACH = [name for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items() if "foreach" in spec]
+RAW_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# matrix items (member@<m>-<fold>) are what separate workers run (docs/deploy.md)
+FAN_OUT = [name for name, spec in RAW_STAGES.items() if "matrix" in spec]
+PER_FOLD = [name for name, spec in RAW_STAGES.items() if "foreach" in spec or "matrix" in spec]
 
 
-@pytest.mark.parametrize("stage", FOREACH)
+def test_model_stages_run_once_per_fold():
+    from pipeline.registry import PER_FOLD as registered
+
+    assert sorted(PER_FOLD) == sorted(registered)
+    for name in ("head", "finetune", "pseudo"):
+        assert RAW_STAGES[name]["foreach"] == "${split.fold_ids}"
+        assert "--fold ${item}" in RAW_STAGES[name]["do"]["cmd"]
+    assert RAW_STAGES["member"]["matrix"] == {"member": "${ensemble.members}", "fold": "${split.fold_ids}"}
+    # fold k's fine-tunes start from fold k's head, and its pseudo-labels come from fold k's fine-tune only
+    assert "${paths.models}/head/fold${item}/head.pt" in RAW_STAGES["finetune"]["do"]["deps"]
+    assert "${paths.predictions}/folds/finetune/${item}" in RAW_STAGES["pseudo"]["do"]["deps"]
+    assert not [d for d in RAW_STAGES["pseudo"]["do"]["deps"] if "finetune" in d and "${item}" not in d]
+
+
+@pytest.mark.parametrize("stage", FAN_OUT)
 def test_fan_out_stages_can_be_restored_from_the_run_cache(stage):
-    """foreach items (member@<m>) are what separate workers run (docs/deploy.md); another checkout
-    restores them from DVC's run cache, which skips a stage with any persistent or uncached output."""
+    """Another checkout restores the fanned-out stages from DVC's run cache, which skips a stage with
+    any persistent or uncached output."""
     for out in DVC[stage].get("outs", []) + DVC[stage].get("metrics", []):
         options = next(iter(out.values())) if isinstance(out, dict) else {}
         assert not options.get("persist", False), f"{stage}: {out} is persistent"
@@ -154,10 +171,10 @@ def test_dvc_itself_tracks_a_moved_artifact(tmp_path):
         assert "elsewhere/raw" in {str(out.def_path) for out in ingest.outs}
 
 
-@pytest.mark.parametrize("stage", [s for s in DVC if s not in FOREACH])
+@pytest.mark.parametrize("stage", [s for s in DVC if s not in FAN_OUT])
 def test_outputs_survive_a_failed_run(stage):
     """DVC deletes non-persistent outputs before running a stage, so a failure would lose the last good
-    ones; stages write atomically instead, so every non-foreach output is persistent."""
+    ones; stages write atomically instead, so every output but the fanned-out ones is persistent."""
     for out in DVC[stage].get("outs", []) + DVC[stage].get("metrics", []):
         options = next(iter(out.values())) if isinstance(out, dict) else {}
         assert options.get("persist", False), f"{stage}: {out} is not persistent"

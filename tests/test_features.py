@@ -43,7 +43,9 @@ def draw_frame(classname: str, driver: int, frame: int, size: tuple[int, int], r
 def write_tiny_dataset(cfg: Config, n_drivers: int = 6, n_valid_drivers: int = 2, per_class: int = 2,
                        n_test_drivers: int = 2, size: tuple[int, int] = (64, 48), seed: int = 0) -> dict[str, pd.DataFrame]:
     """Kaggle layout + train_index.csv/test_index.csv in data/raw, data/split.csv and hidden test
-    labels, exactly as the ingest and split stages leave them (the input contract)."""
+    labels, exactly as the ingest and split stages leave them (the input contract): in holdout mode
+    the last ``n_valid_drivers`` drivers are the validation split, in cv mode nothing is; folds are
+    driver number mod 2 either way."""
     raw, hidden = cfg.paths.path("raw"), cfg.paths.path("hidden")
     rng = np.random.default_rng(seed)
     train_rows, test_rows, n = [], [], 0
@@ -63,7 +65,8 @@ def write_tiny_dataset(cfg: Config, n_drivers: int = 6, n_valid_drivers: int = 2
     write_competition(raw, Competition(CLASSES, "id", True, "subject", "folder", "synthetic"))
     valid_subjects = sorted(train["group"].unique())[-n_valid_drivers:]
     split = train[["id", "label", "group"]].copy()
-    split["split"] = np.where(split["group"].isin(valid_subjects), "valid", "train")
+    holdout = cfg.split.validation == "holdout"
+    split["split"] = np.where(split["group"].isin(valid_subjects) & holdout, "valid", "train")
     split["fold"] = split["group"].str[1:].astype(int) % 2
     atomic_write_csv(cfg.paths.path("split_csv"), split)
     hidden.mkdir(parents=True, exist_ok=True)

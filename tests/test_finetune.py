@@ -50,6 +50,7 @@ TINY = {
     "ingest.synthetic.train_per_driver": [10, 10],
     "ingest.synthetic.n_test": 16,
     "finetune.batch_size": 8,
+    "split.validation": "holdout",  # one fold model watching a validation split; cv mode: its own test
 }
 
 
@@ -69,9 +70,11 @@ def write_head(cfg: Config) -> Path:
             module.running_mean.normal_()
             module.running_var.uniform_(0.5, 2.0)
     features_meta = build_meta(cfg, data_cfg, conv_base.channels, conv_base.out_features, {}, CLASSES)
-    path = cfg.paths.path("models") / "head" / HEAD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_head(path, head, head_meta(cfg, features_meta, conv_base.out_features))
+    for fold in (0, 1):  # fold 0: the holdout fold model; 1 too for the cv test
+        path = cfg.paths.fold_models("head", fold) / HEAD_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_head(path, head, head_meta(cfg, features_meta, conv_base.out_features))
+    return cfg.paths.fold_models("head", 0) / HEAD_FILE
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +116,7 @@ class KillAfterSteps(Callback):
 
 def test_finetune_network_starts_as_the_head_stage_classifier(prepared, tmp_path):
     cfg = tiny_cfg(link_inputs(prepared, tmp_path))
-    head_path = cfg.paths.path("models") / "head" / HEAD_FILE
+    head_path = cfg.paths.fold_models("head", 0) / HEAD_FILE
     network, data_cfg, meta = build_network(cfg, head_path)
     module = ClassifierModule(network, TrainSettings.from_section(cfg.finetune)).eval()
 
@@ -130,7 +133,7 @@ def test_finetune_network_starts_as_the_head_stage_classifier(prepared, tmp_path
 
 def test_staged_unfreezing_and_layerwise_learning_rates(prepared, tmp_path):
     cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"finetune.unfreeze_blocks": 2, "finetune.unfreeze_every": 2})
-    network, _, _ = build_network(cfg, cfg.paths.path("models") / "head" / HEAD_FILE)
+    network, _, _ = build_network(cfg, cfg.paths.fold_models("head", 0) / HEAD_FILE)
     blocks = backbone_blocks(network.conv_base)
     convs = [sum(isinstance(layer, torch.nn.Conv2d) for layer in b) for b in blocks]
     assert convs == [2, 2, 3, 3, 3]  # VGG-16's 5 conv blocks (timm feature_info stages)
@@ -169,17 +172,17 @@ def test_several_processes_get_ddp_that_tolerates_frozen_blocks(strategy, device
 
 def test_finetune_writes_predictions_checkpoints_and_figures(prepared, tmp_path):
     cfg = tiny_cfg(link_inputs(prepared, tmp_path))
-    figures = finetune.run(cfg)
-    assert read_json(cfg.paths.stage_metrics_file("finetune")) == figures
+    figures = finetune.run(cfg, fold=0)
+    assert read_json(cfg.paths.stage_metrics_file("finetune@0")) == figures
     assert {"valid_logloss", "valid_acc", "test_logloss", "test_acc", "global_step"} <= set(figures)
 
     split_df = pd.read_csv(cfg.paths.path("split_csv"))
-    valid_imgs, valid_probs = read_predictions(cfg.paths.path("predictions") / "finetune" / "valid.csv")
+    valid_imgs, valid_probs = read_predictions(cfg.paths.fold_predictions("finetune", 0) / "oof.csv")
     assert valid_imgs == split_df.loc[split_df["split"] == "valid", "id"].tolist()
-    test_imgs, test_probs = read_predictions(cfg.paths.path("predictions") / "finetune" / "test.csv")
+    test_imgs, test_probs = read_predictions(cfg.paths.fold_predictions("finetune", 0) / "test.csv")
     assert len(test_imgs) == 16 and np.allclose(test_probs.sum(1), 1, atol=1e-4)
 
-    out = cfg.paths.path("models") / "finetune"
+    out = cfg.paths.fold_models("finetune", 0)
     for name in ("best.ckpt", "last.ckpt", "model.pt", "run.json", "logs/metrics.csv"):
         assert (out / name).exists(), name
     assert any((out / "tb").iterdir())  # TensorBoard events
@@ -188,20 +191,34 @@ def test_finetune_writes_predictions_checkpoints_and_figures(prepared, tmp_path)
     assert log["train/lr"].dropna().iloc[0] == pytest.approx(cfg.finetune.first_epoch_lr)
 
 
+def test_cv_fold_model_trains_on_the_other_folds_and_never_validates_on_its_own(prepared, tmp_path):
+    cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"split.validation": "cv", "finetune.max_epochs": 2,
+                                                          "finetune.patience": 1})
+    figures = finetune.run(cfg, fold=1)
+    split_df = pd.read_csv(cfg.paths.path("split_csv"))
+    in_fold = split_df["fold"] == 1
+    assert figures["n_train_images"] == int((~in_fold).sum()) and figures["epochs"] == 2
+    ids, _ = read_predictions(cfg.paths.fold_predictions("finetune", 1) / "oof.csv")
+    assert ids == split_df.loc[in_fold, "id"].tolist()
+    out = cfg.paths.fold_models("finetune", 1)
+    assert not (out / "best.ckpt").exists() and (out / "last.ckpt").exists()
+    assert not any(c.startswith("valid/") for c in pd.read_csv(out / "logs" / "metrics.csv").columns)
+
+
 def test_killed_finetune_resumes_to_the_same_step_count(prepared, tmp_path):
     overrides = {"finetune.max_epochs": 2, "finetune.patience": 5}
     steps_per_epoch = -(-30 // 8)  # 30 train images in batches of 8
-    uninterrupted = finetune.run(tiny_cfg(link_inputs(prepared, tmp_path / "a"), **overrides))
+    uninterrupted = finetune.run(tiny_cfg(link_inputs(prepared, tmp_path / "a"), **overrides), fold=0)
     assert uninterrupted["global_step"] == 2 * steps_per_epoch
 
     cfg = tiny_cfg(link_inputs(prepared, tmp_path / "b"), **overrides)
     with pytest.raises(SimulatedKill):
-        finetune.run(cfg, callbacks=[KillAfterSteps(steps_per_epoch + 2)])  # mid-way through epoch 1
-    out = cfg.paths.path("models") / "finetune"
+        finetune.run(cfg, fold=0, callbacks=[KillAfterSteps(steps_per_epoch + 2)])  # mid-way through epoch 1
+    out = cfg.paths.fold_models("finetune", 0)
     assert (out / "last.ckpt").exists() and not (out / "model.pt").exists()
     assert read_json(out / "run.json")["status"] == "running"
 
-    resumed = finetune.run(cfg)
+    resumed = finetune.run(cfg, fold=0)
     assert resumed["resumed"] is True
     assert resumed["global_step"] == uninterrupted["global_step"]
     # Per-epoch reseeding and per-image augmentation seeds make the resumed epoch repeat exactly.
@@ -216,7 +233,7 @@ from pipeline.stages import finetune
 if __name__ == "__main__":
     overrides = json.loads(sys.argv[2])
     cfg = load_profile("smoke", overrides).at(sys.argv[1])
-    figures = finetune.run(cfg)
+    figures = finetune.run(cfg, fold=0)
     if figures:  # rank 0 only
         print("FIGURES " + json.dumps(figures))
 """
@@ -237,7 +254,7 @@ def test_two_process_cpu_ddp_trains(prepared, tmp_path):
     figures = json.loads(proc.stdout.split("FIGURES ", 1)[1].splitlines()[0])
     assert figures["world_size"] == 2
     assert figures["global_step"] == 2  # ceil(30 / 8) = 4 batches shared by 2 ranks
-    test_imgs, test_probs = read_predictions(root / "data" / "predictions" / "finetune" / "test.csv")
+    test_imgs, test_probs = read_predictions(root / "data" / "predictions" / "folds" / "finetune" / "0" / "test.csv")
     assert len(test_imgs) == 16 and np.allclose(test_probs.sum(1), 1, atol=1e-4)
 
 
@@ -269,9 +286,9 @@ def test_a_non_vgg_timm_backbone_runs_features_head_and_finetune(prepared, tmp_p
                             "finetune.unfreeze_blocks": 2, "finetune.max_epochs": 2, "finetune.unfreeze_every": 1})
     cached = features.run(cfg)
     assert cached["feature_dim"] == 512 * cfg.features.grid ** 2
-    fitted_head = head.run(cfg)
-    tuned = finetune.run(cfg)
+    fitted_head = head.run(cfg, fold=0)
+    tuned = finetune.run(cfg, fold=0)
     for figures in (fitted_head, tuned):
         assert np.isfinite(figures["valid_logloss"]) and figures["valid_logloss"] < 5
-    log = pd.read_csv(cfg.paths.path("models") / "finetune" / "logs" / "metrics.csv")
+    log = pd.read_csv(cfg.paths.fold_models("finetune", 0) / "logs" / "metrics.csv")
     assert log["train/trainable_blocks"].dropna().tolist() == [2.0, 3.0]  # staged unfreezing over timm stages

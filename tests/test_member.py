@@ -5,21 +5,28 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import AugmentConfig
-from pipeline.stages.member import images_outside_fold, member_seed, tta_predictions
+from pipeline.stages.member import bagged_fold, kept_train_ids, member_seed, tta_predictions
 from pipeline.tables import ImageTable
 
 
-def folds_frame() -> pd.DataFrame:
-    return pd.DataFrame({"id": [f"i{k}.jpg" for k in range(6)], "group": ["a", "a", "b", "b", "c", "c"],
-                         "fold": [0, 0, 1, 1, 0, 0]})
+def write_split(cfg, folds: list[int], splits: list[str]) -> list[str]:
+    ids = [f"i{k}.jpg" for k in range(len(folds))]
+    path = cfg.paths.path("split_csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"id": ids, "label": "c0", "group": [f"g{f}" for f in folds], "split": splits,
+                  "fold": folds}).to_csv(path, index=False)
+    return ids
 
 
-def test_a_member_leaves_out_its_fold_or_nothing():
-    folds = folds_frame()
-    assert images_outside_fold(folds, 0) == {"i2.jpg", "i3.jpg"}
-    assert images_outside_fold(folds, None) == set(folds["id"])
-    assert images_outside_fold(folds[folds["fold"] == 0], 0) == {"i0.jpg", "i1.jpg", "i4.jpg", "i5.jpg"}  # never empty
+def test_holdout_members_bag_over_folds_and_cv_members_keep_every_train_row(smoke_cfg):
+    ids = write_split(smoke_cfg, [0, 0, 1, 1, 0, 0], ["train"] * 4 + ["valid"] * 2)
+    train = ids[:4]
+    assert bagged_fold(smoke_cfg, 0) is None  # cv: a fold model's train rows are already every other fold
+    assert kept_train_ids(smoke_cfg, train, 0) == set(train)
+    holdout = smoke_cfg.model_copy(update={"split": smoke_cfg.split.model_copy(update={"validation": "holdout"})})
+    assert [bagged_fold(holdout, m) for m in (0, 1, 2)] == [0, 1, 0]
+    assert kept_train_ids(holdout, train, 0) == {"i2.jpg", "i3.jpg"}
+    assert kept_train_ids(holdout, ["i0.jpg", "i1.jpg"], 0) == {"i0.jpg", "i1.jpg"}  # never empty
 
 
 def test_member_seeds_follow_the_model_they_copy(smoke_cfg):
@@ -54,12 +61,14 @@ def confident(labels: np.ndarray, p: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("augmented_p, kept", [(0.9, True), (0.05, False)])
-def test_tta_is_kept_only_when_it_lowers_validation_log_loss(augmented_p, kept):
+def test_holdout_keeps_tta_only_when_it_lowers_validation_log_loss(smoke_cfg, augmented_p, kept):
+    cfg = smoke_cfg.model_copy(update={"split": smoke_cfg.split.model_copy(update={"validation": "holdout"}),
+                                       "ensemble": smoke_cfg.ensemble.model_copy(update={"tta": 1})})
     t = tables()
     labels = t["valid"].labels
     fake = FixedPasses({"v0": [confident(labels, 0.5), confident(labels, augmented_p)],
                         "t0": [confident(labels, 0.4), confident(labels, 0.8)]})
-    valid, test, figures = tta_predictions(fake, t, 1, AugmentConfig(), seed=0)
+    valid, test, figures = tta_predictions(cfg, fake, t)
     assert figures["tta_used"] is kept
     plain_valid, plain_test = confident(labels, 0.5), confident(labels, 0.4)
     if kept:
@@ -68,3 +77,15 @@ def test_tta_is_kept_only_when_it_lowers_validation_log_loss(augmented_p, kept):
     else:
         assert np.allclose(valid, plain_valid) and np.allclose(test, plain_test)
         assert ("t0", 1) not in fake.calls  # test images are augmented only when TTA is kept
+
+
+def test_cv_keeps_tta_whatever_the_fold_rows_say(smoke_cfg):
+    """A fold's own rows must not decide anything about their model: TTA is configured, not chosen."""
+    cfg = smoke_cfg.model_copy(update={"ensemble": smoke_cfg.ensemble.model_copy(update={"tta": 1})})
+    t = tables()
+    labels = t["valid"].labels
+    fake = FixedPasses({"v0": [confident(labels, 0.5), confident(labels, 0.05)],
+                        "t0": [confident(labels, 0.4), confident(labels, 0.8)]})
+    valid, _, figures = tta_predictions(cfg, fake, t)
+    assert figures["tta_used"] is True and figures["valid_logloss_tta"] > figures["valid_logloss_plain"]
+    assert np.allclose(valid, (confident(labels, 0.5) + confident(labels, 0.05)) / 2)

@@ -150,26 +150,35 @@ def test_distillation_targets_and_loss():
 
 
 def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # noqa: F811
-    cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"pseudo.iterations": 2, "pseudo.fraction": 0.25})
+    """cv mode: fold k's student learns from the test pseudo-labels of finetune@k, a model that never
+    saw fold k, and never from another fold's model; the pseudo set holds test images only."""
+    cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"pseudo.iterations": 2, "pseudo.fraction": 0.25,
+                                                          "split.validation": "cv"})
     with pytest.raises(StageError, match="run the finetune stage first"):
-        pseudo.run(cfg)
-    finetune.run(cfg)
-    figures = pseudo.run(cfg)
-    assert read_json(cfg.paths.stage_metrics_file("pseudo")) == figures
+        pseudo.run(cfg, fold=1)
+    tuned = finetune.run(cfg)
+    figures = pseudo.run(cfg, fold=1)
+    assert read_json(cfg.paths.stage_metrics_file("pseudo@1")) == figures
     assert figures["pseudo_per_batch"] == 2 and set(figures["iterations"]) == {"iteration_1", "iteration_2"}
 
     split_df = pd.read_csv(cfg.paths.path("split_csv"))
-    valid_imgs = set(split_df.loc[split_df["split"] == "valid", "id"])
+    fold_imgs = set(split_df.loc[split_df["fold"] == 1, "id"])
+    assert tuned["finetune@1"]["n_train_images"] == len(split_df) - len(fold_imgs)  # the teacher never saw fold 1
     test_imgs = pd.read_csv(cfg.paths.path("raw") / "test_index.csv")["id"].tolist()
-    out = cfg.paths.path("models") / "pseudo"
+    out = cfg.paths.fold_models("pseudo", 1)
     for iteration in (1, 2):
         labelled_imgs, targets = read_predictions(out / f"iteration_{iteration}" / "pseudo_labels.csv")
-        assert labelled_imgs == test_imgs and not set(labelled_imgs) & valid_imgs
+        assert labelled_imgs == test_imgs and not set(labelled_imgs) & set(split_df["id"])
         assert np.allclose(targets.sum(1), 1, atol=1e-4)
-    # iteration 1 learns from the fine-tuned model's test predictions (soft labels)
-    _, teacher = read_predictions(cfg.paths.path("predictions") / "finetune" / "test.csv")
-    np.testing.assert_allclose(read_predictions(out / "iteration_1" / "pseudo_labels.csv")[1], teacher, atol=1e-5)
+    # iteration 1 learns from fold 1's fine-tuned model's test predictions (soft labels), not fold 0's
+    _, teacher = read_predictions(cfg.paths.fold_predictions("finetune", 1) / "test.csv")
+    _, other = read_predictions(cfg.paths.fold_predictions("finetune", 0) / "test.csv")
+    used = read_predictions(out / "iteration_1" / "pseudo_labels.csv")[1]
+    np.testing.assert_allclose(used, teacher, atol=1e-5)
+    assert np.abs(used - other).max() > 1e-3
     assert (out / "model.pt").exists()
-    for name in ("valid", "test"):
-        imgs, probs = read_predictions(cfg.paths.path("predictions") / "pseudo" / f"{name}.csv")
-        assert len(imgs) == (len(valid_imgs) if name == "valid" else len(test_imgs))
+    assert not any(c.startswith("valid/") for c in pd.read_csv(out / "iteration_1" / "logs" / "metrics.csv").columns)
+    imgs, _ = read_predictions(cfg.paths.fold_predictions("pseudo", 1) / "oof.csv")
+    assert set(imgs) == fold_imgs
+    imgs, probs = read_predictions(cfg.paths.fold_predictions("pseudo", 1) / "test.csv")
+    assert imgs == test_imgs and np.allclose(probs.sum(1), 1, atol=1e-4)

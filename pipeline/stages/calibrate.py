@@ -169,10 +169,11 @@ def read_checked_predictions(path: Path, classes: list[str]) -> tuple[list[str],
 
 def aligned_rows(path: Path, ids: list[str], probs: np.ndarray, wanted: list[str]) -> np.ndarray:
     """``probs`` (rows of ``path`` in ``ids`` order) reordered to ``wanted``; every wanted id exactly once."""
-    position = {image_id: i for i, image_id in enumerate(ids)}
-    if len(position) != len(ids):
-        dup = next(i for i, image_id in enumerate(ids) if position[image_id] != i)
-        raise BadInputError(path, f"id {ids[dup]!r} appears twice", row=dup + 2)
+    position: dict[str, int] = {}
+    for i, image_id in enumerate(ids):
+        if image_id in position:  # name the repeat, where the file goes wrong
+            raise BadInputError(path, f"id {image_id!r} appears twice (first at row {position[image_id] + 2})", row=i + 2)
+        position[image_id] = i
     unknown = [i for i, image_id in enumerate(ids) if image_id not in set(wanted)]
     if unknown:
         raise BadInputError(path, f"{ids[unknown[0]]} is not an out-of-fold row of the split", row=unknown[0] + 2)

@@ -2,8 +2,8 @@
 trying augmentations) before paying for a full run.
 
 The course convention is ~1,500 train and 1,000 valid images; both are capped by what the split
-holds. Train images come only from train drivers and valid images only from valid drivers, so the
-sample keeps drivers apart exactly as the full split does. Images are hard-linked (copied across
+holds. Train images come only from train drivers and valid images only from valid drivers (in cv
+mode: fold 0's drivers), so the sample keeps drivers apart exactly as the full split does. Images are hard-linked (copied across
 filesystems) into ``data/sample/{train,valid}/<class>/``, the Keras-style folder layout the course used,
 next to ``data/sample/split.csv`` (the split's rows plus each image's path in the mirror).
 """
@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.competition import TRAIN_INDEX
@@ -35,7 +36,15 @@ def draw(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return shuffled.loc[share.sort_values(kind="stable").index[:n]]
 
 
+def with_valid_split(split: pd.DataFrame) -> pd.DataFrame:
+    """cv mode holds nothing out for good: the sample's valid part is then drawn from fold 0's groups."""
+    if (split["split"] == "valid").any():
+        return split
+    return split.assign(split=np.where(pd.to_numeric(split["fold"]) == 0, "valid", "train"))
+
+
 def make_sample(split: pd.DataFrame, n_train: int, n_valid: int, seed: int) -> pd.DataFrame:
+    split = with_valid_split(split)
     parts = [draw(split[split["split"] == "train"], n_train, seed), draw(split[split["split"] == "valid"], n_valid, seed)]
     return pd.concat(parts).sort_values(["split", "id"]).reset_index(drop=True)
 
