@@ -1,17 +1,22 @@
-"""Does the ensemble beat the best single model beyond one lucky seed? The chain from `head` to
-`calibrate` for several seeds (head, finetune, pseudo and so member seeds; the data, split and
-feature cache are shared), side by side: hidden-test log loss of each single model, of the single
-model validation would pick, of the ensemble before and after test-neighbour smoothing, and of the
-calibrated output. Needs hidden labels, i.e. the synthetic data.
+"""Can the validation number be trusted, and does the ensemble beat the best single model beyond one
+lucky seed? For several seeds (split, head, finetune, pseudo and so member seeds; the data, pretrained
+backbone and feature cache are shared), the chain from ``split`` to ``calibrate`` runs in ``cv`` mode
+and in ``holdout`` mode, side by side. Per seed: each model's validation (CV) and hidden-test log
+loss, the ensemble's and the calibrated submission's, how far the submission's estimate is from its
+hidden-test log loss in each mode, and the single model validation would pick. Needs hidden labels,
+i.e. the synthetic data.
 
-    python benchmarks/ensemble_seeds.py [--profile demo] [--seeds 0 1 2] [--set KEY=VALUE ...] [--workdir DIR]
+    python benchmarks/ensemble_seeds.py [--profile demo] [--seeds 0 1 2] [--modes cv holdout] [--set KEY=VALUE ...]
+                                        [--workdir DIR] [--out results.json]
 
-The demo takes about a minute per seed on 2 CPU cores, plus about a minute for the shared stages.
+The demo takes about 4 minutes per seed in cv mode (3 folds) and 1.5 in holdout on 2 CPU cores, plus
+about 2 minutes for the shared stages.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,22 +26,21 @@ from pipeline.config import Config, load_profile
 from pipeline.registry import stage_module
 
 SHARED = ("ingest", "split", "pretrain", "features")
-PER_SEED = ("head", "finetune", "pseudo", "member", "ensemble", "calibrate")
-SINGLES = ("head", "finetune", "pseudo")
-SHARED_PATHS = ("raw", "hidden", "split_csv", "features")
+PER_SEED = ("split", "head", "finetune", "pseudo", "member", "oof", "ensemble", "calibrate")
+SHARED_PATHS = ("raw", "hidden", "features")
+RELATIVE_ERROR_GOAL = 0.15
+CALIBRATION_TOLERANCE = 0.001
 
 
 def run_stages(cfg: Config, names: tuple[str, ...]) -> dict[str, Any]:
-    """Run the stages in order; their figures by stage (``member`` gives ``member@<m>`` figures)."""
-    out: dict[str, Any] = {}
-    for name in names:
-        figures = stage_module(name).run(cfg)
-        out.update(figures if name == "member" else {name: figures})
-    return out
+    """Run the stages in order; their figures by stage (per-fold stages: by item)."""
+    return {name: stage_module(name).run(cfg) for name in names}
 
 
 def link_shared(shared: Config, cfg: Config) -> None:
-    """``cfg``'s project reads the shared data, split, feature cache and pretrained backbone."""
+    """``cfg``'s project reads the shared data, feature cache and pretrained backbone. The cv cache
+    (every labelled image with its augmented copies) serves holdout runs too: a fold model looks its
+    rows up by id."""
     pairs = [(shared.paths.path(p), cfg.paths.path(p)) for p in SHARED_PATHS]
     pairs.append((shared.paths.path("models") / "pretrain", cfg.paths.path("models") / "pretrain"))
     for source, target in pairs:
@@ -44,54 +48,86 @@ def link_shared(shared: Config, cfg: Config) -> None:
         target.symlink_to(source.resolve())
 
 
-def seed_row(seed: int, figures: dict[str, Any]) -> dict[str, Any]:
-    singles = {s: figures[s]["test_logloss"] for s in SINGLES}
-    picked = min(SINGLES, key=lambda s: figures[s]["valid_logloss"])
-    ensemble = figures["ensemble"]
-    best = min(singles.values())
+def mode_row(figures: dict[str, Any]) -> dict[str, Any]:
+    """One mode's figures for one seed: per model (validation, test), then ensemble and submission."""
+    models = figures["oof"]["models"]
+    ensemble, calibrate = figures["ensemble"], figures["calibrate"]
+    picked = min(models, key=lambda m: models[m]["valid_logloss"])
+    best_test = min(m["test_logloss"] for m in models.values())
+    estimate, hidden = calibrate["valid_logloss"], calibrate["test_logloss"]
     return {
-        "seed": seed, **singles, "best single": best, "valid-picked single": singles[picked],
-        "ensemble, unsmoothed": ensemble.get("smoothing_test_logloss_before", ensemble["test_logloss"]),
-        "ensemble": ensemble["test_logloss"], "smoothing k": ensemble["smoothing_k"] if ensemble["smoothing_applied"] else 0,
-        "calibrate": figures["calibrate"]["test_logloss"],
-        "ensemble < best single": ensemble["test_logloss"] < best,
-        "calibrate <= ensemble": figures["calibrate"]["test_logloss"] <= ensemble["test_logloss"] + 1e-9,
+        "models": {m: [f["valid_logloss"], f["test_logloss"]] for m, f in models.items()},
+        "ensemble": [ensemble["valid_logloss"], ensemble["test_logloss"]],
+        "submission": [estimate, hidden],
+        "relative_error": abs(estimate - hidden) / hidden,
+        "best_single_test": best_test,
+        "picked_single": picked,
+        "picked_single_test": models[picked]["test_logloss"],
+        "ensemble_beats_best_single": ensemble["test_logloss"] < best_test,
+        "ensemble_beats_picked_single": ensemble["test_logloss"] < models[picked]["test_logloss"],
+        "calibration_ok": calibrate["test_logloss"] <= ensemble["test_logloss"] + CALIBRATION_TOLERANCE,
+        "weights": ensemble["weights"],
+        "smoothing_k": ensemble["smoothing_k"],
+        "calibration_applied": calibrate["applied"],
     }
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    for key in ("ensemble < best single", "calibrate <= ensemble"):
-        print(f"{key}: {sum(r[key] for r in rows)} of {len(rows)} seeds")
+def print_tables(results: dict[int, dict[str, dict[str, Any]]], modes: list[str]) -> None:
+    print("| seed | mode | " + " | ".join(f"{m} (val / test)" for m in next(iter(results.values()))[modes[0]]["models"])
+          + " | ensemble (val / test) | submission estimate / hidden test | error |\n|"
+          + " --- |" * (len(next(iter(results.values()))[modes[0]]["models"]) + 5))
+    for seed, by_mode in results.items():
+        for mode in modes:
+            row = by_mode[mode]
+            pairs = [*row["models"].values(), row["ensemble"], row["submission"]]
+            cells = [f"{v:.4f} / {t:.4f}" for v, t in pairs]
+            print(f"| {seed} | {mode} | " + " | ".join(cells) + f" | {row['relative_error']:.1%} |")
+    n = len(results)
+    print()
+    for mode in modes:
+        rows = [r[mode] for r in results.values()]
+        print(f"{mode}: estimate within {RELATIVE_ERROR_GOAL:.0%} of hidden test on "
+              f"{sum(r['relative_error'] <= RELATIVE_ERROR_GOAL for r in rows)} of {n} seeds; ensemble beats the best "
+              f"single model on hidden test on {sum(r['ensemble_beats_best_single'] for r in rows)} of {n}, the single "
+              f"model validation picks on {sum(r['ensemble_beats_picked_single'] for r in rows)} of {n}; calibration "
+              f"no worse than the ensemble (+{CALIBRATION_TOLERANCE}) on {sum(r['calibration_ok'] for r in rows)} of {n}")
+    if {"cv", "holdout"} <= set(modes):
+        closer = sum(r["cv"]["relative_error"] < r["holdout"]["relative_error"] for r in results.values())
+        print(f"cv estimate closer to hidden test than holdout's on {closer} of {n} seeds")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", default=["cv", "holdout"], choices=["cv", "holdout"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None, help="also write every figure as JSON here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         start = time.perf_counter()
-        shared = load_profile(args.profile, args.overrides).at(work / "shared")
+        shared = load_profile(args.profile, [*args.overrides, "split.validation=cv"]).at(work / "shared")
         run_stages(shared, SHARED)
         print(f"shared stages: {time.perf_counter() - start:.0f} s", flush=True)
-        rows = []
+        results: dict[int, dict[str, dict[str, Any]]] = {}
         for seed in args.seeds:
-            seeded = [f"{section}.seed={seed}" for section in ("head", "finetune", "pseudo")]
-            cfg = load_profile(args.profile, [*args.overrides, *seeded]).at(work / f"seed{seed}")
-            link_shared(shared, cfg)
-            tick = time.perf_counter()
-            rows.append(seed_row(seed, run_stages(cfg, PER_SEED)))
-            print(f"seed {seed}: {time.perf_counter() - tick:.0f} s", flush=True)
-        print(f"\nhidden-test log loss, profile {args.profile} {' '.join(args.overrides)}")
-        print_table(rows)
+            results[seed] = {}
+            for mode in args.modes:
+                seeded = [f"{section}.seed={seed}" for section in ("split", "head", "finetune", "pseudo")]
+                cfg = load_profile(args.profile, [*args.overrides, *seeded, f"split.validation={mode}"]).at(work / f"{mode}{seed}")
+                link_shared(shared, cfg)
+                tick = time.perf_counter()
+                results[seed][mode] = mode_row(run_stages(cfg, PER_SEED))
+                row = results[seed][mode]
+                print(f"seed {seed} {mode}: {time.perf_counter() - tick:.0f} s; submission estimate "
+                      f"{row['submission'][0]:.4f}, hidden test {row['submission'][1]:.4f}", flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=1))
+        print(f"\nvalidation / hidden-test log loss, profile {args.profile} {' '.join(args.overrides)}")
+        print_tables(results, args.modes)
 
 
 if __name__ == "__main__":

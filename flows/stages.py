@@ -4,7 +4,7 @@ run with ``pull=true`` elsewhere then restores those stages from the remote's ru
 re-running them (DVC's `dvc repro --pull`).
 
 Deployed as `statefarm-stages/stages` (prefect.yaml):
-`prefect deployment run 'statefarm-stages/stages' --param targets='["member@1"]'`.
+`prefect deployment run 'statefarm-stages/stages' --param targets='["member@1-0"]'`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def stages_flow(targets: list[str], pull: bool = True, push: bool = True, root: 
     """`dvc repro <target> --single-item` for each target, in the given order, then dvc push.
 
     Args:
-        targets: dvc.yaml stage names, e.g. ["member@0"] (a foreach member) or ["ingest", "split"]
+        targets: dvc.yaml stage names, e.g. ["member@0-1"] (member 0 on fold 1) or ["ingest", "split"]
         pull: first restore what other workers already pushed (deps and run cache) from the DVC remote
         push: push outputs and run cache to the DVC remote afterwards
         root: the project checkout (the deployment's working directory)

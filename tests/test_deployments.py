@@ -270,7 +270,7 @@ def test_failures_name_the_stage_or_the_key(stack, tmp_path):
     with stack.settings():
         try:
             # Accepted by the schema, refused by the split stage: the run fails naming the stage and why.
-            state = pipeline_flow(profile="smoke", overrides={"split.valid_groups": 100}, push=False,
+            state = pipeline_flow(profile="smoke", overrides={"split.n_folds": 100}, push=False,
                                   root=str(repo), return_state=True)
             # Not in the schema: fails before any stage runs (or waits for the DVC slot), naming the key.
             with pytest.raises(ConfigError, match=r"(?s)configure: .*head\.no_such_key: unknown key"):
@@ -279,13 +279,13 @@ def test_failures_name_the_stage_or_the_key(stack, tmp_path):
             APILogHandler().flush()  # send this process's run logs while the server is still up
     assert state.is_failed()
     assert "stage 'split' failed" in state.message
-    assert re.search(r"error: split\.valid_groups.*groups", state.message), state.message
+    assert re.search(r"error: split\.n_folds=100 needs at least that many groups", state.message), state.message
     assert not (repo / "data/split.csv").exists()
 
 
 def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_path):
-    """Scale-out through DVC: a worker runs an ensemble member (a foreach stage, the unit that fans
-    out) and pushes outputs + run cache to the shared remote; another checkout running with pull=true
+    """Scale-out through DVC: a worker runs an ensemble member on one fold (a matrix stage, the unit
+    that fans out) and pushes outputs + run cache to the shared remote; another checkout running with pull=true
     restores the member instead of re-running it. Upstream stages are persistent (a failed run keeps
     their last good outputs), so the run cache skips them: they re-run, deterministically, and the
     member's inputs match."""
@@ -296,7 +296,7 @@ def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_p
 
     remote = tmp_path / "shared-remote"
     worker, coordinator = (copy_repo(tmp_path / name) for name in ("worker", "coordinator"))
-    targets = ["ingest", "split", "sample", "pretrain", "features", "head", "member@0"]
+    targets = ["ingest", "split", "sample", "pretrain", "features", "head@0", "member@0-0"]
     for repo in (worker, coordinator):
         git(["init", "-q"], repo, stack.env)
         run([sys.executable, "-m", "pipeline", "configure", "--profile", "smoke"], repo, stack.env)
@@ -304,7 +304,7 @@ def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_p
     with stack.settings():
         try:
             ran = stages_flow(targets=targets, pull=False, root=str(worker))
-            assert ran["member@0"] == ["member@0"]
+            assert ran["member@0-0"] == ["member@0-0"]
             state = stages_flow(targets=targets, pull=True, push=False, root=str(coordinator), return_state=True)
         finally:
             APILogHandler().flush()
@@ -312,8 +312,8 @@ def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_p
         with stack.client() as client:
             logs = [log.message for log in client.read_logs(log_filter=LogFilter(
                 flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))]
-    assert any(m.startswith("member@0: restored from the run cache") for m in logs), logs
-    assert any(m.startswith("head: ran") for m in logs), logs
-    for rel in ("data/predictions/member/0/test.csv", "data/split.csv"):
+    assert any(m.startswith("member@0-0: restored from the run cache") for m in logs), logs
+    assert any(m.startswith("head@0: ran") for m in logs), logs
+    for rel in ("data/predictions/folds/member0/0/test.csv", "data/split.csv"):
         assert (coordinator / rel).read_bytes() == (worker / rel).read_bytes()
 

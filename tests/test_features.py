@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import with_validation
 from PIL import Image, ImageDraw
 
 from pipeline import featurecache
@@ -76,8 +77,10 @@ def write_tiny_dataset(cfg: Config, n_drivers: int = 6, n_valid_drivers: int = 2
 
 @pytest.fixture
 def tiny_cfg(smoke_cfg: Config) -> Config:
-    """The smoke profile over a tiny toy dataset, with small chunks so resume has chunks to skip."""
-    cfg = smoke_cfg.model_copy(update={"features": smoke_cfg.features.model_copy(update={"chunk_size": 16, "batch_size": 8, "copies": 3})})
+    """The smoke profile over a tiny toy dataset (holdout: a validation split to cache without copies),
+    with small chunks so resume has chunks to skip."""
+    cfg = with_validation(smoke_cfg, "holdout")
+    cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"chunk_size": 16, "batch_size": 8, "copies": 3})})
     write_tiny_dataset(cfg)
     return cfg
 

@@ -183,7 +183,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     weights = fit_weights(stacked_oof, labels, opts.weights, opts.hill_climb_steps, opts.mean)
     folds = nested_folds(held.folds, held.groups, cfg.split.validation, opts.cross_fit_folds, cfg.split.seed)
-    oof, weights_by_fold = nested_combination(stacked_oof, labels, folds, opts.weights, opts.hill_climb_steps, opts.mean)
+    oof, per_fold = nested_combination(stacked_oof, labels, folds, opts.weights, opts.hill_climb_steps, opts.mean)
+    weights_by_fold = [dict(zip([m.name for m in models], w, strict=True)) for w in per_fold]
     insample = combine(stacked_oof, weights, opts.mean)
     fallback = kaggle_logloss(oof, labels) > singles[best]["valid_logloss"]
     if fallback:  # the combination does not beat its best candidate out of sample: use that candidate

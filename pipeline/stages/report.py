@@ -306,17 +306,15 @@ def fold_table(per_model: dict[str, dict], names: list[str]) -> str:
 def ensemble_section(metrics: dict[str, dict], candidates: list[str] | None = None) -> str:
     """Weights per model (with each nested fit's), method, nested against in-sample log loss, the best
     single model and any fallback, the smoothing decision with the log loss by k. ``candidates``: the
-    config's candidate order (``ensemble.models()``), which ``weights_by_fold`` follows."""
+    config's candidate order (``ensemble.models()``), the order models are listed in."""
     figs = metrics.get("ensemble")
     if not figs:
         return note("Waiting for the ensemble stage (reports/stages/ensemble.json).")
     weights = figs.get("weights", {})
     singles = figs.get("candidates", {})
     names = ordered_models(list(dict.fromkeys([*weights, *singles])), candidates)
-    by_fold = figs.get("weights_by_fold") or []
-    fold_weights: dict[str, list[float]] = {}
-    if candidates and set(candidates) == set(weights) and all(len(w) == len(candidates) for w in by_fold):
-        fold_weights = {name: [w[i] for w in by_fold] for i, name in enumerate(candidates)}
+    by_fold = [w for w in figs.get("weights_by_fold") or [] if isinstance(w, dict)]  # one {model: weight} per nested fit
+    fold_weights = {name: [float(w.get(name, 0.0)) for w in by_fold] for name in names} if by_fold else {}
     method = {"hill_climb": "hill-climbing ensemble selection (Caruana et al. 2004; a weight is how often a model was "
                             "picked)", "equal": "equal weights"}.get(figs.get("weights_method"),
                                                                      str(figs.get("weights_method", "?")))
