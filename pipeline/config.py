@@ -342,6 +342,9 @@ class FinetuneConfig(Section):
     lr: float = Field(1e-4, gt=0)  # the head's learning rate
     first_epoch_lr: float = Field(1e-5, gt=0)  # the head's learning rate in epoch 0 (every group scaled alike)
     layer_lr_decay: float = Field(0.5, gt=0, le=1)  # conv block k from the end trains at lr * decay**k
+    # Batchnorm running statistics stay as the head saw them (eval mode), so fine-tuning starts where
+    # the head ended: train-mode statistics of augmented batches shift the features under the head.
+    freeze_bn_stats: bool = False
     optimizer: Optimizer = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

@@ -14,7 +14,7 @@ Shapes and conventions
   Dropout -> Linear(num_classes)`` and outputs logits. Its first batchnorm normalises the cached
   features (the course's "batchnorm on the first layer").
 - ``ConvNet(conv_base, head)`` is the whole network for end-to-end training (finetune stage): the
-  same conv base (trainable) in front of a head loaded from ``models/head/head.pt``.
+  same conv base (trainable) in front of a head loaded from ``models/head/fold<k>/head.pt``.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ features (``head`` stage, head members), fine-tuning from the head (``finetune``
 fine-tuned members). A stage never imports another stage; what two stages share lives here.
 
 Files
-- ``models/head/head.pt``: ``{"state_dict", "meta"}`` (``training.save_network``) of the dense head;
+- ``models/head/fold<k>/head.pt``: ``{"state_dict", "meta"}`` (``training.save_network``) of fold k's dense head;
   ``load_head`` rebuilds it. Its input is the conv base's output (``pipeline.models.ConvBase``), so
   ``build_network`` puts it on a trainable conv base and starts exactly from this classifier.
-- ``models/<stage>/model.pt``: the same format for the whole ``ConvNet``.
+- ``models/<model>/fold<k>/model.pt``: the same format for the whole ``ConvNet``.
 """
 
 from __future__ import annotations

@@ -117,6 +117,11 @@ class TrainSettings:
     unfreeze_blocks: int | None = None  # None: every block trains from the start
     unfreeze_every: int = 0
     schedule: str = "first_epoch"  # first_epoch (constant after a low epoch 0) | onecycle
+    # Keep every batchnorm layer's running statistics as they are (eval mode) while training: the
+    # network then computes at evaluation what it computed in training, and a fine-tune starts exactly
+    # where its head left it (train-mode statistics on augmented batches shift the features the head
+    # was fitted on). The affine weights still train.
+    freeze_bn_stats: bool = False
 
     @classmethod
     def from_section(cls, section: Any, **changes: Any) -> TrainSettings:
@@ -168,6 +173,13 @@ def set_trainable_blocks(blocks: list[list[nn.Module]], count: int) -> None:
             layer.train(trainable)
             for p in layer.parameters():
                 p.requires_grad_(trainable)
+
+
+def freeze_batchnorm_statistics(network: nn.Module) -> None:
+    """Every batchnorm layer in eval mode: normalises with, and no longer updates, its running statistics."""
+    for module in network.modules():
+        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm):
+            module.eval()
 
 
 def layer_param_groups(network: nn.Module, blocks: list[list[nn.Module]], lr: float, decay: float) -> list[dict[str, Any]]:
@@ -227,6 +239,8 @@ class ClassifierModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         count = trainable_block_count(self.current_epoch, self.settings, len(self.blocks))
         set_trainable_blocks(self.blocks, count)
+        if self.settings.freeze_bn_stats:
+            freeze_batchnorm_statistics(self.network)
         reseed_globals(epoch_seed(self.settings.seed, self.current_epoch, self.global_rank))
         self.log("train/trainable_blocks", float(count), on_step=False, on_epoch=True, sync_dist=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=False)

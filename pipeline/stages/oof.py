@@ -8,13 +8,16 @@ split.csv: a row held out twice or never is an error) and their test predictions
 
 Figures per model: ``valid_logloss``/``valid_acc`` over all OOF rows (the CV estimate in cv mode),
 the per-fold values with their mean and standard deviation, and, on synthetic data, ``test_logloss``/
-``test_acc`` of the fold-averaged test predictions beside them.
+``test_acc`` of the fold-averaged test predictions beside them. finetune and pseudo also carry their
+predecessor's figure and ``worse_than_predecessor`` (warned on stderr; the report flags it).
 
 Outputs ``data/predictions/oof/<model>/{oof,test}.csv`` (``pipeline.oof``) and ``reports/stages/oof.json``.
 """
 
 from __future__ import annotations
 
+import itertools
+import sys
 import time
 from typing import Any
 
@@ -28,6 +31,7 @@ from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predi
 from pipeline.oof import HeldOut, aligned, fold_figures, read_held_out, read_test_ids
 
 STAGE = "oof"
+CHAIN = ("head", "finetune", "pseudo")  # each starts from the one before
 
 
 def gather(cfg: Config, model: str, held: HeldOut, test_ids: list[str], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +49,22 @@ def gather(cfg: Config, model: str, held: HeldOut, test_ids: list[str], classes:
     return oof, np.mean(tests, axis=0)
 
 
+def flag_regressions(models: dict[str, dict[str, Any]]) -> None:
+    """Each stage of the chain head -> finetune -> pseudo starts from its predecessor: its figures say
+    which one and whether it does worse out of fold (also on stderr), so no stage loses silently. The
+    ensemble then weighs every model by its OOF evidence instead of trusting the chain's order."""
+    chain = [m for m in CHAIN if m in models]
+    for predecessor, model in itertools.pairwise(chain):
+        figures = models[model]
+        figures["predecessor"] = predecessor
+        figures["predecessor_valid_logloss"] = models[predecessor]["valid_logloss"]
+        figures["worse_than_predecessor"] = figures["valid_logloss"] > models[predecessor]["valid_logloss"]
+        if figures["worse_than_predecessor"]:
+            print(f"[oof] warning: {model} is worse out of fold than {predecessor}, the stage it starts from "
+                  f"(log loss {figures['valid_logloss']:.4f} > {models[predecessor]['valid_logloss']:.4f})",
+                  file=sys.stderr)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     classes = list(read_competition(cfg.paths.path("raw")).classes)
@@ -58,6 +78,7 @@ def run(cfg: Config) -> dict[str, Any]:
             write_predictions(out / model / OOF_FILE, held.ids, oof, classes, folds=held.folds)
             write_predictions(out / model / "test.csv", test_ids, test, classes)
             models[model] = {**evaluate(oof, held.labels, test_ids, test, hidden), **fold_figures(oof, held.labels, held.folds)}
+    flag_regressions(models)
     best = min(models, key=lambda m: models[m]["valid_logloss"])
     figures = {"validation": cfg.split.validation, "n_folds": len(cfg.split.fold_ids), "n_oof": len(held),
                "models": models, "best_model": best, "best_valid_logloss": models[best]["valid_logloss"],

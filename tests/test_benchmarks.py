@@ -1,0 +1,56 @@
+"""The benchmark scripts run here, at a reduced size, so they still work when someone needs them on a
+GPU (benchmarks/full_chain.py) or on real images (benchmarks/real_images.py)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMOKE_SIZE = ["ingest.synthetic.n_train_drivers=6", "ingest.synthetic.train_per_driver=[12, 14]",
+              "ingest.synthetic.n_test=20", "ingest.synthetic.width=64", "ingest.synthetic.height=48",
+              "model.width_divisor=16", "model.input_size=[48, 64]", "split.n_folds=2", "head.max_epochs=2"]
+
+
+@pytest.mark.slow
+def test_full_chain_times_every_stage_at_a_reduced_size(tmp_path, capsys):
+    bench = load("full_chain")
+    out = tmp_path / "chain.json"
+    argv = ["--size", "reduced", "--workdir", str(tmp_path), "--out", str(out)]
+    for override in SMOKE_SIZE:
+        argv += ["--set", override]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    stages = {row["stage"]: row for row in result["stages"]}
+    assert list(stages) == ["ingest", "split", "pretrain", "features", "head", "finetune", "pseudo", "member", "oof",
+                            "ensemble", "calibrate"]
+    for name in ("features", "head", "finetune"):
+        row = stages[name]
+        assert row["seconds"] > 0 and row["images_per_s"] > 0 and row["peak_rss_gb"] > 0.05
+        assert row["bound"] in ("GPU", "loader/CPU", "Python/disk", "mixed")
+    assert result["total_seconds"] == pytest.approx(sum(r["seconds"] for r in result["stages"]), abs=1)
+    assert "| features |" in capsys.readouterr().out
+
+
+def test_real_image_digits_keep_writers_apart_and_the_hog_baseline_learns(tmp_path):
+    bench = load("real_images")
+    table = bench.write_competition(tmp_path, seed=0, n_writers=12, n_test_writers=3)
+    train, test = table[table["split"] == "train"], table[table["split"] == "test"]
+    assert not set(train["subject"]) & set(test["subject"])  # test writers never seen in training
+    assert (tmp_path / "imgs/train/c3").is_dir() and len(list((tmp_path / "imgs/test").iterdir())) == len(test)
+    listed = (tmp_path / "driver_imgs_list.csv").read_text().splitlines()
+    assert listed[0] == "subject,classname,img" and len(listed) == len(train) + 1
+    probs = bench.baseline(table, tmp_path, bench.hog)
+    labels = test["classname"].map(bench.CLASSES.index).to_numpy()
+    assert probs.shape == (len(test), 10) and np.mean(probs.argmax(1) == labels) > 0.5  # chance is 0.1
