@@ -25,7 +25,7 @@ from pydantic import (
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARAMS_FILE = "params.yaml"
-PROFILES = ("demo", "demo-csv", "statefarm", "smoke")
+PROFILES = ("demo", "demo-csv", "cpu", "statefarm", "smoke")
 
 
 # torch device names this project runs on: auto, cpu, cuda, cuda:N, mps.

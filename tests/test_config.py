@@ -24,7 +24,7 @@ def test_bad_value_names_the_key():
 
 
 def test_unknown_profile_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="known: demo, demo-csv, smoke, statefarm"):
+    with pytest.raises(ConfigError, match="known: cpu, demo, demo-csv, smoke, statefarm"):
         load_profile("nope")
 
 
