@@ -46,7 +46,7 @@ from pipeline.metrics import (
     write_predictions,
     write_stage_metrics,
 )
-from pipeline.oof import read_held_out
+from pipeline.outoffold import read_held_out
 
 SOURCE_STAGE = "ensemble"
 TEMPERATURE_BOUNDS = (0.05, 20.0)

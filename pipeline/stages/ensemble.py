@@ -42,7 +42,7 @@ from pipeline.metrics import (
     write_stage_metrics,
 )
 from pipeline.neighbours import nearest_neighbours, smooth_with_neighbours
-from pipeline.oof import ModelOOF, read_held_out, read_model_oof, read_test_ids
+from pipeline.outoffold import ModelOOF, read_held_out, read_model_oof, read_test_ids
 
 Mean = Literal["arithmetic", "geometric"]
 

@@ -11,7 +11,7 @@ the per-fold values with their mean and standard deviation, and, on synthetic da
 ``test_acc`` of the fold-averaged test predictions beside them. finetune and pseudo also carry their
 predecessor's figure and ``worse_than_predecessor`` (warned on stderr; the report flags it).
 
-Outputs ``data/predictions/oof/<model>/{oof,test}.csv`` (``pipeline.oof``) and ``reports/stages/oof.json``.
+Outputs ``data/predictions/oof/<model>/{oof,test}.csv`` (``pipeline.outoffold``) and ``reports/stages/oof.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pipeline.config import Config, model_stage
 from pipeline.errors import StageError
 from pipeline.io import atomic_dir
 from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions, write_stage_metrics
-from pipeline.oof import HeldOut, aligned, fold_figures, read_held_out, read_test_ids
+from pipeline.outoffold import HeldOut, aligned, fold_figures, read_held_out, read_test_ids
 
 STAGE = "oof"
 CHAIN = ("head", "finetune", "pseudo")  # each starts from the one before
