@@ -17,19 +17,28 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # DVC stage commands say `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install demo test test-fast lint repro clean-outputs server worker deploy retrain
+.PHONY: help install lock demo test test-fast lint repro clean-outputs server worker deploy retrain
 .DEFAULT_GOAL := help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every package (direct, transitive, dev tools, the build backend) with its
+# hashes; install takes exactly those, then the project itself without dependencies. pip, not uv or
+# poetry: only pip reads /etc/xdg/pip (the local torch/torchvision wheels).
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.6.2
+LOCK_VENV := .venv-lock
+
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet 'pip==$(PIP_VERSION)'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
-install: $(VENV)/.installed ## create .venv and install the project (+ dev tools)
+install: $(VENV)/.installed ## create .venv and install exactly requirements.lock, then the project
 
 demo: install ## run the whole pipeline (Prefect flow -> DVC stages) on the synthetic dataset, CPU
 	$(PY) -m flows.pipeline --profile $(PROFILE)
@@ -45,6 +54,18 @@ lint: install ## ruff
 
 repro: install ## dvc repro with the current params.yaml
 	$(VENV)/bin/dvc repro
+
+# pip-compile (pip-tools) resolves with pip itself, in its own venv so the project's stays exact.
+# Existing pins are kept where pyproject still admits them; UPGRADE=1 re-resolves to the newest.
+lock: ## re-resolve requirements.lock from pyproject.toml (all extras, build deps, hashes); UPGRADE=1 for newest
+	@test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet 'pip==$(PIP_VERSION)' 'pip-tools==$(PIP_TOOLS_VERSION)'
+	@sed '1,/^# ---- end of header/d' $(LOCK) > $(LOCK).body  # the pins to keep; the header stays as written
+	$(LOCK_VENV)/bin/pip-compile --quiet --all-extras --all-build-deps --allow-unsafe --generate-hashes \
+	    --strip-extras --no-emit-index-url --no-emit-find-links --no-header --newline=lf \
+	    $(if $(UPGRADE),--upgrade) --output-file $(LOCK).body pyproject.toml
+	@{ sed '/^# ---- end of header/q' $(LOCK); cat $(LOCK).body; } > $(LOCK).new
+	@rm -f $(LOCK).body && mv $(LOCK).new $(LOCK)
 
 clean-outputs: ## remove pipeline outputs (not the DVC cache)
 	rm -rf data models reports submissions

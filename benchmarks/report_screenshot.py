@@ -1,10 +1,12 @@
-"""Render reports/report.html in headless Chromium and save a PNG, to check that the static page opens
-offline and draws (tables, inline SVG charts, base64 thumbnails) without a server or the network.
+"""Render reports/report.html in headless Chromium and save a PNG per window width, to check that the
+static page opens offline and draws (tables, matplotlib's inline SVG charts, base64 thumbnails) without a
+server or the network, on a desktop and a laptop screen.
 
     python benchmarks/report_screenshot.py [--html reports/report.html] [--out build/report_screenshot.png]
-                                           [--width 1280] [--height 2400]
+                                           [--width 1440 1280 1024] [--height 2400]
 
-Needs Chromium (`apt-get install -y chromium`). Prints the PNG path, its size and the render time.
+With several widths each PNG is named <out>_<width>.png. Needs Chromium (`apt-get install -y chromium`).
+Prints each PNG's path, its size and the render time.
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--html", type=Path, default=Path("reports/report.html"))
     parser.add_argument("--out", type=Path, default=Path("build/report_screenshot.png"))
-    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--width", type=int, nargs="+", default=[1280], help="window width(s) in pixels")
     parser.add_argument("--height", type=int, default=2400)
     args = parser.parse_args(argv)
-    seconds = screenshot(args.html, args.out, args.width, args.height)
-    print(f"{args.out} ({args.out.stat().st_size / 1024:.0f} KB, {args.width}x{args.height}) in {seconds:.1f}s")
+    for width in args.width:
+        out = args.out if len(args.width) == 1 else args.out.with_name(f"{args.out.stem}_{width}{args.out.suffix}")
+        seconds = screenshot(args.html, out, width, args.height)
+        print(f"{out} ({out.stat().st_size / 1024:.0f} KB, {width}x{args.height}) in {seconds:.1f}s")
     return 0
 
 

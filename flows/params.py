@@ -39,10 +39,13 @@ class RunParameters(BaseModel):
     submit: bool = Field(False, description="upload to Kaggle (sets submit.enabled=true); otherwise the submit stage is a dry run")
     push: bool = Field(True, description="dvc push the outputs to the configured DVC remote after a successful run")
     pull: bool = Field(False, description="dvc repro --pull: restore stages another worker already ran from the remote's run cache")
+    fanout_pool: str | None = Field(None, description="run the per-fold stages on this work pool's workers "
+                                                      "(sets fanout.enabled and fanout.work_pool); empty: as the config says")
 
     def config_overrides(self) -> dict[str, Any]:
-        """The overrides the config is resolved with: the user's plus ``submit.enabled``."""
-        return {**self.overrides, "submit.enabled": self.submit}
+        """The overrides the config is resolved with: the user's plus ``submit.enabled`` (and the fan-out pool)."""
+        pool = {"fanout.enabled": True, "fanout.work_pool": self.fanout_pool} if self.fanout_pool else {}
+        return {**self.overrides, "submit.enabled": self.submit, **pool}
 
     def config(self) -> Config:
         """The resolved config; ``ConfigError`` names the offending key."""

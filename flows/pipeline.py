@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.fanout import publish_fanout, run_fanned_out
 from flows.params import Profile, RunParameters
 from flows.submission import note_submission
 from flows.tasks import (
@@ -35,9 +36,15 @@ from pipeline.env import set_offline_env
 
 
 def run_locked(run: RunParameters, root: str, force: Iterable[str] = ()) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """configure + every stage (+ the submission record), inside the caller's DVC slot."""
+    """configure + every stage (+ the submission record), inside the caller's DVC slot. With
+    ``fanout.enabled`` the per-fold stages run on the pool's workers (flows/fanout.py)."""
     configure(run.profile, run.config_overrides(), root)
-    ran = run_stages(run.config(), root, force=force, pull=run.pull)
+    cfg = run.config()
+    if cfg.fanout.enabled:
+        ran, records = run_fanned_out(cfg, root, run.profile, run.config_overrides(), pull=run.pull)
+        publish_fanout(records)
+    else:
+        ran = run_stages(cfg, root, force=force, pull=run.pull)
     metrics = read_metrics(root)
     if run.submit:
         note_submission(ran, metrics, run.profile, root)
@@ -68,6 +75,7 @@ def pipeline_flow(
     submit: bool = False,
     push: bool = True,
     pull: bool = False,
+    fanout_pool: str | None = None,
     root: str = ".",
 ) -> dict:
     """Every stage of dvc.yaml in order (each `dvc repro <stage> --single-item`); returns
@@ -79,9 +87,11 @@ def pipeline_flow(
         submit: upload the submission to Kaggle (sets submit.enabled=true); otherwise the submit stage is a dry run
         push: dvc push outputs (and the run cache) to the DVC remote after a successful run
         pull: restore stages that other workers already ran (and pushed) from the DVC remote instead of re-running them
+        fanout_pool: run the per-fold stages as deployment runs on this work pool's workers (docs/deploy.md)
         root: the project checkout (the deployment's working directory)
     """
-    run = RunParameters(profile=profile, overrides=overrides or {}, submit=submit, push=push, pull=pull)
+    run = RunParameters(profile=profile, overrides=overrides or {}, submit=submit, push=push, pull=pull,
+                        fanout_pool=fanout_pool)
     return run_pipeline(run, root)
 
 
@@ -93,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submit", action="store_true", help="upload to Kaggle (submit.enabled=true)")
     parser.add_argument("--no-push", dest="push", action="store_false", help="skip dvc push after the run")
     parser.add_argument("--pull", action="store_true", help="restore stages other workers ran from the DVC remote")
+    parser.add_argument("--fanout-pool", default=None, metavar="POOL",
+                        help="run the per-fold stages on this Prefect work pool's workers")
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
     overrides = overrides_to_delta(args.overrides) or None
     state = pipeline_flow(profile=args.profile, overrides=overrides, submit=args.submit, push=args.push,
-                          pull=args.pull, root=args.root, return_state=True)
+                          pull=args.pull, fanout_pool=args.fanout_pool, root=args.root, return_state=True)
     if not state.is_completed():
         print(f"error: {state.message}", file=sys.stderr)  # names the failed stage (or the bad key)
         return 1

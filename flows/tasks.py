@@ -160,9 +160,25 @@ def run_dvc_stage(stage: str, root: str, force: bool = False, run_cache: bool = 
     """`dvc repro <stage> --single-item [--pull]`: runs the stage only if its deps, params or code
     changed, or restores its outputs from DVC's run cache when this exact run was made before (with
     ``pull``, also from the remote's run cache: a stage another worker ran and pushed)."""
+    names, how = reproduce(stage, root, force=force, run_cache=run_cache, pull=pull)
+    get_run_logger().info("%s: %s", stage, HOW_TEXT[how])
+    return names
+
+
+HOW_TEXT = {
+    "skipped": "up to date, skipped",
+    "restored": "restored from the run cache (this exact run was made before, here or on another worker)",
+    "ran": "ran",
+}
+
+
+def reproduce(stage: str, root: str, force: bool = False, run_cache: bool = True,
+              pull: bool = False) -> tuple[list[str], str]:
+    """`dvc repro <stage> --single-item`: the stage items DVC reproduced, and how (``HOW_TEXT``'s keys).
+    A failure raises ``StageFailed``, after checking the stage's last good outputs back out where DVC
+    had deleted them (outputs that are not persistent)."""
     from dvc.repo import Repo
 
-    logger = get_run_logger()
     with stderr_tail() as tail, dvc_messages() as messages:
         try:
             # DVC resolves stage paths against the working directory, not only the repo root.
@@ -170,16 +186,29 @@ def run_dvc_stage(stage: str, root: str, force: bool = False, run_cache: bool = 
                 ran = repo.reproduce(targets=[stage], single_item=True, force=force, run_cache=run_cache,
                                      pull=pull)
         except Exception as err:
-            raise StageFailed(stage, _reason(err), list(tail)) from err
+            restored = restore_last_good_outputs(stage, root)
+            raise StageFailed(stage, _reason(err) + restored, list(tail)) from err
     names = [s.addressing for s in ran]
     if not names:
-        how = "up to date, skipped"
-    elif any("skipping run, checking out outputs" in m for m in messages):
-        how = "restored from the run cache (this exact run was made before, here or on another worker)"
-    else:
-        how = "ran"
-    logger.info("%s: %s", stage, how)
-    return names
+        return names, "skipped"
+    if any("skipping run, checking out outputs" in m for m in messages):
+        return names, "restored"
+    return names, "ran"
+
+
+def restore_last_good_outputs(stage: str, root: str) -> str:
+    """`dvc checkout <stage>`: DVC deletes a stage's non-persistent outputs before running it, so a
+    failed per-fold stage would lose its last good outputs; they are in DVC's cache (dvc.lock still
+    names them). Returns a note for the error message ("" when nothing was recorded)."""
+    from dvc.repo import Repo
+
+    try:
+        with contextlib.chdir(root), Repo(root) as repo:
+            changes = repo.checkout(targets=[stage], allow_missing=True)
+    except Exception as err:  # noqa: BLE001  (the stage's own error is the one to report)
+        return f" (its last good outputs could not be checked out again: {_reason(err)})"
+    added = [*changes.get("added", []), *changes.get("modified", [])]
+    return f"; its last good outputs were checked out again from DVC's cache ({len(added)} path(s))" if added else ""
 
 
 def stage_task(stage: str, retries: int = 0):

@@ -13,7 +13,9 @@ ARTIFACTS: list[tuple[str, str]] = [
     ("features", "cached conv features (fp16, checksummed chunks) incl. augmented copies"),
     ("models", "checkpoints per model and fold (<model>/fold<k>/)"),
     ("predictions", "per fold model folds/<model>/<k>/{oof,test}.csv; oof/<model>/, ensemble/, calibrate/: out-of-fold + test"),
-    ("metrics", "per-stage validation (and hidden-test) figures"),
+    ("metrics", "every stage's figures, stage -> figures (read by the flows)"),
+    ("scores", "DVC metrics: per model CV (and hidden-test) log loss and accuracy, one file each (`dvc metrics show`)"),
+    ("plots", "DVC plots data: learning curves, confusion rows, calibration bins (`dvc plots show`)"),
     ("report_html", "the human report"),
     ("submission", "Kaggle submission, validated before any upload"),
 ]

@@ -56,10 +56,15 @@ class PathsConfig(Section):
     sample: str = "data/sample"
     features: str = "data/features"
     models: str = "models"
+    # Checkpoints of per-fold training runs, outside their (non-persistent) DVC outputs, so that a
+    # killed run resumes; not tracked by DVC or git.
+    checkpoints: str = ".checkpoints"
     predictions: str = "data/predictions"
     reports: str = "reports"
     stage_metrics: str = "reports/stages"
     metrics: str = "reports/metrics.json"
+    scores: str = "reports/scores"  # DVC metrics: one small JSON per model (a row each in `dvc metrics show`)
+    plots: str = "reports/plots"  # the data of dvc.yaml's `plots:` (learning curves, confusion, calibration)
     report_html: str = "reports/report.html"
     submission: str = "submissions/submission.csv"
 
@@ -73,6 +78,14 @@ class PathsConfig(Section):
     def fold_models(self, model: str, fold: int) -> Path:
         """The checkpoints and weights of ``model`` (head, finetune, pseudo, member<m>) trained for ``fold``."""
         return self.path("models") / model / f"fold{fold}"
+
+    def checkpoints_for(self, out_dir: Path) -> Path:
+        """Where the training run writing ``out_dir`` keeps its checkpoints (``out_dir`` itself when it
+        lies outside the project)."""
+        try:
+            return self.path("checkpoints") / Path(out_dir).relative_to(self.root)
+        except ValueError:
+            return Path(out_dir)
 
     def fold_predictions(self, model: str, fold: int) -> Path:
         """``oof.csv`` (the fold's held-out rows) and ``test.csv`` of ``model``'s ``fold`` model."""
@@ -475,6 +488,20 @@ class SubmitConfig(Section):
     score_wait_s: float = Field(0, ge=0)
 
 
+class FanoutConfig(Section):
+    """Scale-out (flows/fanout.py): the per-fold stages as deployment runs on Prefect workers, gathered
+    through the DVC remote's run cache. Orchestration only: no stage depends on these settings."""
+
+    enabled: bool = False  # off: one machine runs every stage
+    work_pool: str = "statefarm-pool"  # the pool whose `statefarm-stages` deployment runs the stages
+    flow: str = "statefarm-stages"
+    # The longest one stage may take on a worker, queueing included; then it counts as failed.
+    stage_timeout_s: float = Field(6 * 3600, gt=0)
+    retries: int = Field(1, ge=0)  # submit a failed or crashed stage again, before running it here
+    run_locally_after_retries: bool = True  # else the run fails, naming the stage and the worker
+    poll_s: float = Field(2.0, gt=0)
+
+
 class Config(Section):
     profile: str = "statefarm"
     seed: int = Field(0, ge=0)
@@ -493,6 +520,7 @@ class Config(Section):
     ensemble: EnsembleConfig = EnsembleConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     submit: SubmitConfig = SubmitConfig()
+    fanout: FanoutConfig = FanoutConfig()
 
     @model_validator(mode="after")
     def _locate_pretrain_backbone(self) -> Config:

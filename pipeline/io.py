@@ -7,9 +7,9 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,31 @@ class LockedError(StageError):
     """Another process is writing the same outputs."""
 
 
-def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _unique_sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """A new ``.<name>.<random><suffix>`` next to ``path``, made by ``create`` (exclusive). Not
+    tempfile.mkstemp/mkdtemp: their 0600/0700 modes would survive the rename, so outputs get what
+    open()/mkdir give under the umask (0644/0755 under umask 022)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+    return _unique_sibling(path, f".tmp{suffix}", _new_file)
+
+
+def _tmp_sibling_dir(path: Path, suffix: str) -> Path:
+    return _unique_sibling(path, suffix, lambda candidate: os.mkdir(candidate, 0o777))
 
 
 @contextlib.contextmanager
@@ -65,12 +85,11 @@ def atomic_write_csv(path: Path | str, df: pd.DataFrame, **kwargs: Any) -> Path:
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Build a folder in a temp sibling; on success swap it in for ``path`` (replacing any old one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _tmp_sibling_dir(path, ".tmp")
     try:
         yield tmp
         if path.exists() or path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = _tmp_sibling_dir(path, ".old")
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -168,3 +168,36 @@ def keep_tta_if_better(labels: np.ndarray, valid: np.ndarray, test: np.ndarray,
     if figures["tta_used"]:
         return augmented, test_tta(), figures
     return valid, test, figures
+
+
+# ---------------------------------------------------------------------------- breakdowns (report)
+
+
+def row_logloss(probs: np.ndarray, labels: np.ndarray, eps: float = KAGGLE_EPS) -> np.ndarray:
+    """Each row's term of Kaggle's log loss (row normalised, then clipped): their mean over any subset
+    of rows (a class, a group) is that subset's log loss."""
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = np.clip(probs / probs.sum(axis=1, keepdims=True), eps, 1 - eps)
+    return -np.log(probs[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)])
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[list[float], list[float], list[int]]:
+    """Per non-empty equal-width bin of top-class probability: mean confidence, accuracy, image count."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    conf, acc, count = [], [], []
+    for b in range(n_bins):
+        inside = bins == b
+        if inside.any():
+            conf.append(float(confidence[inside].mean()))
+            acc.append(float(correct[inside].mean()))
+            count.append(int(inside.sum()))
+    return conf, acc, count
+
+
+def expected_calibration_error(confidence: Sequence[float], accuracy: Sequence[float], count: Sequence[int]) -> float:
+    """Count-weighted mean |accuracy - confidence| over the bins (0 when there are no images)."""
+    total = sum(count)
+    return float(sum(n * abs(a - c) for c, a, n in zip(confidence, accuracy, count, strict=True)) / total) if total else 0.0

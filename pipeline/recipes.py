@@ -122,7 +122,8 @@ def fit_head(cfg: Config, train: FeatureSplit, valid: FeatureSplit, out_dir: Pat
     run_fp = fingerprint({"head": cfg.head.model_dump(mode="json"), "label": label, "monitor": monitor,
                           "train": train.index["id"].tolist()})
     outcome = fit_or_resume(module, datamodule, head_trainer_config(cfg), out_dir, cfg.head.max_epochs,
-                            cfg.head.patience, run_fp, label=label, monitor=monitor)
+                            cfg.head.patience, run_fp, label=label, monitor=monitor,
+                            ckpt_dir=cfg.paths.checkpoints_for(out_dir))
     facts = dict(outcome.facts)
     facts["seconds_per_epoch"] = round(facts.get("train_seconds", 0.0) / max(facts.get("epochs", 1), 1), 3)
     return outcome.network.cpu().eval(), facts
@@ -241,7 +242,8 @@ def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], ou
                                  ft.num_workers, ft.seed, copies=ft.max_epochs, pin_memory=cuda,
                                  n_classes=int(head_meta["num_classes"]))
     outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ft.max_epochs, ft.patience,
-                            run_fingerprint(cfg, ft, head_path, tables, modules), callbacks, label, monitor=monitor)
+                            run_fingerprint(cfg, ft, head_path, tables, modules), callbacks, label, monitor=monitor,
+                            ckpt_dir=cfg.paths.checkpoints_for(out_dir))
     return FineTuned(outcome, target_hw, cuda, ft.batch_size, ft.num_workers,
                      {**head_meta, "input_size": list(target_hw)})
 

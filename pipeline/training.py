@@ -346,13 +346,13 @@ class EpochSummary(Callback):
 
 def build_trainer(trainer_cfg: TrainerConfig, out_dir: Path, max_epochs: int, patience: int,
                   callbacks: Sequence[Callback] = (), label: str | None = None,
-                  monitor: bool = True) -> tuple[L.Trainer, ModelCheckpoint]:
-    """Lightning trainer from config: best (by valid/logloss) and last checkpoints in ``out_dir``,
-    early stopping, CSV + TensorBoard logs, a rich progress bar on a terminal only (else epoch lines
+                  monitor: bool = True, ckpt_dir: Path | None = None) -> tuple[L.Trainer, ModelCheckpoint]:
+    """Lightning trainer from config: best (by valid/logloss) and last checkpoints in ``ckpt_dir``
+    (default ``out_dir``), early stopping, CSV + TensorBoard logs in ``out_dir``, a rich progress bar on a terminal only (else epoch lines
     prefixed with ``label``, by default the folder's name). Without ``monitor`` (a cross-validation
     fold model, whose held-out rows must not steer it) there is no validation loop, no early stopping
     and only the last checkpoint: it trains exactly ``max_epochs``."""
-    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR if monitor else None, mode="min",
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir or out_dir, filename="best", monitor=MONITOR if monitor else None, mode="min",
                                  save_top_k=1 if monitor else 0, save_last=True, auto_insert_metric_name=False,
                                  enable_version_counter=False)
     stopping = [EarlyStopping(monitor=MONITOR, mode="min", patience=patience)] if monitor else []
@@ -412,27 +412,29 @@ def fingerprint(settings: dict[str, Any], files: Sequence[Path] = (), modules: S
     return digest.hexdigest()
 
 
-def clear_run(out_dir: Path) -> None:
-    for name in ("best.ckpt", "last.ckpt", RUN_FILE, MODEL_FILE):
-        (out_dir / name).unlink(missing_ok=True)
-    for log in (out_dir / "logs" / "metrics.csv",):
-        log.unlink(missing_ok=True)
+def clear_run(ckpt_dir: Path, out_dir: Path | None = None) -> None:
+    """Forget a previous run: its checkpoints and state in ``ckpt_dir``, its weights and CSV log in ``out_dir``."""
+    for folder in {ckpt_dir, out_dir or ckpt_dir}:
+        for name in ("best.ckpt", "last.ckpt", RUN_FILE, MODEL_FILE):
+            (folder / name).unlink(missing_ok=True)
+        (folder / "logs" / "metrics.csv").unlink(missing_ok=True)
 
 
-def plan_run(out_dir: Path, run_fingerprint: str, resume: bool) -> tuple[str, Path | None]:
+def plan_run(ckpt_dir: Path, run_fingerprint: str, resume: bool, out_dir: Path | None = None) -> tuple[str, Path | None]:
     """``("reuse", best)`` for a complete run of this fingerprint, ``("resume", last)`` for an
-    interrupted one, else ``("fresh", None)``. Only rank 0 changes files; other ranks read what it
-    wrote before they were launched, and so reach the same answer."""
-    state = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).exists() else {}
+    interrupted one, else ``("fresh", None)``; the run's state and checkpoints live in ``ckpt_dir``.
+    Only rank 0 changes files; other ranks read what it wrote before they were launched, and so
+    reach the same answer."""
+    state = read_json(ckpt_dir / RUN_FILE) if (ckpt_dir / RUN_FILE).exists() else {}
     same = resume and state.get("fingerprint") == run_fingerprint
-    if same and state.get("status") == "complete" and checkpoint_loads(out_dir / "best.ckpt"):
-        return "reuse", out_dir / "best.ckpt"
-    if same and state.get("status") == "running" and checkpoint_loads(out_dir / "last.ckpt"):
-        return "resume", out_dir / "last.ckpt"
+    if same and state.get("status") == "complete" and checkpoint_loads(ckpt_dir / "best.ckpt"):
+        return "reuse", ckpt_dir / "best.ckpt"
+    if same and state.get("status") == "running" and checkpoint_loads(ckpt_dir / "last.ckpt"):
+        return "resume", ckpt_dir / "last.ckpt"
     if is_launcher_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clear_run(out_dir)
-        atomic_write_json(out_dir / RUN_FILE, {"fingerprint": run_fingerprint, "status": "running"})
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        clear_run(ckpt_dir, out_dir)
+        atomic_write_json(ckpt_dir / RUN_FILE, {"fingerprint": run_fingerprint, "status": "running"})
     return "fresh", None
 
 
@@ -466,25 +468,28 @@ def load_module_weights(module: ClassifierModule, checkpoint: Path) -> None:
 def fit_or_resume(module: ClassifierModule, data: L.LightningDataModule, trainer_cfg: TrainerConfig, out_dir: Path,
                   max_epochs: int, patience: int, run_fingerprint: str,
                   callbacks: Sequence[Callback] = (), label: str | None = None, keep: str = "best",
-                  monitor: bool = True) -> FitOutcome:
+                  monitor: bool = True, ckpt_dir: Path | None = None) -> FitOutcome:
     """Fit (fresh, resumed from last.ckpt, or reused when complete) and load the ``keep`` weights:
     ``best`` (lowest valid/logloss) or ``last`` (a schedule that anneals to its end, whose validation
-    is only reported). Without ``monitor``: no validation at all, exactly ``max_epochs``, the last weights."""
+    is only reported). Without ``monitor``: no validation at all, exactly ``max_epochs``, the last weights.
+    Checkpoints and the run's state go to ``ckpt_dir`` (default ``out_dir``): a DVC output that is
+    not persistent is deleted before its stage runs, so a fold model keeps them outside it to resume."""
     keep = keep if monitor else "last"
-    mode, checkpoint_path = plan_run(out_dir, run_fingerprint, trainer_cfg.resume)
+    ckpt_dir = ckpt_dir or out_dir
+    mode, checkpoint_path = plan_run(ckpt_dir, run_fingerprint, trainer_cfg.resume, out_dir)
     if mode == "reuse":
-        load_module_weights(module, checkpoint_path if keep == "best" else out_dir / "last.ckpt")
-        facts = {**read_json(out_dir / RUN_FILE).get("facts", {}), "reused": True}
+        load_module_weights(module, checkpoint_path if keep == "best" else ckpt_dir / "last.ckpt")
+        facts = {**read_json(ckpt_dir / RUN_FILE).get("facts", {}), "reused": True}
         device = torch.device("cuda") if uses_cuda(trainer_cfg) else torch.device("cpu")
         return FitOutcome(module.network.eval(), facts, device, is_launcher_process())
 
-    trainer, checkpoint = build_trainer(trainer_cfg, out_dir, max_epochs, patience, callbacks, label, monitor)
+    trainer, checkpoint = build_trainer(trainer_cfg, out_dir, max_epochs, patience, callbacks, label, monitor, ckpt_dir)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=checkpoint_path)
     seconds = time.perf_counter() - start
     trainer.strategy.barrier("best checkpoint written")
     if keep == "best":
-        best = torch.load(Path(checkpoint.best_model_path or out_dir / "last.ckpt"), map_location="cpu", weights_only=False)
+        best = torch.load(Path(checkpoint.best_model_path or ckpt_dir / "last.ckpt"), map_location="cpu", weights_only=False)
         module.load_state_dict(best["state_dict"])
     else:  # the weights in memory are the last epoch's
         best = {"epoch": int(trainer.current_epoch) - 1}
@@ -500,7 +505,7 @@ def fit_or_resume(module: ClassifierModule, data: L.LightningDataModule, trainer
         "train_seconds": round(seconds, 3),
     }
     if trainer.is_global_zero:
-        atomic_write_json(out_dir / RUN_FILE, {"fingerprint": run_fingerprint, "status": "complete", "facts": facts})
+        atomic_write_json(ckpt_dir / RUN_FILE, {"fingerprint": run_fingerprint, "status": "complete", "facts": facts})
     return FitOutcome(module.network.eval(), facts, trainer.strategy.root_device, trainer.is_global_zero)
 
 

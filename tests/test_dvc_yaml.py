@@ -116,7 +116,7 @@ def test_params_yaml_has_every_param_section():
 
 RAW_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 # matrix items (member@<m>-<fold>) are what separate workers run (docs/deploy.md)
-FAN_OUT = [name for name, spec in RAW_STAGES.items() if "matrix" in spec]
+FAN_OUT = [name for name, spec in RAW_STAGES.items() if "matrix" in spec or "foreach" in spec]
 PER_FOLD = [name for name, spec in RAW_STAGES.items() if "foreach" in spec or "matrix" in spec]
 
 
@@ -178,3 +178,43 @@ def test_outputs_survive_a_failed_run(stage):
     for out in DVC[stage].get("outs", []) + DVC[stage].get("metrics", []):
         options = next(iter(out.values())) if isinstance(out, dict) else {}
         assert options.get("persist", False), f"{stage}: {out} is not persistent"
+
+
+def test_dvc_metrics_are_the_report_scores_only():
+    """`dvc metrics show` reads the report's compact per-model scores and nothing else; each stage's
+    figures file is a plain output (the flows and the report read it), so no figure shows twice."""
+    metrics = {name: spec.get("do", spec).get("metrics", []) for name, spec in RAW_STAGES.items()}
+    assert {name: entries for name, entries in metrics.items() if entries} == {
+        "report": [{"${paths.scores}": {"persist": True}}]}  # cached: `dvc metrics diff` loads any commit's
+    for name, spec in RAW_STAGES.items():
+        if name == "report":
+            continue
+        outs = [out if isinstance(out, str) else next(iter(out)) for out in spec.get("do", spec)["outs"]]
+        assert any(out.startswith(f"${{paths.stage_metrics}}/{name}") for out in outs), f"{name}: figures not an output"
+
+
+TOP_PLOTS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+
+
+def test_plots_read_only_the_report_plot_data_from_params_paths():
+    for entry in TOP_PLOTS:
+        plot_id, props = next(iter(entry.items()))
+        files = list(props["y"]) if isinstance(props.get("y"), dict) else [plot_id]
+        assert files and all(f.startswith("${paths.plots}/") for f in files), plot_id
+
+
+def test_dvc_resolves_the_plot_paths_from_params(tmp_path):
+    """Top-level plots are templated too: moving paths.plots moves what `dvc plots show` reads."""
+    from dvc.repo import Repo
+
+    from pipeline.config import load_profile, write_params
+
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    write_params(load_profile("smoke", {"paths.plots": "elsewhere/plots"}), tmp_path / "params.yaml")
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        resolved = repo.plots.show()["workspace"]["definitions"]["data"]["dvc.yaml"]["data"]  # no data yet: errors only
+    ids = list(resolved)
+    files = {f for props in resolved.values() if isinstance(props.get("y"), dict) for f in props["y"]}
+    assert "elsewhere/plots/learning" in ids and "elsewhere/plots/learning_rate" in ids
+    assert files == {"elsewhere/plots/confusion.csv", "elsewhere/plots/calibration.csv"}

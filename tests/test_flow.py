@@ -73,6 +73,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(clone):
     assert (clone / "data/split.csv").exists() and (clone / "reports/metrics.json").exists()
     second = sh([sys.executable, "-m", "dvc", "repro"], clone)
     assert "Running stage" not in second
+    assert_dvc_views_load_and_are_compact(clone)
     # A one-line edit to a stage module invalidates that stage only (stages never import stages);
     # a per-fold stage's every fold.
     for stage, items in (("features", {"features"}), ("head", {"head@0", "head@1"}), ("finetune", {"finetune@0", "finetune@1"})):
@@ -86,6 +87,50 @@ def test_dvc_repro_runs_every_stage_then_nothing(clone):
     assert changed_stages(clone) == set()
     assert_submission_matches_the_sample(clone, "sample_submission.csv")
     assert_a_failed_stage_keeps_its_outputs(clone)
+
+
+def dvc_json(args: list[str], cwd: Path) -> dict:
+    """A DVC command's --json output (stdout only: progress and warnings go to stderr)."""
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=cwd, env=tool_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def assert_dvc_views_load_and_are_compact(clone: Path) -> None:
+    """What a Kaggler types after a run, once it is committed (README, "DVC views"): `dvc metrics show` is a
+    model-by-score table that fits a 120-column terminal; `dvc metrics diff` loads the commit's scores (from
+    the DVC cache); `dvc plots show` and `dvc plots diff` load every plot; `dvc exp show` with the README's
+    column selection keeps the submission's CV log loss and the changed params only."""
+    from pipeline.config import load_params
+
+    sh(["git", "add", "-A"], clone)
+    sh(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "a run"], clone)
+    rows = [*load_params(clone / "params.yaml").ensemble.models(), "ensemble", "calibrate"]
+
+    lines = [line.rstrip() for line in sh([sys.executable, "-m", "dvc", "metrics", "show"], clone).splitlines() if line.strip()]
+    assert lines[0].split() == ["Path", "cv_acc", "cv_logloss", "cv_logloss_std", "test_acc", "test_logloss"]
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(f"reports/scores/{m}.json" for m in rows)
+    assert max(map(len, lines)) <= 120, "\n".join(lines)
+
+    diff = sh([sys.executable, "-m", "dvc", "metrics", "diff", "--all"], clone)
+    assert "failed to load" not in diff and "reports/scores/calibrate.json  cv_logloss" in diff
+
+    for args in (["plots", "show"], ["plots", "diff", "HEAD"]):
+        plots = dvc_json(args, clone)
+        assert not plots.get("errors"), plots["errors"]
+        expected = {f"reports/plots/learning/{m}.csv" for m in rows[:-2]} | {
+            "Confusion matrix (best out-of-fold predictions)", "Calibration (best out-of-fold predictions)"}
+        assert expected <= set(plots["data"]), sorted(plots["data"])
+        assert all(plot["type"] == "vega" for renders in plots["data"].values() for plot in renders)
+
+    selection = ["--only-changed", "--drop", ".*/|models$|Created", "--keep", "reports/scores/calibrate.json:cv_logloss"]
+    table = sh([sys.executable, "-m", "dvc", "exp", "show", "--csv", *selection], clone).splitlines()
+    assert set(table[0].split(",")) - {"Experiment", "rev", "typ", "parent"} == {"reports/scores/calibrate.json:cv_logloss"}
+    shown = sh([sys.executable, "-m", "dvc", "exp", "show", "--no-pager", *selection], clone)
+    assert "cv_logloss" in shown and max(map(len, shown.splitlines())) <= 120
 
 
 def tree_digest(folder: Path) -> dict[str, bytes]:

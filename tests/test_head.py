@@ -57,7 +57,8 @@ def test_head_learns_predicts_and_reports(trained):
         assert probs.shape[1] == len(CLASSES) and np.allclose(probs.sum(1), 1, atol=1e-4)
 
     head_dir = cfg.paths.fold_models("head", 0)
-    assert (head_dir / "best.ckpt").exists() and (head_dir / "last.ckpt").exists()
+    ckpts = cfg.paths.checkpoints_for(head_dir)
+    assert (ckpts / "best.ckpt").exists() and (ckpts / "last.ckpt").exists()
     log = pd.read_csv(head_dir / "logs" / "metrics.csv")
     assert {"train/loss", "train/lr", "valid/logloss", "valid/acc"} <= set(log.columns)
     lrs = log["train/lr"].dropna().tolist()
@@ -96,7 +97,8 @@ def test_cv_fold_heads_never_watch_their_own_fold(smoke_cfg):
         ids, _ = read_predictions(cfg.paths.fold_predictions("head", k) / "oof.csv")
         assert ids == split.loc[in_fold, "id"].tolist()
         folder = cfg.paths.fold_models("head", k)
-        assert not (folder / "best.ckpt").exists() and (folder / "last.ckpt").exists()
+        ckpts = cfg.paths.checkpoints_for(folder)
+        assert not (ckpts / "best.ckpt").exists() and (ckpts / "last.ckpt").exists()
         assert not any(c.startswith("valid/") for c in pd.read_csv(folder / "logs" / "metrics.csv").columns)
         assert load_head(folder / "head.pt")[1]["fold"] == k
 

@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline.competition import Competition, write_competition
 from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import load_profile
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, StageError
 from pipeline.metrics import write_predictions, write_stage_metrics
 from pipeline.stages import report
 from pipeline.stages.report import run
@@ -25,8 +25,10 @@ def stage_json(cfg, name, figures):
 
 
 def section(page: str, title: str) -> str:
-    """The HTML between ``<h2>title</h2>`` and the next ``<h2>``."""
-    return page.split(f"<h2>{title}</h2>", 1)[1].split("<h2>", 1)[0]
+    """The HTML between ``<h2 id=...>title</h2>`` and the next ``<h2``."""
+    parts = re.split(rf"<h2[^>]*>{re.escape(title)}</h2>", page, maxsplit=1)
+    assert len(parts) == 2, f"no section {title!r}"
+    return parts[1].split("<h2", 1)[0]
 
 
 def table_row(html: str, first_cell: str) -> list[str]:
@@ -46,7 +48,7 @@ def test_report_collects_stage_figures_in_dag_order(smoke_cfg):
     metrics = json.loads(smoke_cfg.paths.path("metrics").read_text())
     assert list(metrics) == ["ingest", "split"]
     assert metrics["split"] == {"n_valid": 3}
-    assert "<h3>ingest</h3>" in page and "n_train" in page
+    assert "<summary>ingest</summary>" in page and "n_train" in page
 
 
 def test_stage_order_puts_every_fold_item_after_its_stage():
@@ -93,9 +95,12 @@ def test_every_section_degrades_gracefully_without_inputs(smoke_cfg):
     page = page_of(smoke_cfg)
     for text in ("No stage has produced predictions yet", "Waiting for the oof stage", "Waiting for the ensemble stage",
                  "Waiting for the calibrate stage", "No training logs yet", "No out-of-fold predictions yet",
-                 "No stage has written figures yet"):
+                 "No stage has written figures yet", "No stage has reported its time yet"):
         assert text in page
     assert page.startswith("<!doctype html>") and page.endswith("</html>")
+    # DVC's views exist (empty) so the stage's outputs are whole right after `sample`
+    assert list(smoke_cfg.paths.path("scores").iterdir()) == []
+    assert smoke_cfg.paths.path("plots").is_dir()
 
 
 # ---------------------------------------------------------------------------- cross-validation
@@ -244,10 +249,11 @@ def test_ensemble_section_without_smoothing(smoke_cfg):
 def test_calibration_section_draws_the_oof_curve(smoke_cfg):
     calibrate_json(smoke_cfg, applied=False, temperature=1.0)
     cal = section(page_of(smoke_cfg), "Calibration")
-    assert "out-of-fold calibration curve (calibrate)" in cal and "<svg" in cal
-    assert "Expected calibration error 0.1000" in cal  # (30 * 0.10 + 50 * 0.10) / 80
+    assert chart_titles(cal) == ["Calibration curve: calibrate, out-of-fold"]
+    assert "Expected calibration error <b>0.1000</b>" in cal  # (30 * 0.10 + 50 * 0.10) / 80
     assert "<b class='bad'>not applied</b>" in cal and "nested 0.3300" in cal and "in-sample 0.3200" in cal
-    assert "0.45: 30, 0.85: 50" in cal
+    # the bins with their image counts, beside the chart
+    assert "<tr><td>0.450</td><td>0.350</td><td>30</td></tr><tr><td>0.850</td><td>0.750</td><td>50</td></tr>" in cal
 
 
 # ---------------------------------------------------------------------------- learning curves
@@ -269,27 +275,61 @@ def fold_logs(cfg):
 
 
 def chart_titles(html: str) -> list[str]:
-    return re.findall(r"font-weight='bold'>([^<]*)</text>", html)
+    """The title of each inline SVG chart (matplotlib's, labelled by plots.to_svg)."""
+    return re.findall(r"<svg class='chart' role='img' aria-label='([^']*)'", html)
 
 
-def legends(html: str) -> set[str]:
-    return set(re.findall(r"<text x='58' y='[\d.]+' fill='#[0-9a-f]+'>([^<]*)</text>", html))
+def svg_texts(html: str) -> set[str]:
+    """Every text drawn in the charts: titles, axis labels, ticks, legend entries."""
+    return set(re.findall(r"<text[^>]*>([^<]*)</text>", html))
 
 
 def test_cv_learning_curves_show_training_loss_and_lr_per_fold_only(smoke_cfg):
     fold_logs(smoke_cfg)
     curves = section(page_of(smoke_cfg), "Learning curves")
-    assert chart_titles(curves) == ["head: loss", "head: learning rate", "pseudo: loss", "pseudo: learning rate"]
-    assert legends(curves) == {"fold0 train/loss", "fold1 train/loss", "fold0", "fold1", "fold1 iteration_2 train/loss",
-                               "fold1 iteration_2"}
-    assert "valid/logloss" not in curves  # fold models never validate on their own rows in cv mode
+    assert chart_titles(curves) == ["head: learning curves", "pseudo: learning curves"]
+    texts = svg_texts(curves)
+    # a loss line per fold; both folds share one learning-rate schedule, drawn once
+    assert {"fold0", "fold1", "every fold", "fold1 iteration_2", "Loss", "Learning rate", "epoch"} <= texts
+    assert "valid/logloss" not in curves and "valid" not in texts  # fold models never validate on their own rows in cv
 
 
 def test_holdout_learning_curves_keep_the_validation_loss(tmp_path):
     cfg = load_profile("smoke", {"split.validation": "holdout"}).at(tmp_path)
     fold_logs(cfg)
     curves = section(page_of(cfg), "Learning curves")
-    assert {"fold0 train/loss", "fold0 valid/logloss"} <= legends(curves)
+    assert {"fold0 train", "fold0 valid"} <= svg_texts(curves)
+
+
+def monitored_log(path, groups=("head", "pg2")):
+    """A fine-tune log with Lightning's LearningRateMonitor: per-step rows carry only step and lr-*."""
+    rows = []
+    for epoch in (0, 1):
+        for step in range(epoch * 3, epoch * 3 + 3):
+            rows.append({"step": step} | {f"lr-AdamW/{g}": 1e-3 * (step + 1) / (10 if i else 1) for i, g in enumerate(groups)})
+        rows.append({"epoch": epoch, "step": epoch * 3 + 2, "train/loss": 2.0 - epoch, "train/lr": 1e-3})
+    write_log(path, pd.DataFrame(rows).to_dict(orient="list"))
+
+
+def test_learning_rates_come_from_the_lr_monitor_per_step_when_logged(smoke_cfg):
+    for fold in (0, 1):
+        monitored_log(smoke_cfg.paths.fold_models("finetune", fold) / "logs" / "metrics.csv")
+    curves = section(page_of(smoke_cfg), "Learning curves")
+    assert chart_titles(curves) == ["finetune: learning curves"]
+    assert {"head", "pg2", "optimizer step"} <= svg_texts(curves)  # one line per param group, shared by the folds
+    rate = pd.read_csv(smoke_cfg.paths.path("plots") / "learning_rate" / "finetune.csv")
+    assert list(rate.columns) == ["step", "lr"] and rate["step"].tolist() == list(range(6))
+    assert rate["lr"].tolist() == pytest.approx([1e-3 * (s + 1) for s in range(6)])  # the top group (head)
+    loss = pd.read_csv(smoke_cfg.paths.path("plots") / "learning" / "finetune.csv")
+    assert loss.to_dict(orient="list") == {"epoch": [0, 1], "train_loss": [2.0, 1.0]}
+
+
+def test_a_log_without_any_learning_rate_still_draws_its_loss(smoke_cfg):
+    write_log(smoke_cfg.paths.fold_models("head", 0) / "logs" / "metrics.csv", {"epoch": [0, 1], "train/loss": [2.0, 1.5]})
+    curves = section(page_of(smoke_cfg), "Learning curves")
+    assert chart_titles(curves) == ["head: learning curves"] and "Learning rate" not in svg_texts(curves)
+    plots = smoke_cfg.paths.path("plots")
+    assert (plots / "learning" / "head.csv").exists() and not (plots / "learning_rate").exists()
 
 
 def test_training_logs_are_in_natural_order(tmp_path):
@@ -340,7 +380,8 @@ def test_report_draws_each_section_from_the_best_predictions(smoke_cfg):
     assert "Out-of-fold predictions: calibrate" in page  # calibrate > ensemble > ... > head
     assert "40 labelled images, each predicted by a model that never trained on it (2-fold cross-validation grouped " \
            "by subject), from data/predictions/calibrate/oof.csv" in page
-    for text in ("<table class='cm'>", "log loss per true class", "reliability diagram", "head: loss", "train/loss",
+    for text in ("<table class='cm'>", "Confusion matrix: calibrate, out-of-fold", "Log loss per true class",
+                 "Log loss per subject", "Calibration curve: calibrate, out-of-fold", "head: learning curves",
                  "<h3>random correct</h3>", "<h3>random incorrect</h3>", "<h3>most correct per class</h3>",
                  "<h3>most incorrect per class</h3>", "<h3>most uncertain</h3>"):
         assert text in page
@@ -412,3 +453,106 @@ def test_five_views_follow_the_course_definitions(tmp_path):
     assert views["most incorrect per class"] == [3, 2]  # per predicted class: c0 -> row 3, c1 -> row 2
     assert views["most uncertain"][0] == 3
     assert sorted(views["random correct"]) == [0, 1] and sorted(views["random incorrect"]) == [2, 3]
+
+
+# ---------------------------------------------------------------------------- DVC views
+
+
+def read_scores(cfg, rerun: bool = True) -> dict[str, dict]:
+    if rerun:
+        run(cfg)
+    return {p.stem: json.loads(p.read_text()) for p in sorted(cfg.paths.path("scores").glob("*.json"))}
+
+
+def test_scores_are_one_compact_file_per_model_then_ensemble_and_calibrate(smoke_cfg):
+    """DVC draws a row per file and a column per key: per model its CV figures and hidden-test ones."""
+    oof_json(smoke_cfg, {"head": 0.5, "finetune": 0.4, "member0": 0.45})
+    ensemble_json(smoke_cfg)
+    calibrate_json(smoke_cfg)
+    scores = read_scores(smoke_cfg)
+    assert sorted(scores) == ["calibrate", "ensemble", "finetune", "head", "member0"]
+    assert scores["head"] == pytest.approx({"cv_logloss": 0.5, "cv_logloss_std": 0.1414214, "cv_acc": 0.8,
+                                            "test_logloss": 0.6, "test_acc": 0.7})
+    assert scores["calibrate"] == {"cv_logloss": 0.33, "cv_acc": 0.85, "test_logloss": 0.44, "test_acc": 0.75}
+    assert set(scores["ensemble"]) == {"cv_logloss", "cv_acc", "test_logloss", "test_acc"}
+
+
+def test_scores_without_hidden_labels_or_in_holdout_mode(tmp_path):
+    cfg = load_profile("smoke", {"split.validation": "holdout"}).at(tmp_path)
+    oof_json(cfg, {"head": 0.5}, test=False, validation="holdout")
+    assert read_scores(cfg) == {"head": pytest.approx({"valid_logloss": 0.5, "valid_logloss_std": 0.1414214,
+                                                       "valid_acc": 0.8})}
+
+
+def test_a_model_dropped_from_the_config_leaves_no_stale_score(smoke_cfg):
+    oof_json(smoke_cfg, {"head": 0.5, "member7": 0.4})
+    assert sorted(read_scores(smoke_cfg)) == ["head", "member7"]
+    oof_json(smoke_cfg, {"head": 0.5})
+    assert sorted(read_scores(smoke_cfg)) == ["head"]
+
+
+def test_a_non_finite_figure_is_refused_and_the_last_scores_stay(smoke_cfg):
+    oof_json(smoke_cfg, {"head": 0.5})
+    run(smoke_cfg)
+    oof_json(smoke_cfg, {"head": float("nan")})
+    with pytest.raises(StageError, match=r"head\.json: a score is not finite .*column cv_logloss"):
+        run(smoke_cfg)
+    assert read_scores(smoke_cfg, rerun=False)["head"]["cv_logloss"] == 0.5
+
+
+def test_plot_data_for_dvc_confusion_and_calibration(smoke_cfg):
+    ids, labels = constructed_oof(smoke_cfg, n=40, sources=("head", "calibrate"))
+    run(smoke_cfg)
+    plots = smoke_cfg.paths.path("plots")
+    confusion = pd.read_csv(plots / "confusion.csv", dtype=str)
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 40  # one row per image
+    assert confusion["actual"].tolist() == [CLASSES[c] for c in labels]  # class names, as DVC's template shows them
+    assert set(confusion["predicted"]) <= set(CLASSES)
+    calibration = pd.read_csv(plots / "calibration.csv")
+    assert list(calibration.columns) == ["bin", "confidence", "accuracy", "perfectly_calibrated", "count"]
+    assert calibration["count"].sum() == 40 and (calibration["confidence"] == calibration["perfectly_calibrated"]).all()
+    for path in [*plots.rglob("*.csv"), *smoke_cfg.paths.path("scores").glob("*.json")]:
+        assert not re.search(r"\b(nan|inf)\b", path.read_text(), re.IGNORECASE), path
+
+
+def test_per_group_log_loss_names_the_competition_group(smoke_cfg):
+    constructed_oof(smoke_cfg)
+    page = page_of(smoke_cfg)
+    groups = section(page, "Log loss per class and per subject")
+    assert chart_titles(groups) == ["Log loss per true class", "Log loss per subject"]
+    assert {"p000", "p001"} <= svg_texts(groups)  # a bar per driver
+    assert any(t.startswith("all images: ") for t in svg_texts(groups))  # the overall log loss to compare with
+
+
+def test_timings_config_and_revision(smoke_cfg, monkeypatch):
+    stage_json(smoke_cfg, "ingest", {"seconds": 1.5})
+    stage_json(smoke_cfg, "head@0", {"seconds": 30.0, "valid_logloss": 1.0})
+    page = page_of(smoke_cfg)
+    assert chart_titles(section(page, "Stage timings")) == ["Seconds per stage run (sum 0.5 min)"]
+    assert {"ingest", "head@0", "30.0 s"} <= svg_texts(section(page, "Stage timings"))
+    run_part = section(page, "Run: revision and config")
+    assert "<details><summary>Config of this run (params.yaml)</summary><pre>profile: smoke" in run_part
+    assert "not a git checkout" in run_part  # tmp dirs are no git repository: said, not failed
+    # git missing altogether must not fail the stage either
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(report.subprocess, "run", no_git)
+    assert "unknown (git is not available)" in page_of(smoke_cfg)
+
+
+def test_revision_of_a_git_checkout_names_the_files_changed_since(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    git("add", "params.yaml")
+    git("commit", "-qm", "x")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert report.git_revision(tmp_path) == f"<code>{sha}</code>"
+    (tmp_path / "params.yaml").write_text("a: 2\n")  # what `dvc exp run -S` does
+    assert report.git_revision(tmp_path) == f"<code>{sha}</code> with uncommitted changes to params.yaml"

@@ -187,7 +187,8 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
         out_dir = out_root / f"iteration_{iteration}"
         run_fp = iteration_fingerprint(cfg, iteration, pseudo, [head_path, finetuned_path], tables)
         outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ps.max_epochs, ft.patience, run_fp, callbacks,
-                                label=f"{item_stage(STAGE, fold)} iteration {iteration}", monitor=monitor)
+                                label=f"{item_stage(STAGE, fold)} iteration {iteration}", monitor=monitor,
+                                ckpt_dir=cfg.paths.checkpoints_for(out_dir))
         valid_probs, test_probs = (predict_probs(outcome.network, tables[s], target_hw, ft.batch_size * 2, ft.num_workers,
                                                  outcome.device, cuda) for s in ("valid", "test"))
         if is_launcher_process():

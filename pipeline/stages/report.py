@@ -1,17 +1,25 @@
-"""``report`` stage: collect every stage's figures into ``reports/metrics.json`` (a map of stage name
-to figures, DAG order with each per-fold item after its stage, DVC metrics) and render
-``reports/report.html``, one static page that opens offline: inline CSS, plots as inline SVG (no
-plotting library needed), thumbnails as base64 JPEG.
+"""``report`` stage: what a Kaggler looks at after a run, in three forms.
 
-Sections: cross-validation (each model's out-of-fold log loss beside its hidden-test figures, a step
-of the head -> finetune -> pseudo chain that makes CV worse flagged, the ensemble's fallback flagged,
-then the log loss per fold); the ensemble (weights, nested against in-sample log loss, smoothing);
-calibration (the out-of-fold calibration curve); log loss per stage run (each fold model on its own
-held-out fold); learning curves (the Lightning ``metrics.csv`` of every fold model); then, on the best
-out-of-fold predictions available (calibrate > ensemble > pseudo > finetune > head): confusion matrix,
-per-class log loss, reliability diagram and the course's five views (random correct, random
-incorrect, most correct per class, most incorrect per class, most uncertain). Every section says
-what it is waiting for when its inputs are absent (the stage can run right after ``sample``).
+- ``reports/metrics.json``: every stage's figures (stage name -> figures, DAG order with each per-fold
+  item after its stage). The Prefect flows read it; DVC treats it as a plain output.
+- ``reports/scores/<model>.json``: the compact DVC metrics, one small file per model (head, finetune,
+  pseudo, member<m>, ensemble, calibrate) with its CV (or validation) log loss, the spread over folds,
+  accuracy, and the hidden-test figures where hidden labels exist. DVC draws one row per file and one
+  column per key, so ``dvc metrics show`` is a model-by-score table that fits a terminal.
+- ``reports/plots/``: the data of DVC's ``plots:`` (``dvc plots show/diff``): training loss and
+  learning rate per model (mean over folds), the confusion rows and the calibration bins of the best
+  out-of-fold predictions.
+- ``reports/report.html``: one static page that opens offline (inline CSS, charts as inline SVG drawn by
+  matplotlib, thumbnails as base64 JPEG): cross-validation table (each model's out-of-fold log loss
+  beside its hidden-test figures, a chain step that makes CV worse flagged), learning curves with the
+  learning rate, ensemble and calibration verdicts, then on the best out-of-fold predictions
+  (calibrate > ensemble > pseudo > finetune > head): calibration curve with bin counts, confusion
+  matrix, log loss per class and per group, the course's five views (random correct, random
+  incorrect, most correct per class, most incorrect per class, most uncertain); stage timings, the
+  run's config and git revision, and every raw figure (collapsed).
+
+Every section says what it is waiting for when its inputs are absent (the stage can run right after
+``sample``). No file written here holds a non-finite number.
 """
 
 from __future__ import annotations
@@ -20,19 +28,48 @@ import base64
 import html
 import io
 import json
-import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from pipeline.competition import TRAIN_INDEX, label_indices, read_competition
+from pipeline.competition import TRAIN_INDEX, Competition, label_indices, read_competition
 from pipeline.config import Config, item_stage
 from pipeline.errors import StageError
-from pipeline.io import atomic_write_text
-from pipeline.metrics import KAGGLE_EPS, OOF_FILE, collect_stage_metrics, prediction_classes, read_predictions
+from pipeline.io import atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_text, remove_leftovers
+from pipeline.metrics import (
+    OOF_FILE,
+    collect_stage_metrics,
+    expected_calibration_error,
+    prediction_classes,
+    read_predictions,
+    reliability_bins,
+    require_finite,
+    row_logloss,
+)
+from pipeline.plots import (
+    bar_chart,
+    calibration_table,
+    confusion_chart,
+    confusion_rows,
+    learning_curves_chart,
+    learning_rates,
+    learning_tables,
+    legend_label,
+    loss_columns,
+    model_rank,
+    natural_key,
+    rate_lines,
+    read_log,
+    reliability_chart,
+    series,
+    timings_chart,
+    training_logs,
+)
 from pipeline.registry import PER_FOLD, STAGES
 
 SCORE_KEYS = ("valid_logloss", "valid_acc", "test_logloss", "test_acc")
@@ -41,18 +78,33 @@ CHAIN = ("head", "finetune", "pseudo")
 PREDICTION_SOURCES = ("calibrate", "ensemble", "pseudo", "finetune", "head")
 # Stages whose out-of-fold rows are data/predictions/<stage>/oof.csv; the models' are data/predictions/oof/<model>/.
 STAGE_SOURCES = ("calibrate", "ensemble")
-COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+# The rows of reports/scores/: the final stages after the models (oof.json lists the models).
+SCORED_STAGES = ("ensemble", "calibrate")
 THUMB_SIZE = (128, 96)
 N_RANDOM = 8
 N_UNCERTAIN = 8
+MAX_GROUPS = 40  # a bar per group up to this many; beyond it the worst ones
 DASH = "\u2013"
 STYLE = (
-    "body{font-family:sans-serif;margin:2em;max-width:75em;color:#222}table{border-collapse:collapse;margin:.5em 0}"
-    "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}"
+    "*{box-sizing:border-box}body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',sans-serif;margin:0 auto;"
+    "padding:1em 2em 3em;max-width:90em;color:#222;line-height:1.4}"
+    "h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}h3{margin:1.2em 0 .4em}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}"
+    "th{background:#f3f3f3}td{font-variant-numeric:tabular-nums;white-space:nowrap}td:last-child{white-space:normal}"
+    ".meta{color:#444}.meta code{background:#f3f3f3;padding:0 .3em}nav{margin:.6em 0 0;font-size:.95em;display:flex;flex-wrap:wrap;gap:.3em 1.2em}"
     ".note{color:#666;font-style:italic}.grid{display:flex;flex-wrap:wrap;gap:.5em}"
     "figure{margin:0;width:132px;font-size:11px}figure img,.noimg{width:128px;height:96px;display:block;background:#eee}"
-    ".ok{color:#2a7d2a}.bad{color:#b22}.cm td{text-align:right;min-width:2.2em}svg{font-size:11px}"
-    ".charts{display:flex;flex-wrap:wrap;gap:1em}"
+    ".ok{color:#2a7d2a}.bad{color:#b22}"
+    ".charts{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}svg.chart{max-width:100%;height:auto}"
+    ".side{flex:1 1 22em;max-width:40em}.figures{display:flex;flex-wrap:wrap;gap:0 2em}.figures details{min-width:12em}"
+    "details{margin:.6em 0}summary{cursor:pointer;color:#245}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;"
+    "font-size:12px;max-height:40em}"
+)
+SECTIONS = (  # (anchor, title) in page order: the table of contents
+    ("cv", "Cross-validation"), ("learning", "Learning curves"), ("ensemble", "Ensemble and test-neighbour smoothing"),
+    ("calibration", "Calibration"), ("oof", "Out-of-fold predictions"), ("confusion", "Confusion matrix"),
+    ("breakdown", "Log loss per class and per group"), ("views", "Five views"), ("timings", "Stage timings"),
+    ("runs", "Log loss per stage run"), ("run", "Run: revision and config"), ("figures", "All figures"),
 )
 
 
@@ -77,6 +129,15 @@ def note(text: str) -> str:
     return f"<p class='note'>{html.escape(text)}</p>"
 
 
+def heading(anchor: str, title: str | None = None) -> str:
+    """An ``<h2>`` the table of contents links to."""
+    return f"<h2 id='{anchor}'>{html.escape(title or dict(SECTIONS)[anchor])}</h2>"
+
+
+def collapsed(summary: str, body: str) -> str:
+    return f"<details><summary>{html.escape(summary)}</summary>{body}</details>"
+
+
 def stage_order(fold_ids: list[int], members: list[int]) -> list[str]:
     """The current DAG in order, each stage followed by its per-fold items: ``head``, ``head@0``,
     ``head@1`` ...; ``member``, ``member@0-0``, ``member@0-1``, ``member@1-0`` ... (member, then fold)."""
@@ -96,82 +157,10 @@ def collect_metrics(folder: Path, fold_ids: list[int], members: list[int]) -> di
     return collect_stage_metrics(folder, stage_order(fold_ids, members))
 
 
-def natural_key(text: str) -> list[Any]:
-    """``fold10`` after ``fold2``."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)]
-
-
-def model_rank(name: str) -> tuple[int, list[Any]]:
-    """Sort key of model names: pretrain, the chain (head, finetune, pseudo), member<m> by m, the rest."""
-    if name == "pretrain":
-        return (0, [])
-    if name in CHAIN:
-        return (1 + CHAIN.index(name), [])
-    if name.startswith("member") and name.removeprefix("member").isdigit():
-        return (1 + len(CHAIN), natural_key(name))
-    return (2 + len(CHAIN), natural_key(name))
-
-
 def ordered_models(names: list[str], preferred: list[str] | None = None) -> list[str]:
     """``names`` in ``preferred`` order (the config's candidates), then the others by :func:`model_rank`."""
     first = [name for name in (preferred or []) if name in names]
     return first + sorted((name for name in names if name not in first), key=model_rank)
-
-
-# ---------------------------------------------------------------------------- SVG charts
-
-
-def scale(values: np.ndarray, lo: float, hi: float, out_lo: float, out_hi: float) -> np.ndarray:
-    span = hi - lo if hi > lo else 1.0
-    return out_lo + (np.asarray(values, dtype=float) - lo) / span * (out_hi - out_lo)
-
-
-def line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str,
-               diagonal: bool = False, limits: tuple[float, float, float, float] | None = None,
-               width: int = 460, height: int = 280) -> str:
-    """Polylines with markers, axes with min/max ticks, a legend; ``diagonal`` draws y = x."""
-    left, right, top, bottom = 50, 10, 24, 36
-    xs = np.concatenate([np.asarray(x, float) for x, _ in series.values()]) if series else np.zeros(1)
-    ys = np.concatenate([np.asarray(y, float) for _, y in series.values()]) if series else np.zeros(1)
-    x0, x1, y0, y1 = limits or (float(xs.min()), float(xs.max()), float(ys.min()), float(ys.max()))
-    px = lambda v: scale(v, x0, x1, left, width - right)  # noqa: E731
-    py = lambda v: scale(v, y0, y1, height - bottom, top)  # noqa: E731
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img'>",
-             f"<text x='{width / 2}' y='15' text-anchor='middle' font-weight='bold'>{html.escape(title)}</text>",
-             f"<rect x='{left}' y='{top}' width='{width - left - right}' height='{height - top - bottom}' fill='none' stroke='#999'/>",
-             f"<text x='{width / 2}' y='{height - 4}' text-anchor='middle'>{html.escape(xlabel)}</text>",
-             f"<text x='12' y='{height / 2}' text-anchor='middle' transform='rotate(-90 12 {height / 2})'>{html.escape(ylabel)}</text>"]
-    for value, anchor in ((x0, "start"), (x1, "end")):
-        parts.append(f"<text x='{px(value):.1f}' y='{height - bottom + 13}' text-anchor='{anchor}'>{value:.3g}</text>")
-    for value in (y0, y1):
-        parts.append(f"<text x='{left - 4}' y='{py(value) + 4:.1f}' text-anchor='end'>{value:.3g}</text>")
-    if diagonal:
-        parts.append(f"<line x1='{px(x0):.1f}' y1='{py(y0):.1f}' x2='{px(x1):.1f}' y2='{py(y1):.1f}' stroke='#aaa' stroke-dasharray='4'/>")
-    for i, (name, (x, y)) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(x), py(y), strict=True))
-        parts.append(f"<polyline points='{points}' fill='none' stroke='{colour}' stroke-width='1.5'/>")
-        parts += [f"<circle cx='{a:.1f}' cy='{b:.1f}' r='2.5' fill='{colour}'/>" for a, b in zip(px(x), py(y), strict=True)]
-        parts.append(f"<text x='{left + 8}' y='{top + 14 + 13 * i}' fill='{colour}'>{html.escape(name)}</text>")
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def bar_chart(labels: list[str], values: list[float], title: str, width: int = 460, bar_height: int = 18) -> str:
-    """Horizontal bars, one per label, value printed at the end of each bar."""
-    left, right, top = 150, 50, 24
-    height = top + bar_height * len(labels) + 8
-    hi = max(max(values, default=0.0), 1e-9)
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img'>",
-             f"<text x='{width / 2}' y='15' text-anchor='middle' font-weight='bold'>{html.escape(title)}</text>"]
-    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
-        y = top + i * bar_height
-        w = (width - left - right) * value / hi
-        parts += [f"<text x='{left - 4}' y='{y + 13}' text-anchor='end'>{html.escape(label)}</text>",
-                  f"<rect x='{left}' y='{y + 2}' width='{w:.1f}' height='{bar_height - 4}' fill='{COLOURS[0]}'/>",
-                  f"<text x='{left + w + 4:.1f}' y='{y + 13}'>{value:.3f}</text>"]
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------- stage figures
@@ -358,18 +347,8 @@ def smoothing_section(figs: dict) -> str:
     return f"{text}</p><table><tr><th>k</th><th>out-of-fold log loss</th></tr>{rows}</table>"
 
 
-def reliability_chart(conf: list[float], acc: list[float], count: list[int], title: str) -> str:
-    """A reliability diagram (accuracy against mean confidence per bin) with its expected calibration error."""
-    ece = float(sum(n * abs(a - c) for c, a, n in zip(conf, acc, count, strict=True)) / max(sum(count), 1))
-    chart = line_chart({"accuracy": (conf, acc)}, title, "confidence (top-class probability)", "accuracy",
-                       diagonal=True, limits=(0.0, 1.0, 0.0, 1.0))
-    counts = ", ".join(f"{c:.2f}: {n}" for c, n in zip(conf, count, strict=True))
-    return (f"{chart}<p>Expected calibration error {ece:.4f}. Points under the diagonal are over-confident "
-            f"(images per bin, by mean confidence: {html.escape(counts)}).</p>")
-
-
-def calibrate_section(metrics: dict[str, dict]) -> str:
-    """The calibration fitted on out-of-fold rows, its nested verdict and the OOF calibration curve."""
+def calibrate_verdict(metrics: dict[str, dict]) -> str:
+    """The calibration fitted on out-of-fold rows and its nested verdict, or what it waits for."""
     figs = metrics.get("calibrate")
     if not figs:
         return note("Waiting for the calibrate stage (reports/stages/calibrate.json).")
@@ -385,91 +364,90 @@ def calibrate_section(metrics: dict[str, dict]) -> str:
     if "test_logloss" in figs:
         text += (f" Hidden test log loss {figure(figs.get('test_logloss_before'))} before, "
                  f"{figure(figs.get('test_logloss'))} after.")
-    text += "</p>"
-    curve = figs.get("curve") or []
+    return text + "</p>"
+
+
+def calibration_curve(conf: list[float], acc: list[float], count: list[int], title: str) -> str:
+    """The reliability chart, and beside it the expected calibration error and the bins as a table."""
+    ece = expected_calibration_error(conf, acc, count)
+    rows = "".join(f"<tr><td>{c:.3f}</td><td>{a:.3f}</td><td>{n}</td></tr>" for c, a, n in zip(conf, acc, count, strict=True))
+    table = f"<table><tr><th>mean confidence</th><th>accuracy</th><th>images</th></tr>{rows}</table>"
+    text = (f"<p>Expected calibration error <b>{ece:.4f}</b> (the count-weighted gap between accuracy and "
+            f"confidence). Points under the diagonal are over-confident: the log loss punishes those most. A bin "
+            f"holding a handful of images says little.</p>")
+    return f"<div class='charts'>{reliability_chart(conf, acc, count, title)}<div class='side'>{text}{table}</div></div>"
+
+
+def calibration_section(metrics: dict[str, dict], preds: OOFPredictions | str) -> str:
+    """The calibrate stage's verdict, then the calibration curve of the best out-of-fold predictions
+    (else the curve calibrate.json keeps)."""
+    text = calibrate_verdict(metrics)
+    if isinstance(preds, OOFPredictions):
+        conf, acc, count = reliability_bins(preds.probs, preds.labels)
+        return text + calibration_curve(conf, acc, count, f"Calibration curve: {preds.source}, out-of-fold")
+    curve = (metrics.get("calibrate") or {}).get("curve") or []
     if not curve:
-        return text + note("No calibration curve in calibrate.json.")
+        return text + (note("No calibration curve in calibrate.json.") if metrics.get("calibrate") else "")
     conf = [float(p["confidence"]) for p in curve]
     acc = [float(p["accuracy"]) for p in curve]
     count = [int(p["n"]) for p in curve]
-    return text + reliability_chart(conf, acc, count, "out-of-fold calibration curve (calibrate)")
+    return text + calibration_curve(conf, acc, count, "Calibration curve: calibrate, out-of-fold")
 
 
 def figures_section(metrics: dict[str, dict]) -> str:
+    """Every stage's raw figures, one collapsed table per stage run."""
     parts = []
     for stage, figs in metrics.items():
         items = "".join(f"<tr><td>{html.escape(k)}</td><td>{format_value(v)}</td></tr>" for k, v in figs.items())
-        parts.append(f"<h3>{html.escape(stage)}</h3><table>{items}</table>")
-    return "".join(parts) or note("No stage has written figures yet.")
+        parts.append(collapsed(stage, f"<table>{items}</table>"))
+    if not parts:
+        return note("No stage has written figures yet.")
+    return collapsed(f"Raw figures of {len(parts)} stage runs (reports/metrics.json)", f"<div class='figures'>{''.join(parts)}</div>")
+
+
+def timings_section(metrics: dict[str, dict]) -> str:
+    """Seconds per stage run (each stage's figures carry ``seconds``), in DAG order."""
+    timed = [(stage, float(figs["seconds"])) for stage, figs in metrics.items()
+             if isinstance(figs.get("seconds"), int | float) and not isinstance(figs.get("seconds"), bool)]
+    if not timed:
+        return note("No stage has reported its time yet (each stage's figures carry seconds).")
+    total = sum(seconds for _, seconds in timed)
+    title = f"Seconds per stage run (sum {total / 60:.1f} min)"
+    return (f"<p>Time of each stage run as the stage measured it, without the process start-up (imports); fold "
+            f"stages that ran on separate workers overlap.</p>"
+            f"<div class='charts'>{timings_chart([s for s, _ in timed], [t for _, t in timed], title)}</div>")
 
 
 # ---------------------------------------------------------------------------- learning curves
 
-LOG_PATTERNS = ("pretrain/logs/metrics.csv", "*/fold*/logs/metrics.csv", "*/fold*/iteration_*/logs/metrics.csv")
-
-
-def training_logs(models_dir: Path) -> dict[str, list[tuple[str, Path]]]:
-    """model -> [(run, Lightning metrics.csv)]: pretrain's log, each fold model's (run ``fold<k>``),
-    pseudo's per fold and iteration (``fold<k> iteration_<i>``); models and runs in natural order."""
-    found: dict[str, list[tuple[str, Path]]] = {}
-    if not models_dir.is_dir():
-        return found
-    for pattern in LOG_PATTERNS:
-        for path in models_dir.glob(pattern):
-            parts = path.relative_to(models_dir).parts  # model, [fold<k>, [iteration_<i>]], logs, metrics.csv
-            found.setdefault(parts[0], []).append((" ".join(parts[1:-2]) or parts[0], path))
-    return {model: sorted(found[model], key=lambda run: natural_key(run[0])) for model in sorted(found, key=model_rank)}
-
-
-def curve_series(log: pd.DataFrame, columns: list[str]) -> dict[str, tuple[list[float], list[float]]]:
-    """Per-epoch series of ``columns`` from a Lightning CSV log (one row per logging call, NaN elsewhere)."""
-    if "epoch" not in log.columns:
-        return {}
-    series = {}
-    for column in columns:
-        points = log[["epoch", column]].dropna().groupby("epoch")[column].last()
-        if len(points):
-            series[column] = (points.index.astype(float).tolist(), points.astype(float).tolist())
-    return series
-
-
-def loss_columns(columns: list[str], validated: bool) -> list[str]:
-    """Training losses, and validation losses where the run validated on held-out rows of its own."""
-    return [c for c in columns if "loss" in c and (validated or c.startswith("train/"))]
-
-
-def lr_columns(columns: list[str]) -> list[str]:
-    return [c for c in columns if c.rsplit("/", 1)[-1].startswith("lr")]
-
 
 def learning_curves_section(models_dir: Path, cv: bool = True) -> str:
-    """Per model, a loss chart and a learning-rate chart with one line per fold (and pseudo iteration).
+    """Per model, its loss by epoch beside its learning rate, one line per fold (and pseudo iteration).
     In cv mode a fold model never validates on rows of its own, so only training loss is drawn
     (pretrain validates on its own domain's holdout drivers and keeps its curve)."""
     charts = []
     for model, runs in training_logs(models_dir).items():
         validated = model == "pretrain" or not cv
         losses: dict[str, tuple[list[float], list[float]]] = {}
-        rates: dict[str, tuple[list[float], list[float]]] = {}
+        rates: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+        rate_x = "epoch"
         for run, path in runs:
-            try:
-                log = pd.read_csv(path)
-            except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError):
+            log = read_log(path)
+            if log is None:
                 continue
-            columns = [str(c) for c in log.columns]
-            prefix = "" if run == model else f"{run} "
-            losses |= {f"{prefix}{c}": s for c, s in curve_series(log, loss_columns(columns, validated)).items()}
-            lr = curve_series(log, lr_columns(columns))
-            rates |= {run if len(lr) == 1 else f"{run} {c}": s for c, s in lr.items()}
-        if losses:
-            charts.append(line_chart(losses, f"{model}: loss", "epoch", "loss"))
-        if rates:
-            charts.append(line_chart(rates, f"{model}: learning rate", "epoch", "lr"))
+            columns = loss_columns(list(log.columns), validated)
+            losses |= {legend_label(run, model, c, len(columns) > 1): s for c, s in series(log, "epoch", columns).items()}
+            x, found = learning_rates(log)
+            if found:
+                rates[run], rate_x = found, x
+        if losses or rates:
+            charts.append(learning_curves_chart(model, losses, rate_lines(rates),
+                                                "optimizer step" if rate_x == "step" else "epoch"))
     if not charts:
         return note("No training logs yet (Lightning metrics.csv under models/<model>/fold<k>/logs/).")
-    intro = ("<p>Training loss and learning rate per epoch, one line per fold: in cross-validation a fold model never "
-             "validates on its own held-out rows (they are predicted once, afterwards), so its held-out log loss is in "
-             "the Cross-validation section, not here.</p>" if cv else
+    intro = ("<p>Training loss per epoch and the learning rate, one line per fold: in cross-validation a fold model "
+             "never validates on its own held-out rows (they are predicted once, afterwards), so its held-out log loss "
+             "is in the Cross-validation section, not here.</p>" if cv else
              "<p>Training and validation loss per epoch (validation: the held-out split), and the learning rate.</p>")
     return f"{intro}<div class='charts'>{''.join(charts)}</div>"
 
@@ -485,6 +463,7 @@ class OOFPredictions:
     probs: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    groups: np.ndarray | None = None  # split.csv's group of each row, where the competition has groups
 
     @property
     def predicted(self) -> np.ndarray:
@@ -499,7 +478,7 @@ def prediction_files(cfg: Config) -> list[tuple[str, Path]]:
 
 
 def find_oof_predictions(cfg: Config) -> OOFPredictions | str:
-    """The best final out-of-fold predictions with their labels (split.csv), or why there are none."""
+    """The best final out-of-fold predictions with their labels and groups (split.csv), or why there are none."""
     split_csv = cfg.paths.path("split_csv")
     for source, path in prediction_files(cfg):
         if not path.exists():
@@ -517,7 +496,8 @@ def find_oof_predictions(cfg: Config) -> OOFPredictions | str:
         ids_arr = np.asarray(ids)[known]
         labels = index_of.loc[ids_arr].to_numpy(dtype=np.int64)
         probs = probs[known] / probs[known].sum(axis=1, keepdims=True)
-        return OOFPredictions(source, path, ids_arr, probs, labels, classes)
+        groups = split.set_index("id").loc[ids_arr, "group"].to_numpy() if "group" in split.columns else None
+        return OOFPredictions(source, path, ids_arr, probs, labels, classes, groups)
     looked = ", ".join(str(relative(cfg, path)) for _, path in prediction_files(cfg))
     return f"No out-of-fold predictions yet (looked for {looked})."
 
@@ -536,52 +516,47 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) 
 
 
 def confusion_section(preds: OOFPredictions) -> str:
+    """The matrix as a chart (class names on both axes), and its counts as a collapsed table."""
     classes = preds.classes
     matrix = confusion_matrix(preds.labels, preds.predicted, len(classes))
-    row_share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
-    rows = []
-    for i, c in enumerate(classes):
-        cells = "".join(
-            f"<td style='background:rgba({'40,120,180' if i == j else '200,40,40'},{row_share[i, j]:.2f})'>{matrix[i, j]}</td>"
-            for j in range(len(classes)))
-        rows.append(f"<tr><th>{html.escape(c)}</th>{cells}</tr>")
-    return f"<p>Rows: true class; columns: predicted.</p><table class='cm'><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+    rows = "".join(f"<tr><th>{html.escape(c)}</th>" + "".join(f"<td>{n}</td>" for n in matrix[i]) + "</tr>"
+                   for i, c in enumerate(classes))
+    table = (f"<p>Rows: true class; columns: predicted.</p>"
+             f"<table class='cm'><tr><th></th>{head}</tr>{rows}</table>")
+    chart = confusion_chart(matrix, classes, f"Confusion matrix: {preds.source}, out-of-fold")
+    return (f"<p>{len(preds.ids)} images; a cell's colour is its share of the true class (row), its number the "
+            f"image count.</p><div class='charts'>{chart}</div>{collapsed('Counts as a table', table)}")
 
 
-def per_class_logloss(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> list[float | None]:
-    """Mean Kaggle log loss over the images of each true class (None for a class with none)."""
-    p_true = np.clip(probs[np.arange(len(labels)), labels], KAGGLE_EPS, 1 - KAGGLE_EPS)
-    losses = -np.log(p_true)
-    return [float(losses[labels == c].mean()) if (labels == c).any() else None for c in range(n_classes)]
+def mean_by(losses: np.ndarray, keys: np.ndarray) -> pd.DataFrame:
+    """Mean log loss and image count per key, in first-seen key order."""
+    frame = pd.DataFrame({"key": keys, "loss": losses})
+    return frame.groupby("key", sort=False)["loss"].agg(["mean", "count"])
 
 
-def per_class_section(preds: OOFPredictions) -> str:
-    losses = per_class_logloss(preds.probs, preds.labels, len(preds.classes))
-    present = [(c, v) for c, v in zip(preds.classes, losses, strict=True) if v is not None]
-    return bar_chart([label for label, _ in present], [v for _, v in present], "log loss per true class")
-
-
-def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[list[float], list[float], list[int], float]:
-    """Per confidence bin (top-class probability): mean confidence, accuracy, count; and the
-    expected calibration error (count-weighted |accuracy - confidence|)."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    conf, acc, count = [], [], []
-    for b in range(n_bins):
-        inside = bins == b
-        if inside.any():
-            conf.append(float(confidence[inside].mean()))
-            acc.append(float(correct[inside].mean()))
-            count.append(int(inside.sum()))
-    ece = float(sum(n * abs(a - c) for c, a, n in zip(conf, acc, count, strict=True)) / max(len(labels), 1))
-    return conf, acc, count, ece
-
-
-def calibration_section(preds: OOFPredictions) -> str:
-    conf, acc, count, _ = reliability(preds.probs, preds.labels)
-    return reliability_chart(conf, acc, count, "reliability diagram")
+def breakdown_section(preds: OOFPredictions, competition: Competition | None) -> str:
+    """Log loss per true class (class order) and per group (worst first): where the score is lost."""
+    losses = row_logloss(preds.probs, preds.labels)
+    overall = float(losses.mean())
+    names = np.asarray(preds.classes, dtype=object)[preds.labels]
+    per_class = mean_by(losses, names).reindex([c for c in preds.classes if c in set(names)])
+    charts = [bar_chart(per_class.index.tolist(), per_class["mean"].tolist(), "Log loss per true class", "log loss",
+                        counts=per_class["count"].tolist(), reference=overall)]
+    group_name = competition.group_name if competition is not None else "group"
+    has_groups = competition.has_groups if competition is not None else preds.groups is not None
+    text = ""
+    if has_groups and preds.groups is not None:
+        per_group = mean_by(losses, preds.groups).sort_values("mean", ascending=False)
+        shown = per_group.head(MAX_GROUPS)
+        title = f"Log loss per {group_name}" + (f" (worst {MAX_GROUPS} of {len(per_group)})" if len(per_group) > len(shown) else "")
+        charts.append(bar_chart([str(g) for g in shown.index], shown["mean"].tolist(), title, "log loss",
+                                counts=shown["count"].tolist(), reference=overall))
+        text = (f"<p>Per {html.escape(group_name)}: the folds hold whole {html.escape(group_name)}s out, as the test "
+                f"set does, so a {html.escape(group_name)} far above the line is one the models do not generalise to.</p>")
+    else:
+        text = note("This competition has no groups: no per-group breakdown.")
+    return f"{text}<div class='charts'>{''.join(charts)}</div>"
 
 
 # ---------------------------------------------------------------------------- the five views
@@ -662,13 +637,17 @@ def views_section(preds: OOFPredictions, paths: dict[str, Path]) -> str:
     return "".join(parts)
 
 
+def read_competition_or_none(cfg: Config) -> Competition | None:
+    try:
+        return read_competition(cfg.paths.path("raw"))
+    except StageError:
+        return None
+
+
 def validation_kind(cfg: Config) -> str:
     """What validates the models: K-fold cross-validation (grouped, or over images without groups), or
     one held-out split (whole groups, or single images)."""
-    try:
-        competition = read_competition(cfg.paths.path("raw"))
-    except StageError:
-        competition = None
+    competition = read_competition_or_none(cfg)
     if cfg.split.validation == "cv":
         kind = f"{len(cfg.split.fold_ids)}-fold cross-validation"
         if competition is None:
@@ -683,46 +662,126 @@ def validation_kind(cfg: Config) -> str:
     return "held-out images: this competition has no groups, so validation is per image"
 
 
-def predictions_sections(cfg: Config) -> str:
-    preds = find_oof_predictions(cfg)
+def predictions_sections(cfg: Config, preds: OOFPredictions | str) -> str:
+    """Out-of-fold predictions, confusion matrix, per class and group, five views: each waits for the
+    predictions with the same sentence when there are none."""
     if isinstance(preds, str):
-        return f"<h2>Out-of-fold predictions</h2>{note(preds)}"
-    return (f"<h2>Out-of-fold predictions: {html.escape(preds.source)}</h2>"
+        return "".join(heading(anchor) + note(preds) for anchor in ("oof", "confusion", "breakdown", "views"))
+    competition = read_competition_or_none(cfg)
+    group = competition.group_name if competition is not None and competition.has_groups else "group"
+    return (f"{heading('oof', f'Out-of-fold predictions: {preds.source}')}"
             f"<p>{len(preds.ids)} labelled images, each predicted by a model that never trained on it "
             f"({html.escape(validation_kind(cfg))}), from {html.escape(str(relative(cfg, preds.path)))}.</p>"
-            f"<h2>Confusion matrix</h2>{confusion_section(preds)}"
-            f"<h2>Per-class log loss</h2>{per_class_section(preds)}"
-            f"<h2>Reliability of {html.escape(preds.source)}</h2>{calibration_section(preds)}"
-            f"<h2>Five views</h2>{views_section(preds, image_paths(cfg))}")
+            f"{heading('confusion')}{confusion_section(preds)}"
+            f"{heading('breakdown', f'Log loss per class and per {group}')}{breakdown_section(preds, competition)}"
+            f"{heading('views')}{views_section(preds, image_paths(cfg))}")
 
 
-# ---------------------------------------------------------------------------- page
+# ---------------------------------------------------------------------------- DVC views
 
 
-def render_html(metrics: dict[str, dict], profile: str, body: str = "", validation: str = "held out",
-                models: list[str] | None = None) -> str:
-    """The page: stage figures first, then ``body`` (the sections that read other artifacts);
-    ``validation`` says what validates the models (:func:`validation_kind`); ``models`` is the
-    config's candidate order (``ensemble.models()``)."""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Pipeline report</title>"
+def scores(metrics: dict[str, dict], cv: bool) -> dict[str, dict[str, float]]:
+    """model (and ensemble, calibrate) -> its compact DVC metrics: ``cv_logloss``, ``cv_logloss_std``
+    (over folds, models only), ``cv_acc`` (``valid_*`` in holdout mode), and ``test_logloss``,
+    ``test_acc`` where hidden labels exist."""
+    est = "cv" if cv else "valid"
+    rows = dict((metrics.get("oof") or {}).get("models", {}))
+    rows |= {stage: metrics[stage] for stage in SCORED_STAGES if metrics.get(stage)}
+    table = {}
+    for name, figs in rows.items():
+        spread = figs.get("fold_logloss_std") if len(figs.get("folds", {})) >= 2 else None
+        picked = {f"{est}_logloss": figs.get("valid_logloss"), f"{est}_logloss_std": spread,
+                  f"{est}_acc": figs.get("valid_acc"), "test_logloss": figs.get("test_logloss"),
+                  "test_acc": figs.get("test_acc")}
+        table[name] = {k: float(v) for k, v in picked.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return table
+
+
+def write_scores(folder: Path, table: dict[str, dict[str, float]]) -> None:
+    """One JSON per row (DVC shows a row per file), swapped in whole so a removed model leaves no file."""
+    remove_leftovers(folder.parent, folder.name)  # of a run killed while writing
+    with atomic_dir(folder) as tmp:
+        for name, figs in table.items():
+            require_finite(np.array([list(figs.values())]), "a score", folder / f"{name}.json", list(figs))
+            atomic_write_json(tmp / f"{name}.json", figs)
+
+
+def write_plot_data(folder: Path, models_dir: Path, preds: OOFPredictions | str) -> None:
+    """What dvc.yaml's ``plots:`` read: learning/<model>.csv (epoch, train_loss), learning_rate/<model>.csv
+    (step, lr), confusion.csv (actual, predicted) and calibration.csv (bins) of the best OOF predictions."""
+    losses, rates = learning_tables(training_logs(models_dir))
+    remove_leftovers(folder.parent, folder.name)
+    with atomic_dir(folder) as tmp:
+        for sub, tables in (("learning", losses), ("learning_rate", rates)):
+            for name, table in tables.items():
+                atomic_write_csv(tmp / sub / f"{name}.csv", table, float_format="%.6g")
+        if isinstance(preds, OOFPredictions):
+            atomic_write_csv(tmp / "confusion.csv", confusion_rows(preds.labels, preds.predicted, preds.classes))
+            atomic_write_csv(tmp / "calibration.csv", calibration_table(*reliability_bins(preds.probs, preds.labels)))
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def git_revision(root: Path, outputs: str = "reports/") -> str:
+    """The checkout's commit and the tracked files changed since (``dvc exp run -S`` edits params.yaml),
+    outside ``outputs`` (the figures files the stages rewrite); a sentence, never an error: the stage
+    also runs outside git."""
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=False)
+        return done.stdout if done.returncode == 0 else None
+
+    try:
+        sha = (git("rev-parse", "--short", "HEAD") or "").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git is not available)"
+    if not sha:
+        return "none (not a git checkout, or no commit yet)"
+    files = [line[3:] for line in (changed or "").splitlines() if line.strip() and not line[3:].startswith(outputs)]
+    if not files:
+        return f"<code>{html.escape(sha)}</code>"
+    shown = ", ".join(html.escape(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return f"<code>{html.escape(sha)}</code> with uncommitted changes to {shown}"
+
+
+def run_section(cfg: Config, revision: str) -> str:
+    params = yaml.safe_dump(cfg.to_params(), sort_keys=False)
+    return (f"<p>Git revision: {revision}. Profile <b>{html.escape(cfg.profile)}</b>.</p>"
+            + collapsed("Config of this run (params.yaml)", f"<pre>{html.escape(params)}</pre>"))
+
+
+def render_html(cfg: Config, metrics: dict[str, dict], preds: OOFPredictions | str) -> str:
+    """The page: scores first, then training, the final stages, the out-of-fold views, and the raw
+    material (timings, per stage run, config, figures) last."""
+    cv = cfg.split.validation == "cv"
+    models = cfg.ensemble.models()
+    revision = git_revision(cfg.paths.root, cfg.paths.reports.rstrip("/") + "/")
+    nav = "".join(f"<a href='#{anchor}'>{html.escape(title)}</a>" for anchor, title in SECTIONS)
+    return (f"<!doctype html><html><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>Pipeline report</title>"
             f"<style>{STYLE}</style></head><body><h1>Pipeline report</h1>"
-            f"<p>profile: <b>{html.escape(profile)}</b>. Validation: {html.escape(validation)}. Out-of-fold figures "
-            f"score every labelled image by a model that never trained on it; test figures exist only where hidden "
-            f"labels do (synthetic data).</p>"
-            f"<h2>Cross-validation</h2>{cv_section(metrics, models)}"
-            f"<h2>Ensemble and test-neighbour smoothing</h2>{ensemble_section(metrics, models)}"
-            f"<h2>Calibration</h2>{calibrate_section(metrics)}"
-            f"<h2>Log loss per stage run</h2>{score_table(metrics)}"
-            f"{body}<h2>All figures</h2>{figures_section(metrics)}</body></html>")
+            f"<p class='meta'>profile: <b>{html.escape(cfg.profile)}</b>. Validation: {html.escape(validation_kind(cfg))}. "
+            f"Revision: {revision}. Out-of-fold figures score every labelled image by a model that "
+            f"never trained on it; test figures exist only where hidden labels do (synthetic data).</p><nav>{nav}</nav>"
+            f"{heading('cv')}{cv_section(metrics, models)}"
+            f"{heading('learning')}{learning_curves_section(cfg.paths.path('models'), cv)}"
+            f"{heading('ensemble')}{ensemble_section(metrics, models)}"
+            f"{heading('calibration')}{calibration_section(metrics, preds)}"
+            f"{predictions_sections(cfg, preds)}"
+            f"{heading('timings')}{timings_section(metrics)}"
+            f"{heading('runs')}{score_table(metrics)}"
+            f"{heading('run')}{run_section(cfg, revision)}"
+            f"{heading('figures')}{figures_section(metrics)}</body></html>")
 
 
 def run(cfg: Config) -> dict[str, Any]:
     metrics = collect_metrics(cfg.paths.path("stage_metrics"), cfg.split.fold_ids, cfg.ensemble.members)
     # Not atomic_write_json: it sorts keys, and this map keeps DAG order.
     atomic_write_text(cfg.paths.path("metrics"), json.dumps(metrics, indent=2) + "\n")
-    cv = cfg.split.validation == "cv"
-    body = (f"<h2>Learning curves</h2>{learning_curves_section(cfg.paths.path('models'), cv)}"
-            f"{predictions_sections(cfg)}")
-    atomic_write_text(cfg.paths.path("report_html"),
-                      render_html(metrics, cfg.profile, body, validation_kind(cfg), cfg.ensemble.models()))
-    return {"stages": list(metrics)}
+    table = scores(metrics, cfg.split.validation == "cv")
+    write_scores(cfg.paths.path("scores"), table)
+    preds = find_oof_predictions(cfg)
+    write_plot_data(cfg.paths.path("plots"), cfg.paths.path("models"), preds)
+    atomic_write_text(cfg.paths.path("report_html"), render_html(cfg, metrics, preds))
+    return {"stages": list(metrics), "scores": sorted(table)}

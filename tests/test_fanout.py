@@ -1,0 +1,231 @@
+"""Scale-out end to end on this machine: a real Prefect server, two process workers started by
+scripts/start_worker.sh (each its own clone at the coordinator's commit, its own DVC limit name),
+a shared local DVC remote, and a coordinator checkout running the pipeline flow with
+``fanout_pool``: the per-fold stages (smoke: 2 heads, 2 fine-tunes, 4 members, 2 pseudo) run on the
+workers, and the coordinator restores them from the remote's run cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_deployments import POOL, copy_repo, free_port, git, run
+
+from flows.local import api_url, prefect_cli, start_server, stop, wait_for_api
+
+ROOT = Path(__file__).resolve().parent.parent
+WALL: dict[str, float] = {}
+
+
+class Cluster:
+    def __init__(self, base: Path, env: dict[str, str], url: str, origin: Path, remote: Path):
+        self.base, self.env, self.url, self.origin, self.remote = base, env, url, origin, remote
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def settings(self):
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+        return temporary_settings({PREFECT_API_URL: self.url, PREFECT_HOME: self.env["PREFECT_HOME"]})
+
+    def clone(self, name: str) -> Path:
+        path = self.base / name
+        git(["clone", "-q", str(self.origin), str(path)], self.base, self.env)
+        run([sys.executable, "-m", "dvc", "remote", "modify", "--local", "local", "url", str(self.remote)], path, self.env)
+        return path
+
+    def start_worker(self, name: str) -> None:
+        commit = git(["rev-parse", "HEAD"], self.origin, self.env).strip()
+        log = (self.base / f"{name}.log").open("w")
+        self.workers[name] = subprocess.Popen(
+            ["bash", str(ROOT / "scripts/start_worker.sh"), "--repo", str(self.origin), "--commit", commit,
+             "--dir", str(self.base / name), "--remote", str(self.remote), "--pool", POOL, "--name", name,
+             "--venv", str(Path(sys.executable).parent.parent)],
+            env=self.env, cwd=self.base, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self, name: str) -> str:
+        return (self.base / f"{name}.log").read_text(errors="replace")
+
+    def fanout_records(self, flow_run_id) -> list[dict]:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["statefarm-fanout"])))
+        mine = [a for a in artifacts if a.flow_run_id == flow_run_id]
+        assert mine, "no statefarm-fanout artifact for the coordinator's run"
+        data = mine[0].data
+        return json.loads(data) if isinstance(data, str) else data
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fanout")
+    origin = copy_repo(base / "origin")
+    port = free_port()
+    url = api_url(port)
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_API_URL": url,
+        "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+        "PYTHONPATH": str(origin), "PWD": str(origin),
+    })
+    env.pop("PREFECT_PROFILE", None)
+    git(["init", "-q"], origin, env)
+    git(["add", "-A"], origin, env)
+    git(["commit", "-qm", "coordinator's commit"], origin, env)
+    cluster = Cluster(base, env, url, origin, base / "shared-remote")
+    server = start_server(port, env, cwd=base, stdout=(base / "server.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for_api(url, timeout=120, proc=server)
+        run([*prefect_cli(), "work-pool", "create", POOL, "--type", "process", "--overwrite"], origin, env)
+        out = run([*prefect_cli(), "--no-prompt", "deploy", "--name", "stages"], origin, env)
+        assert "Deployment 'statefarm-stages/stages' successfully created" in out, out
+        for name in ("w1", "w2"):
+            cluster.start_worker(name)
+        yield cluster
+    finally:
+        for proc in cluster.workers.values():
+            stop(proc)
+        stop(server)
+        print("\nwall times (s):", {k: round(v, 1) for k, v in WALL.items()})
+
+
+def run_coordinator(cluster: Cluster, root: Path, **params):
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.pipeline import pipeline_flow
+
+    with cluster.settings():
+        start = time.monotonic()
+        try:
+            state = pipeline_flow(profile="smoke", root=str(root), return_state=True, **params)
+        finally:
+            APILogHandler().flush()
+        return state, time.monotonic() - start
+
+
+def overlapping(a: dict, b: dict) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+@pytest.mark.slow
+def test_fanned_out_run_equals_the_single_machine_run(cluster):
+    coordinator = cluster.clone("coordinator")
+    state, WALL["fanned out"] = run_coordinator(cluster, coordinator, fanout_pool=POOL)
+    assert state.is_completed(), state.message + "\n" + cluster.log("w1")[-3000:] + cluster.log("w2")[-3000:]
+    with cluster.settings():
+        records = cluster.fanout_records(state.state_details.flow_run_id)
+
+    stages = {r["stage"] for r in records}
+    assert stages == {"head@0", "head@1", "finetune@0", "finetune@1", "pseudo@0", "pseudo@1",
+                      "member@0-0", "member@0-1", "member@1-0", "member@1-1"}
+    # every per-fold stage ran on a worker and the coordinator restored it from the run cache
+    assert {r["worker"] for r in records} == {"w1", "w2"}, records
+    assert all(r["coordinator"] == "restored" for r in records), records
+    # the two workers worked at the same time
+    timed = [r for r in records if "start" in r]
+    assert any(overlapping(a, b) for a in timed for b in timed if a["worker"] != b["worker"]), timed
+
+    single = cluster.clone("single")
+    state, WALL["single machine"] = run_coordinator(cluster, single, push=False)
+    assert state.is_completed(), state.message
+    fanned = pd.read_csv(coordinator / "submissions/submission.csv")
+    alone = pd.read_csv(single / "submissions/submission.csv")
+    assert list(fanned.columns) == list(alone.columns) and fanned["img"].tolist() == alone["img"].tolist()
+    assert (fanned.drop(columns="img") - alone.drop(columns="img")).abs().to_numpy().max() <= 1e-6
+
+
+def wait_for_a_run_on(cluster: Cluster, worker: str, after: int, timeout: float = 300) -> None:
+    """Until the worker's log (past byte ``after``) says it took a flow run."""
+    start = time.monotonic()
+    while "submitting flow run" not in cluster.log(worker)[after:]:
+        assert time.monotonic() - start < timeout, f"{worker} never took a run:\n{cluster.log(worker)[-2000:]}"
+        time.sleep(0.5)
+
+
+def kill_worker(cluster: Cluster, worker: str) -> None:
+    """SIGKILL the worker and the run it started, as when its machine dies: the run stays Running."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(cluster.workers[worker].pid, signal.SIGKILL)
+    cluster.workers[worker].wait(10)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_stage_is_retried_elsewhere(cluster):
+    """w2 dies while running a stage: its run never finishes; after fanout.stage_timeout_s the
+    coordinator cancels it and submits it again (a Prefect task retry), w1 (or, after the retries,
+    the coordinator) runs it, and the run finishes."""
+    import threading
+
+    coordinator = cluster.base / "coordinator"
+    seen = len(cluster.log("w2"))
+    killer = threading.Thread(target=lambda: (wait_for_a_run_on(cluster, "w2", seen), time.sleep(3),
+                                              kill_worker(cluster, "w2")), daemon=True)
+    killer.start()
+    overrides = {"pseudo.max_epochs": 2, "fanout.stage_timeout_s": 60, "fanout.retries": 1}
+    state, WALL["killed worker"] = run_coordinator(cluster, coordinator, fanout_pool=POOL, overrides=overrides)
+    killer.join(timeout=5)
+    assert cluster.workers["w2"].poll() is not None, "w2 was never killed"
+    assert state.is_completed(), state.message
+    with cluster.settings():
+        records = cluster.fanout_records(state.state_details.flow_run_id)
+    assert {r["stage"] for r in records} == {"pseudo@0", "pseudo@1"}
+    assert {r["worker"] for r in records} <= {"w1", "coordinator (fallback)"}, records
+
+
+@pytest.mark.slow
+def test_a_worker_at_another_commit_is_refused(cluster):
+    coordinator = cluster.base / "coordinator"
+    w1 = cluster.base / "w1"
+    git(["commit", "-q", "--allow-empty", "-m", "a local commit on the worker"], w1, cluster.env)
+    try:
+        state, _ = run_coordinator(cluster, coordinator, fanout_pool=POOL, overrides={"pseudo.max_epochs": 3})
+    finally:
+        git(["reset", "-q", "--hard", "HEAD~1"], w1, cluster.env)
+    assert state.is_failed()
+    assert "worker w1 refuses to run" in state.message and "commit" in state.message, state.message
+    assert "stage 'pseudo@" in state.message
+
+
+# ---------------------------------------------------------------------------- units
+
+
+def test_per_fold_stages_fan_out_in_dependency_levels():
+    """From DVC's graph: heads first, then what starts from a head (fine-tunes, members), then pseudo."""
+    from flows.fanout import fan_out_levels, partition_stages
+
+    before, per_fold, after = partition_stages()
+    assert before[-1] == "features" and after[0] == "oof"
+    levels = fan_out_levels(str(ROOT), per_fold)  # the committed params.yaml: demo, 3 folds, members [0, 1]
+    assert levels[0] == ["head@0", "head@1", "head@2"]
+    assert set(levels[1]) == {f"finetune@{k}" for k in range(3)} | {f"member@{m}-{k}" for m in (0, 1) for k in range(3)}
+    assert levels[2] == ["pseudo@0", "pseudo@1", "pseudo@2"]
+
+
+def test_the_gpu_pool_template_keeps_prefects_kubernetes_template_and_adds_a_gpu_limit():
+    import prefect
+    from prefect.utilities.templating import find_placeholders
+
+    views = Path(prefect.__file__).parent / "server/api/collections_data/views/aggregate-worker-metadata.json"
+    default = json.loads(views.read_text())["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"]
+    ours = json.loads((ROOT / "deploy/k8s-gpu-base-job-template.json").read_text())
+    assert set(ours) == set(default) == {"job_configuration", "variables"}
+    assert set(default["job_configuration"]) <= set(ours["job_configuration"])
+    assert set(default["variables"]["properties"]) <= set(ours["variables"]["properties"])
+    # every placeholder the job configuration uses is a declared variable
+    used = {p.name for p in find_placeholders(ours["job_configuration"])}
+    assert used <= set(ours["variables"]["properties"]), used - set(ours["variables"]["properties"])
+    container = ours["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert ours["variables"]["properties"]["gpus"]["type"] == "integer"
