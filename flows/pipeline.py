@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.console import CONSOLE, results_table, use_quiet_console
 from flows.fanout import publish_fanout, run_fanned_out
 from flows.params import Profile, RunParameters
 from flows.submission import note_submission
@@ -32,6 +33,7 @@ from flows.tasks import (
 )
 from pipeline.artifacts import artifact_lines
 from pipeline.config import PARAMS_FILE, load_params, overrides_to_delta
+from pipeline.console import set_verbose
 from pipeline.env import set_offline_env
 
 
@@ -65,6 +67,9 @@ def run_pipeline(run: RunParameters, root: str, force: Iterable[str] = ()) -> di
     logger.info("stages run: %s", [s for s, names in ran.items() if names] or "none (all up to date)")
     cfg = load_params(f"{root}/{PARAMS_FILE}")
     logger.info("artifacts:\n%s", "\n".join(artifact_lines(cfg)))
+    table = results_table(root)
+    logger.info("results:\n%s", table)
+    CONSOLE.info("%s", table)
     return metrics
 
 
@@ -106,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fanout-pool", default=None, metavar="POOL",
                         help="run the per-fold stages on this Prefect work pool's workers")
     parser.add_argument("--root", default=".")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Prefect's and DVC's log lines, every epoch and each stage's figures on the console")
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
+    use_quiet_console()
+    CONSOLE.info("profile %s: every dvc.yaml stage through DVC (only stale ones run)", args.profile)
     overrides = overrides_to_delta(args.overrides) or None
     state = pipeline_flow(profile=args.profile, overrides=overrides, submit=args.submit, push=args.push,
                           pull=args.pull, fanout_pool=args.fanout_pool, root=args.root, return_state=True)

@@ -19,7 +19,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.console import CONSOLE, stage_line
 from pipeline.config import PARAMS_FILE, Config, load_params, load_profile, write_params
+from pipeline.console import verbose
 from pipeline.registry import STAGES
 
 # One DVC run per repository at a time: DVC locks the repo, and a second run would otherwise fail on
@@ -116,7 +118,9 @@ def stderr_tail(lines: int = TAIL_LINES) -> Iterator[deque[str]]:
 
 @contextlib.contextmanager
 def dvc_messages() -> Iterator[list[str]]:
-    """DVC's own log messages while the block runs (e.g. "Stage 'x' is cached - skipping run")."""
+    """DVC's own log messages while the block runs (e.g. "Stage 'x' is cached - skipping run"),
+    collected instead of printed unless verbose (DVC prints them itself and, through the root
+    logger, Prefect again)."""
     messages: list[str] = []
 
     class Collect(logging.Handler):
@@ -126,11 +130,14 @@ def dvc_messages() -> Iterator[list[str]]:
 
     handler = Collect(logging.INFO)
     dvc_logger = logging.getLogger("dvc")
+    saved = (dvc_logger.handlers[:], dvc_logger.propagate)
+    if not verbose():
+        dvc_logger.handlers, dvc_logger.propagate = [], False
     dvc_logger.addHandler(handler)
     try:
         yield messages
     finally:
-        dvc_logger.removeHandler(handler)
+        dvc_logger.handlers, dvc_logger.propagate = saved
 
 
 def _reason(err: BaseException) -> str:
@@ -160,8 +167,10 @@ def run_dvc_stage(stage: str, root: str, force: bool = False, run_cache: bool = 
     """`dvc repro <stage> --single-item [--pull]`: runs the stage only if its deps, params or code
     changed, or restores its outputs from DVC's run cache when this exact run was made before (with
     ``pull``, also from the remote's run cache: a stage another worker ran and pushed)."""
+    start = time.monotonic()
     names, how = reproduce(stage, root, force=force, run_cache=run_cache, pull=pull)
     get_run_logger().info("%s: %s", stage, HOW_TEXT[how])
+    CONSOLE.info(stage_line(stage, names, how, time.monotonic() - start, root))
     return names
 
 
@@ -183,6 +192,7 @@ def reproduce(stage: str, root: str, force: bool = False, run_cache: bool = True
         try:
             # DVC resolves stage paths against the working directory, not only the repo root.
             with contextlib.chdir(root), Repo(root) as repo:
+                repo.scm_context.quiet = True  # no "To track the changes with git, run ..." per stage
                 ran = repo.reproduce(targets=[stage], single_item=True, force=force, run_cache=run_cache,
                                      pull=pull)
         except Exception as err:

@@ -20,6 +20,7 @@ from pipeline.config import (
     load_profile,
     write_params,
 )
+from pipeline.console import headline, set_verbose, verbose
 from pipeline.env import set_offline_env
 from pipeline.errors import StageError
 from pipeline.io import exclusive_lock
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Usually run all of them with `dvc repro` or the Prefect flow (`make demo`).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="every epoch line and the stage's figures as JSON (also STATEFARM_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     configure = sub.add_parser("configure", help="resolve a profile (+ overrides) into params.yaml")
     configure.add_argument("--profile", default="demo", help=f"a configs/<name>.yaml: {', '.join(PROFILES)} or yours (default demo)")
@@ -80,7 +83,9 @@ def run_stage(name: str, params: str, **options: object) -> dict:
     start = time.perf_counter()
     with exclusive_lock(stage_lock(cfg, name, options), f"stage {name}'s outputs"):
         figures = stage_module(name).run(cfg, **options) or {}
-    print(f"[{name}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    shown = headline(figures)
+    print(f"[{name}] done in {time.perf_counter() - start:.1f}s" + (f": {shown}" if shown else ""), file=sys.stderr,
+          flush=True)
     return figures
 
 
@@ -88,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_offline_env()
     die_with_parent()
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     try:
         if args.command == "configure":
             cfg = load_profile(args.profile, args.overrides)
@@ -97,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             options = {key: getattr(args, key) for key in ("member", "fold") if getattr(args, key, None) is not None}
             figures = run_stage(args.command, args.params, **options)
-            if figures:
+            if figures and verbose():  # always in reports/stages/<stage>.json
                 print(json.dumps(figures, indent=2, default=str))
     except (ConfigError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -54,6 +54,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import AugmentConfig, TrainerConfig
+from pipeline.console import PROGRESS_EVERY_S, verbose
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
 from pipeline.datamodules import epoch_seed
 from pipeline.errors import StageError
@@ -329,15 +330,20 @@ def interactive() -> bool:
 
 
 class EpochSummary(Callback):
-    """One line per epoch on stderr where there is no progress bar (DVC/Prefect logs)."""
+    """Epoch lines on stderr where there is no progress bar (DVC/Prefect logs): every epoch when
+    verbose, else at most one per ``PROGRESS_EVERY_S`` seconds (a long stage still shows progress)."""
 
     def __init__(self, name: str):
         self.name = name
-        self.start = time.perf_counter()
+        self.start = self.shown = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        now = time.perf_counter()
+        if not verbose() and now - self.shown < PROGRESS_EVERY_S:
+            return
+        self.shown = now
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", MONITOR, "valid/acc")}
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         print(f"[{self.name}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {trainer.global_step} "
