@@ -7,12 +7,13 @@ log line either way."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import PARAMS_FILE, load_params
-from pipeline.console import headline, verbose
+from pipeline.console import ORCHESTRATED_ENV, headline, verbose
 from pipeline.io import read_json
 
 CONSOLE = logging.getLogger("statefarm.console")
@@ -28,6 +29,7 @@ def use_quiet_console() -> None:
 
     if verbose():
         return
+    os.environ[ORCHESTRATED_ENV] = "1"  # the stages leave their "done" line to this console
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler):
             handler.setLevel(logging.WARNING)

@@ -20,7 +20,7 @@ from pipeline.config import (
     load_profile,
     write_params,
 )
-from pipeline.console import headline, set_verbose, verbose
+from pipeline.console import headline, orchestrated, set_verbose, verbose
 from pipeline.env import set_offline_env
 from pipeline.errors import StageError
 from pipeline.io import exclusive_lock
@@ -84,8 +84,9 @@ def run_stage(name: str, params: str, **options: object) -> dict:
     with exclusive_lock(stage_lock(cfg, name, options), f"stage {name}'s outputs"):
         figures = stage_module(name).run(cfg, **options) or {}
     shown = headline(figures)
-    print(f"[{name}] done in {time.perf_counter() - start:.1f}s" + (f": {shown}" if shown else ""), file=sys.stderr,
-          flush=True)
+    if not orchestrated():
+        print(f"[{name}] done in {time.perf_counter() - start:.1f}s" + (f": {shown}" if shown else ""), file=sys.stderr,
+              flush=True)
     return figures
 
 

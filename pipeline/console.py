@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 VERBOSE_ENV = "STATEFARM_VERBOSE"
+# Set by `python -m flows.pipeline`, which prints each stage's line itself: the stage then prints none.
+ORCHESTRATED_ENV = "STATEFARM_ORCHESTRATED"
 PROGRESS_EVERY_S = 30.0
 # The figure a stage line shows, first found wins: held-out log loss (the fold's rows in cv), then
 # the out-of-fold estimate of the ensemble and calibration stages, then what data stages report.
@@ -21,6 +23,10 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") not in ("", "0", "false")
 
 
+def orchestrated() -> bool:
+    return os.environ.get(ORCHESTRATED_ENV, "0") == "1" and not verbose()
+
+
 def set_verbose(on: bool) -> None:
     """Also for the stage processes DVC starts (they inherit the environment)."""
     if on:
@@ -30,7 +36,8 @@ def set_verbose(on: bool) -> None:
 def headline(figures: Mapping[str, Any]) -> str:
     """``held-out log loss 0.5865 (acc 0.812)``: the first headline figure found, for a stage with
     several items (every fold) their mean; "" when there is none."""
-    items = [f for f in figures.values() if isinstance(f, Mapping)] or [figures]
+    top_level = any(key in figures for key, _ in HEADLINE_KEYS)
+    items = [figures] if top_level else [f for f in figures.values() if isinstance(f, Mapping)]
     for key, label in HEADLINE_KEYS:
         values = [f[key] for f in items if isinstance(f.get(key), int | float) and not isinstance(f.get(key), bool)]
         if not values:

@@ -20,6 +20,8 @@ def test_headline_is_the_held_out_log_loss_with_accuracy_and_the_mean_over_items
     assert headline({"cv_logloss": 0.41}) == "CV log loss 0.4100"
     assert headline({"n_train": 1200, "seconds": 1.0}) == "train images 1200"
     assert headline({"seconds": 1.0}) == ""
+    # a stage's own figures first, not those of its parts (pseudo's iterations)
+    assert headline({"valid_logloss": 0.5, "iteration_1": {"valid_logloss": 0.9}}) == "held-out log loss 0.5000"
 
 
 def test_verbose_comes_from_the_environment_so_stage_processes_inherit_it(monkeypatch):
@@ -65,3 +67,13 @@ def test_stage_line_shows_how_time_and_the_headline(project):
     line = stage_line("head", ["head@0"], "ran", 3.25, str(project))
     assert line.split() == ["head", "ran", "3.2s", "held-out", "log", "loss", "0.6000", "(acc", "0.700)"]
     assert stage_line("split", [], "skipped", 0.4, str(project)).split() == ["split", "up", "to", "date", "0.4s"]
+
+
+def test_an_orchestrated_stage_leaves_its_done_line_to_the_flow(monkeypatch):
+    from pipeline.console import orchestrated
+
+    monkeypatch.setenv("STATEFARM_VERBOSE", "0")
+    monkeypatch.setenv("STATEFARM_ORCHESTRATED", "1")
+    assert orchestrated()
+    monkeypatch.setenv("STATEFARM_VERBOSE", "1")
+    assert not orchestrated()  # verbose: every line

@@ -138,7 +138,7 @@ def stack(tmp_path_factory):
         print("\ntimings:", {k: round(v, 1) for k, v in TIMINGS.items()})
 
 
-def wait_final(stack: Stack, ids: list, timeout: float = 240) -> list:
+def wait_final(stack: Stack, ids: list, timeout: float = 600) -> list:  # generous: CI machines are shared
     with stack.settings(), stack.client() as client:
         deadline = time.monotonic() + timeout
         while True:
@@ -231,7 +231,7 @@ def test_noop_retrain_runs_no_stage(stack, two_runs):
     stack.start_worker()
     start = time.monotonic()
     out = run([*prefect_cli(), "deployment", "run", "statefarm-retrain/weekly", "--param", "profile=smoke",
-               "--param", "submit=false", "--watch", "--watch-interval", "1"], stack.repo, stack.env, timeout=240)
+               "--param", "submit=false", "--watch", "--watch-interval", "1"], stack.repo, stack.env, timeout=480)
     TIMINGS["no-op retrain, trigger -> done (s)"] = time.monotonic() - start
     assert "Completed" in out, out + stack.logs()
     assert (stack.repo / "dvc.lock").read_text() == lock
@@ -284,11 +284,11 @@ def test_failures_name_the_stage_or_the_key(stack, tmp_path):
 
 
 def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_path):
-    """Scale-out through DVC: a worker runs an ensemble member on one fold (a matrix stage, the unit
-    that fans out) and pushes outputs + run cache to the shared remote; another checkout running with pull=true
-    restores the member instead of re-running it. Upstream stages are persistent (a failed run keeps
-    their last good outputs), so the run cache skips them: they re-run, deterministically, and the
-    member's inputs match."""
+    """Scale-out through DVC: a worker runs a fold's head and an ensemble member on that fold (per-fold
+    stages, the units that fan out) and pushes outputs + run cache to the shared remote; another
+    checkout running with pull=true restores both instead of re-running them. The stages before them
+    are persistent (a failed run keeps their last good outputs), so the run cache skips them: they
+    re-run, deterministically, and the per-fold stages' inputs match."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
@@ -313,7 +313,8 @@ def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_p
             logs = [log.message for log in client.read_logs(log_filter=LogFilter(
                 flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))]
     assert any(m.startswith("member@0-0: restored from the run cache") for m in logs), logs
-    assert any(m.startswith("head@0: ran") for m in logs), logs
+    assert any(m.startswith("head@0: restored from the run cache") for m in logs), logs
+    assert any(m.startswith("features: ran") for m in logs), logs  # persistent: the run cache skips it
     for rel in ("data/predictions/folds/member0/0/test.csv", "data/split.csv"):
         assert (coordinator / rel).read_bytes() == (worker / rel).read_bytes()
 

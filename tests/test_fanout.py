@@ -146,18 +146,34 @@ def test_fanned_out_run_equals_the_single_machine_run(cluster):
     assert (fanned.drop(columns="img") - alone.drop(columns="img")).abs().to_numpy().max() <= 1e-6
 
 
-def wait_for_a_run_on(cluster: Cluster, worker: str, after: int, timeout: float = 300) -> None:
-    """Until the worker's log (past byte ``after``) says it took a flow run."""
+def run_started_by(cluster: Cluster, worker: str, since: float, timeout: float = 300):
+    """The first flow run ``worker`` started after ``since`` (the stages flow records its worker first thing)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.stages import WORKER_ARTIFACT
+
     start = time.monotonic()
-    while "submitting flow run" not in cluster.log(worker)[after:]:
-        assert time.monotonic() - start < timeout, f"{worker} never took a run:\n{cluster.log(worker)[-2000:]}"
-        time.sleep(0.5)
+    with cluster.settings(), get_client(sync_client=True) as client:
+        while time.monotonic() - start < timeout:
+            for artifact in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[WORKER_ARTIFACT]))):
+                record = json.loads(str(artifact.data).strip().removeprefix("```json").removesuffix("```"))
+                if record["worker"] == worker and record["start"] > since:
+                    return client.read_flow_run(artifact.flow_run_id)
+            time.sleep(0.5)
+    raise AssertionError(f"{worker} started no run:\n{cluster.log(worker)[-2000:]}")
 
 
-def kill_worker(cluster: Cluster, worker: str) -> None:
-    """SIGKILL the worker and the run it started, as when its machine dies: the run stays Running."""
+def kill_worker_mid_stage(cluster: Cluster, worker: str, since: float) -> None:
+    """SIGKILL the worker and the flow run it started, as when its machine dies: the run stays Running."""
+    flow_run = run_started_by(cluster, worker, since)
+    time.sleep(3)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(cluster.workers[worker].pid, signal.SIGKILL)
+    pid = int(str(flow_run.infrastructure_pid or "0").split(":")[-1])
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if pid:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)  # the worker starts each run in its own session
     cluster.workers[worker].wait(10)
 
 
@@ -169,9 +185,7 @@ def test_a_worker_killed_mid_stage_is_retried_elsewhere(cluster):
     import threading
 
     coordinator = cluster.base / "coordinator"
-    seen = len(cluster.log("w2"))
-    killer = threading.Thread(target=lambda: (wait_for_a_run_on(cluster, "w2", seen), time.sleep(3),
-                                              kill_worker(cluster, "w2")), daemon=True)
+    killer = threading.Thread(target=kill_worker_mid_stage, args=(cluster, "w2", time.time()), daemon=True)
     killer.start()
     overrides = {"pseudo.max_epochs": 2, "fanout.stage_timeout_s": 60, "fanout.retries": 1}
     state, WALL["killed worker"] = run_coordinator(cluster, coordinator, fanout_pool=POOL, overrides=overrides)
