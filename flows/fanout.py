@@ -15,7 +15,6 @@ the run fails naming the stage and the worker. A worker whose checkout differs f
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.checkout import checkout_state
-from flows.stages import WORKER_ARTIFACT
+from flows.stages import WORKER_ARTIFACT, read_worker_record
 from flows.tasks import HOW_TEXT, push_cache, reproduce, run_stages, stage_task
 from pipeline.config import Config, FanoutConfig
 from pipeline.registry import PER_FOLD, STAGES
@@ -108,10 +107,8 @@ def worker_record(flow_run: Any) -> dict[str, Any]:
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]), key=ArtifactFilterKey(any_=[WORKER_ARTIFACT])))
-    records = []
-    for artifact in artifacts:  # one when the run started, one more when it finished
-        with contextlib.suppress(ValueError, AttributeError):
-            records.append(json.loads(str(artifact.data).strip().removeprefix("```json").removesuffix("```")))
+    # one when the run started, one more when it finished
+    records = [record for record in map(read_worker_record, (a.data for a in artifacts)) if record]
     if records:
         return max(records, key=lambda r: "end" in r)
     return {"worker": f"none (the run was never picked up; state {flow_run.state_name})"}

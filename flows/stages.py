@@ -15,6 +15,7 @@ Deployed as `statefarm-stages/stages` (prefect.yaml):
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,19 @@ def pull_upstream(root: str, dvc_lock: str, targets: list[str]) -> None:
 
 
 def publish_worker_record(record: dict[str, Any]) -> None:
-    import json
-
+    """A markdown artifact holding the record as fenced JSON (readable in the UI; ``read_worker_record``)."""
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(f"```json\n{json.dumps(record)}\n```", key=WORKER_ARTIFACT,
                              description=f"stages run by worker {record['worker']}")
+
+
+def read_worker_record(data: Any) -> dict[str, Any] | None:
+    """The record ``publish_worker_record`` wrote, from the artifact's data (None if it is not one)."""
+    try:
+        return json.loads(str(data).strip().removeprefix("```json").removesuffix("```"))
+    except ValueError:
+        return None
 
 
 @flow(name="statefarm-stages", log_prints=True)

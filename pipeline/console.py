@@ -43,7 +43,7 @@ def headline(figures: Mapping[str, Any]) -> str:
         if not values:
             continue
         mean = sum(values) / len(values)
-        text = f"{label} {mean:.4f}" if isinstance(mean, float) and not key.startswith("n_") else f"{label} {mean:.0f}"
+        text = f"{label} {mean:.0f}" if key.startswith("n_") else f"{label} {mean:.4f}"  # counts, scores
         accs = [f["valid_acc"] for f in items if isinstance(f.get("valid_acc"), int | float)]
         if key == "valid_logloss" and accs:
             text += f" (acc {sum(accs) / len(accs):.3f})"

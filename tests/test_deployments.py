@@ -65,6 +65,26 @@ def file_digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def server_env(base: Path, url: str, repo: Path) -> dict[str, str]:
+    """The environment of a local Prefect server and its clients: its own PREFECT_HOME, quick worker
+    polls, this interpreter's tools, and `flows`/`pipeline` imported from ``repo``."""
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_HOME": str(base / "prefect-home"),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick runs up quickly (default 10 s)
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+        # `flows` and `pipeline` import from the copy, wherever this package is installed from.
+        "PYTHONPATH": str(repo),
+        "PWD": str(repo),  # prefect.yaml resolves the deployments' working directory from $PWD
+    })
+    env.pop("PREFECT_PROFILE", None)
+    return env
+
+
 class Stack:
     def __init__(self, base: Path, repo: Path, env: dict[str, str], url: str):
         self.base, self.repo, self.env, self.url = base, repo, env, url
@@ -102,20 +122,7 @@ def stack(tmp_path_factory):
     repo = copy_repo(base / "repo")
     port = free_port()
     url = api_url(port)
-    env = dict(os.environ)
-    env.update({
-        "PREFECT_HOME": str(base / "prefect-home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick runs up quickly (default 10 s)
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-        # `flows` and `pipeline` import from the copy, wherever this package is installed from.
-        "PYTHONPATH": str(repo),
-        "PWD": str(repo),  # prefect.yaml resolves the deployments' working directory from $PWD
-    })
-    env.pop("PREFECT_PROFILE", None)
+    env = server_env(base, url, repo)
     git(["init", "-q"], repo, env)
     git(["add", "-A"], repo, env)
     git(["commit", "-qm", "fresh checkout"], repo, env)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_deployments import POOL, copy_repo, free_port, git, run
+from test_deployments import POOL, copy_repo, free_port, git, run, server_env
 
 from flows.local import api_url, prefect_cli, start_server, stop, wait_for_api
 
@@ -72,15 +72,7 @@ def cluster(tmp_path_factory):
     origin = copy_repo(base / "origin")
     port = free_port()
     url = api_url(port)
-    env = dict(os.environ)
-    env.update({
-        "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_API_URL": url,
-        "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-        "PYTHONPATH": str(origin), "PWD": str(origin),
-    })
-    env.pop("PREFECT_PROFILE", None)
+    env = server_env(base, url, origin)
     git(["init", "-q"], origin, env)
     git(["add", "-A"], origin, env)
     git(["commit", "-qm", "coordinator's commit"], origin, env)
@@ -151,14 +143,14 @@ def run_started_by(cluster: Cluster, worker: str, since: float, timeout: float =
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.stages import WORKER_ARTIFACT
+    from flows.stages import WORKER_ARTIFACT, read_worker_record
 
     start = time.monotonic()
     with cluster.settings(), get_client(sync_client=True) as client:
         while time.monotonic() - start < timeout:
             for artifact in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[WORKER_ARTIFACT]))):
-                record = json.loads(str(artifact.data).strip().removeprefix("```json").removesuffix("```"))
-                if record["worker"] == worker and record["start"] > since:
+                record = read_worker_record(artifact.data)
+                if record and record["worker"] == worker and record["start"] > since:
                     return client.read_flow_run(artifact.flow_run_id)
             time.sleep(0.5)
     raise AssertionError(f"{worker} started no run:\n{cluster.log(worker)[-2000:]}")
