@@ -1,17 +1,27 @@
-"""Does the CPU profile learn real images, and does it beat a classic baseline? Real handwritten digits
-(scikit-learn's 1,797 8x8 scans, the only real images a package ships here) rendered into State
-Farm's exact Kaggle layout, with "writers" as groups (test writers never seen in training, as test
-drivers), then the whole chain (``cpu`` profile by default, ``ingest.source: dir``) against two classic
+"""Does the CPU profile learn real images, and does it beat a classic baseline? Two kinds of real
+images rendered into State Farm's exact Kaggle layout (imgs/train/c0..c9, imgs/test,
+driver_imgs_list.csv, sample_submission.csv), with groups as the "drivers" (test groups never seen in
+training), then the whole chain (``cpu`` profile by default, ``ingest.source: dir``) against two classic
 baselines on the same split: HOG features + logistic regression and raw pixels + logistic
 regression. Hidden-test log loss and accuracy side by side, per seed.
 
-    python benchmarks/real_images.py [--profile cpu] [--seeds 0 1 2] [--set KEY=VALUE ...] [--workdir DIR] [--out results.json]
+    python benchmarks/real_images.py --kind digits --seeds 0 1 2 [--profile cpu] [--set KEY=VALUE ...] [--workdir DIR] [--out results.json]
+    python benchmarks/real_images.py --kind photos --seeds 0 1 2 [--profile cpu] [--set KEY=VALUE ...] [--workdir DIR] [--out results.json]
 
-Rendering: each scan upscaled to 64x64, on a 96x96 canvas; every writer has its own ink colour,
-stroke weight (a max filter), background tone, offset and slant, and every image its own jitter and
-JPEG noise: the group structure (near-duplicate style within a writer) the split must respect.
+``--kind digits`` (the default): scikit-learn's 1,797 real 8x8 handwritten digit scans, the class is
+the digit. Each scan upscaled to 64x64, on a 96x96 canvas; the groups are 30 "writers" (8 in test),
+each with its own ink colour, stroke weight (a max filter), background tone, offset and slant, and
+every image its own jitter and JPEG noise: near-duplicate style within a writer.
+
+``--kind photos``: the real photographs packaged here (scikit-learn's china.jpg and flower.jpg,
+matplotlib's grace_hopper.jpg) as a 10-class scene-region task: sky, pagoda, lake, foliage, dahlia
+petals, blurred leaves, face, flag, uniform, studio backdrop (``REGIONS``). Every image is a 96x96
+view sampled inside its class's region at a random position, scale (0.6-1.4 of 64 source pixels) and
+small rotation, with brightness, contrast and saturation jitter, noise and JPEG compression. The
+groups are 20 "cameras" (4 in test), 150 images each (3,000 in all): group g only sees views centred
+on strip g of 20 along every region's longer side, through its own colour cast and exposure, so test
+groups show sub-areas and casts never seen in training.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -77,10 +87,113 @@ def write_competition(root: Path, seed: int, n_writers: int = 30, n_test_writers
         render(scan, styles[writer], rng).save(root / rel, quality=int(rng.integers(70, 95)))
         rows.append({"img": name, "classname": f"c{label}", "subject": f"w{writer:03d}", "split": split, "path": rel})
     table = pd.DataFrame(rows)
+    write_lists(root, table)
+    return table
+
+
+def write_lists(root: Path, table: pd.DataFrame) -> None:
+    """driver_imgs_list.csv (the train images) and sample_submission.csv (the test images)."""
     train = table[table["split"] == "train"]
     train[["subject", "classname", "img"]].to_csv(root / "driver_imgs_list.csv", index=False)
     test = table[table["split"] == "test"]
     pd.DataFrame({"img": test["img"], **{c: 0.1 for c in CLASSES}}).to_csv(root / "sample_submission.csv", index=False)
+
+
+# ---------------------------------------------------------------------------- the photographs
+
+
+def photographs() -> dict[str, Image.Image]:
+    """The real photographs packaged here: scikit-learn's two sample images (640x427) and matplotlib's
+    portrait of Grace Hopper (512x600)."""
+    from matplotlib import cbook
+    from sklearn.datasets import load_sample_images
+
+    china, flower = (Image.fromarray(image) for image in load_sample_images().images)
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as grace:
+        return {"china": china, "flower": flower, "grace": grace.convert("RGB")}
+
+
+# one scene region per class: (photograph, [(x0, y0, x1, y1), ...]); a class with two boxes draws from both
+REGIONS = [
+    ("china", [(330, 0, 630, 135)]),                           # c0 hazy sky
+    ("china", [(85, 80, 340, 370)]),                           # c1 pagoda: tiled eaves, red columns
+    ("china", [(360, 225, 545, 287)]),                         # c2 lake with boats
+    ("china", [(340, 320, 640, 427), (565, 160, 640, 320)]),   # c3 foliage
+    ("flower", [(205, 115, 415, 325)]),                        # c4 dahlia petals
+    ("flower", [(0, 0, 170, 427), (465, 0, 640, 370)]),        # c5 blurred dark-teal leaves
+    ("grace", [(185, 150, 335, 330)]),                         # c6 face and glasses
+    ("grace", [(0, 0, 150, 340)]),                             # c7 flag: stars and stripes
+    ("grace", [(40, 400, 210, 600), (330, 400, 505, 490)]),    # c8 dark uniform
+    ("grace", [(375, 0, 512, 320)]),                           # c9 blue studio backdrop
+]
+CROP = 64  # source pixels per 96-pixel image at scale 1
+
+
+def photo_crop(photo: Image.Image, box: tuple[int, int, int, int], strip: tuple[float, float],
+               rng: np.random.Generator) -> Image.Image:
+    """A 96x96 view of ``photo`` centred inside ``box``, its centre in the ``strip`` fraction of the box's
+    longer side; random scale (0.6-1.4), rotation and position."""
+    x0, y0, x1, y1 = box
+    angle = np.deg2rad(rng.normal(0, 8))
+    spread = abs(np.cos(angle)) + abs(np.sin(angle))  # the rotated view's extent per unit side
+    side = float(np.clip(CROP * rng.uniform(0.6, 1.4), 24, min(x1 - x0, y1 - y0) / spread))
+    lo, hi = strip
+    t = rng.uniform(lo, hi)
+    if x1 - x0 >= y1 - y0:
+        cx, cy = x0 + t * (x1 - x0), rng.uniform(y0, y1)
+    else:
+        cx, cy = rng.uniform(x0, x1), y0 + t * (y1 - y0)
+    half = side * spread / 2  # the whole rotated view inside the region
+    cx, cy = float(np.clip(cx, x0 + half, x1 - half)), float(np.clip(cy, y0 + half, y1 - half))
+    k = side / SIZE  # output pixel (u, v) -> source centre + k * R(angle) (u - 48, v - 48)
+    cos, sin = k * np.cos(angle), k * np.sin(angle)
+    h = SIZE / 2
+    data = (cos, -sin, cx - cos * h + sin * h, sin, cos, cy - sin * h - cos * h)
+    return photo.transform((SIZE, SIZE), Image.AFFINE, data, resample=Image.BICUBIC)
+
+
+def photo_style(rng: np.random.Generator) -> dict[str, Any]:
+    """A group's camera: colour cast (per-channel gain) and exposure."""
+    return {"gain": rng.uniform(0.8, 1.2, 3), "exposure": float(rng.uniform(0.7, 1.3))}
+
+
+def develop(view: Image.Image, style: dict[str, Any], rng: np.random.Generator) -> Image.Image:
+    """The group's cast and exposure, then per-image brightness, contrast and saturation jitter and noise."""
+    x = np.asarray(view, dtype=np.float32) * style["gain"] * style["exposure"] * rng.uniform(0.85, 1.15)
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(0.7, 1.3)  # saturation
+    x = x.mean() + (x - x.mean()) * rng.uniform(0.8, 1.2)  # contrast
+    x = x + rng.normal(0, 4, x.shape)
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+
+def write_photo_competition(root: Path, seed: int, n_groups: int = 20, n_test_groups: int = 4,
+                            per_class: int = 15) -> pd.DataFrame:
+    """Real photographs in State Farm's layout under ``root``: ten scene regions (``REGIONS``) as the
+    classes, ``per_class`` crops of each per group. Group g ("driver") sees only strip g of n_groups
+    along every region's longer side, through its own colour cast and exposure, so a test group's
+    crops are centred on strips and a camera no training group has. Same table as ``write_competition``."""
+    photos = photographs()
+    rng = np.random.default_rng(seed)
+    test_groups = set(rng.choice(n_groups, n_test_groups, replace=False).tolist())
+    styles = [photo_style(rng) for _ in range(n_groups)]
+    rows = []
+    for group in range(n_groups):
+        strip = (group / n_groups, (group + 1) / n_groups)
+        split = "test" if group in test_groups else "train"
+        for label, (photo, boxes) in enumerate(REGIONS):
+            areas = np.array([(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes], dtype=float)
+            for _ in range(per_class):
+                box = boxes[rng.choice(len(boxes), p=areas / areas.sum())]
+                image = develop(photo_crop(photos[photo], box, strip, rng), styles[group], rng)
+                name = f"img_{len(rows)}.jpg"
+                rel = f"imgs/test/{name}" if split == "test" else f"imgs/train/c{label}/{name}"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                image.save(root / rel, quality=int(rng.integers(60, 95)))
+                rows.append({"img": name, "classname": f"c{label}", "subject": f"g{group:03d}", "split": split,
+                             "path": rel})
+    table = pd.DataFrame(rows)
+    write_lists(root, table)
     return table
 
 
@@ -134,6 +247,8 @@ def pipeline_probs(root: Path, work: Path, profile: str, overrides: list[str],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", choices=["digits", "photos"], default="digits",
+                        help="real handwritten digits (writers as groups) or photograph regions (strips as groups)")
     parser.add_argument("--profile", default="cpu", help="the CPU profile for a real competition (or demo)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -144,16 +259,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         for seed in args.seeds:
-            root = work / f"digits{seed}"
-            table = write_competition(root, seed)
+            root = work / f"{args.kind}{seed}"
+            table = (write_competition if args.kind == "digits" else write_photo_competition)(root, seed)
             test = table[table["split"] == "test"]
             labels = test["classname"].map(CLASSES.index).to_numpy()
-            row: dict[str, Any] = {"seed": seed, "n_train": int((table["split"] == "train").sum()), "n_test": len(test)}
+            row: dict[str, Any] = {"kind": args.kind, "seed": seed, "n_train": int((table["split"] == "train").sum()),
+                                   "n_test": len(test)}
             for name, featurise in (("hog_logreg", hog), ("pixels_logreg", pixels)):
                 probs = baseline(table, root, featurise)
                 row[name] = [kaggle_logloss(probs, labels), accuracy(probs, labels)]
             start = time.perf_counter()
-            probs, figures = pipeline_probs(root, work / f"run{seed}", args.profile, [*args.overrides, f"seed={seed}"], test["img"].tolist())
+            probs, figures = pipeline_probs(root, work / f"run_{args.kind}{seed}", args.profile, [*args.overrides, f"seed={seed}"], test["img"].tolist())
             row["pipeline"] = [kaggle_logloss(probs, labels), accuracy(probs, labels)]
             row["pipeline_cv_logloss"] = figures["calibrate"]["valid_logloss"]
             row["pipeline_seconds"] = round(time.perf_counter() - start, 1)
@@ -162,10 +278,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if args.out:
                 args.out.write_text(json.dumps(results, indent=1))
-    print("\n| seed | pipeline (CV estimate) | pipeline test | HOG + logistic regression | pixels + logistic regression | pipeline s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| kind | seed | pipeline (CV estimate) | pipeline test | HOG + logistic regression | pixels + logistic regression | pipeline s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['seed']} | {r['pipeline_cv_logloss']:.3f} | {r['pipeline'][0]:.3f} ({r['pipeline'][1]:.0%}) | "
+        print(f"| {r['kind']} | {r['seed']} | {r['pipeline_cv_logloss']:.3f} | {r['pipeline'][0]:.3f} ({r['pipeline'][1]:.0%}) | "
               f"{r['hog_logreg'][0]:.3f} ({r['hog_logreg'][1]:.0%}) | {r['pixels_logreg'][0]:.3f} ({r['pixels_logreg'][1]:.0%}) | "
               f"{r['pipeline_seconds']} |")
     wins = sum(r["pipeline"][0] < r["hog_logreg"][0] for r in results)

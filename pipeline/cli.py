@@ -4,7 +4,6 @@ with the resolved config in params.yaml; ``python -m pipeline configure --profil
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -21,7 +20,7 @@ from pipeline.config import (
     write_params,
 )
 from pipeline.console import headline, orchestrated, set_verbose, verbose
-from pipeline.env import set_offline_env
+from pipeline.env import die_with_parent, set_offline_env
 from pipeline.errors import StageError
 from pipeline.io import exclusive_lock
 from pipeline.registry import PER_FOLD, STAGES, stage_module
@@ -56,19 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--fold", dest="fold", type=int, default=None, metavar="K",
                                help="train only fold K of split.fold_ids (default: every fold)")
     return parser
-
-
-def die_with_parent() -> None:
-    """Linux: end this stage process when its parent (``dvc repro``, a flow) dies, so killing the run
-    never leaves a stage writing on behind its back."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def stage_lock(cfg: Config, name: str, options: dict) -> Path:

@@ -8,6 +8,7 @@ Unknown keys are errors that name the key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,7 @@ from pydantic import (
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARAMS_FILE = "params.yaml"
+INGEST_MODULE = "pipeline/stages/ingest.py"  # ingest.watch for sources without local files
 PROFILES = ("demo", "demo-csv", "cpu", "statefarm", "smoke")
 
 
@@ -179,10 +181,19 @@ class IngestConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     shapes: ShapesConfig = ShapesConfig()
 
+    # Derived, not set: what DVC hashes as ingest's source dependency, so a changed image in a `dir`
+    # source (or a new `zip`) re-runs ingest. The other sources have no local files before ingest runs:
+    # their inputs are ingest's params, and this names the ingest module (already a dependency).
+    watch: str | None = None
+
     @model_validator(mode="after")
     def _needs_path(self) -> IngestConfig:
         if self.source in ("dir", "zip") and not self.path:
             raise ValueError(f"ingest.source={self.source} needs ingest.path")
+        derived = os.path.expanduser(self.path) if self.source in ("dir", "zip") else INGEST_MODULE
+        if self.watch is not None and self.watch != derived:
+            raise ValueError(f"ingest.watch is derived from ingest.source and ingest.path ({derived}); do not set it")
+        object.__setattr__(self, "watch", derived)
         return self
 
 

@@ -54,3 +54,18 @@ def test_real_image_digits_keep_writers_apart_and_the_hog_baseline_learns(tmp_pa
     probs = bench.baseline(table, tmp_path, bench.hog)
     labels = test["classname"].map(bench.CLASSES.index).to_numpy()
     assert probs.shape == (len(test), 10) and np.mean(probs.argmax(1) == labels) > 0.5  # chance is 0.1
+
+
+def test_real_image_photos_keep_strips_apart_and_the_hog_baseline_learns(tmp_path):
+    bench = load("real_images")
+    table = bench.write_photo_competition(tmp_path, seed=0, n_groups=8, n_test_groups=2, per_class=6)
+    train, test = table[table["split"] == "train"], table[table["split"] == "test"]
+    assert not set(train["subject"]) & set(test["subject"])  # test groups (strips, casts) never seen in training
+    assert len(train) == 6 * 10 * 6 and len(test) == 2 * 10 * 6 and set(table["classname"]) == set(bench.CLASSES)
+    assert (tmp_path / "imgs/train/c9").is_dir() and len(list((tmp_path / "imgs/test").iterdir())) == len(test)
+    listed = (tmp_path / "driver_imgs_list.csv").read_text().splitlines()
+    assert listed[0] == "subject,classname,img" and len(listed) == len(train) + 1
+    assert (tmp_path / "sample_submission.csv").read_text().splitlines()[0] == "img," + ",".join(bench.CLASSES)
+    probs = bench.baseline(table, tmp_path, bench.hog)
+    labels = test["classname"].map(bench.CLASSES.index).to_numpy()
+    assert probs.shape == (len(test), 10) and np.mean(probs.argmax(1) == labels) > 0.3  # chance is 0.1

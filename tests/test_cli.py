@@ -33,7 +33,7 @@ def test_a_stage_process_dies_with_its_parent(tmp_path):
     """Killing `dvc repro` (the parent) ends the stage it started, instead of leaving a writer behind."""
     pid_file = tmp_path / "child.pid"
     child_py = tmp_path / "child.py"
-    child_py.write_text("import os, sys, time\nfrom pipeline.cli import die_with_parent\ndie_with_parent()\n"
+    child_py.write_text("import os, sys, time\nfrom pipeline.env import die_with_parent\ndie_with_parent()\n"
                         "open(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
     parent_py = tmp_path / "parent.py"
     parent_py.write_text("import subprocess, sys, time\nsubprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]])\n"

@@ -153,7 +153,7 @@ def test_every_artifact_path_comes_from_params():
         entries = spec.get("deps", []) + spec.get("outs", []) + spec.get("metrics", [])
         for entry in entries:
             path = entry if isinstance(entry, str) else next(iter(entry))
-            if not path.startswith("pipeline/"):
+            if not path.startswith("pipeline/") and path != "${ingest.watch}":  # the user's source
                 assert path.startswith("${paths."), f"{name}: {path} is not taken from params (paths.*)"
 
 
@@ -218,3 +218,15 @@ def test_dvc_resolves_the_plot_paths_from_params(tmp_path):
     files = {f for props in resolved.values() if isinstance(props.get("y"), dict) for f in props["y"]}
     assert "elsewhere/plots/learning" in ids and "elsewhere/plots/learning_rate" in ids
     assert files == {"elsewhere/plots/confusion.csv", "elsewhere/plots/calibration.csv"}
+
+
+def test_a_dir_or_zip_source_is_an_ingest_dependency(tmp_path):
+    """DVC hashes a `dir` source's files (ingest.watch), so a changed image re-runs ingest; sources without
+    local files (synthetic, kaggle) watch the ingest module instead, which always exists."""
+    from pipeline.config import load_profile
+
+    assert "${ingest.watch}" in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["ingest"]["deps"]
+    assert load_profile("smoke").ingest.watch == "pipeline/stages/ingest.py"
+    assert load_profile("smoke", ["ingest.source=dir", f"ingest.path={tmp_path}"]).ingest.watch == str(tmp_path)
+    zipped = load_profile("smoke", ["ingest.source=zip", "ingest.path=~/comp.zip"]).ingest.watch
+    assert zipped == str(Path.home() / "comp.zip")

@@ -153,6 +153,25 @@ def assert_a_failed_stage_keeps_its_outputs(clone: Path) -> None:
     assert tree_digest(clone / "data/raw") == before
     sh([sys.executable, "-m", "pipeline", "configure", "--profile", "smoke"], clone)
     assert changed_stages(clone) == set()  # back to the last good state: nothing to re-run
+    assert_a_changed_source_image_reruns_ingest(clone, bad)
+
+
+def assert_a_changed_source_image_reruns_ingest(clone: Path, source: Path) -> None:
+    """DVC hashes a `dir` source (ingest.watch): after one image in it changes, ingest is stale and its
+    re-run copies the new bytes (it used to say "didn't change, skipping")."""
+    images = sorted((source / "imgs/train/c0").iterdir())
+    images[0].write_bytes(images[1].read_bytes())  # repair the 0-byte JPEG: a valid source
+    configure_dir = [sys.executable, "-m", "pipeline", "configure", "--profile", "smoke", "--set",
+                     "ingest.source=dir", "--set", f"ingest.path={source}"]
+    sh(configure_dir, clone)
+    sh([sys.executable, "-m", "dvc", "repro", "--single-item", "ingest"], clone)
+    assert "ingest" not in changed_stages(clone)
+    images[1].write_bytes(images[2].read_bytes())
+    assert "ingest" in changed_stages(clone)
+    sh([sys.executable, "-m", "dvc", "repro", "--single-item", "ingest"], clone)
+    assert (clone / "data/raw/imgs/train/c0" / images[1].name).read_bytes() == images[2].read_bytes()
+    sh([sys.executable, "-m", "pipeline", "configure", "--profile", "smoke"], clone)
+    sh([sys.executable, "-m", "dvc", "repro", "--single-item", "ingest"], clone)  # the synthetic data again
 
 
 @pytest.mark.slow

@@ -11,8 +11,12 @@ import io
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import types
+import unicodedata
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,8 +195,8 @@ def zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
 
 
 def with_source(cfg: Config, source: str, path: Path | None = None, **extra) -> Config:
-    update = {"source": source, "path": str(path) if path else None, **extra}
-    return cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update=update)})
+    update = {"source": source, "path": str(path) if path else None, "watch": None, **extra}  # watch: re-derived
+    return cfg.model_copy(update={"ingest": type(cfg.ingest).model_validate({**cfg.ingest.model_dump(), **update})})
 
 
 def leftovers(cfg: Config) -> list[str]:
@@ -421,6 +425,83 @@ def test_image_pool_agrees_with_in_process_check(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert list(ingest.inspect_images(paths)) == serial
     assert [p is None for p in serial] == [True, False] * 3
+
+
+def test_exif_rotated_images_are_counted_and_announced(comp, capsys):
+    """A phone photo's EXIF orientation is not applied (train and test alike, pipeline/data.py): ingest
+    says so instead of training silently on sideways images."""
+    image = Image.open(io.BytesIO(jpeg_bytes(7)))
+    exif = Image.Exif()
+    exif[ingest.EXIF_ORIENTATION] = 6  # "rotate 90 CW to display"
+    image.save(comp.folder / comp.test_image(1), format="JPEG", exif=exif)
+    figures = ingest.run(comp.cfg)
+    assert figures["n_exif_rotated"] == 1
+    err = capsys.readouterr().err
+    assert f"1 of {figures['n_train'] + figures['n_test']} images carry an EXIF orientation (first: {comp.test_image(1)})" in err
+    assert "not rotated" in err
+
+
+def assert_workers_end_with_their_killed_parent(command: list[str], started: Callable[[], bool]) -> None:
+    """Start ``command``, SIGKILL it once its pool workers are at work (``started``), then every worker must
+    stop within seconds (a zombie waiting for init to reap it has stopped)."""
+    import psutil
+
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not started() and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(parent.pid).children() if "spawn_main" in command_line(p)]
+        assert len(workers) >= 2, "the pool never started"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 2  # SIGTERM on the parent's death: milliseconds; a job's end: seconds
+        while (alive := [p for p in workers if working(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for orphan in alive:
+            orphan.kill()
+        assert not alive, f"{len(alive)} pool workers worked on after their parent was killed"
+    finally:
+        parent.kill()
+
+
+def command_line(process) -> str:
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone meanwhile
+        return ""
+
+
+def working(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_synthetic_renderers_end_with_a_killed_ingest(tmp_path):
+    """SIGKILL a synthetic ingest while its render pool works: the renderers stop at once (they rendered
+    on to the end of their job, orphaned, 40 s and more at full size)."""
+    out = tmp_path / "out"
+    assert_workers_end_with_their_killed_parent(
+        [sys.executable, "-m", "pipeline.competitions.statefarm", str(out), str(tmp_path / "hidden"), "--preset", "full"],
+        started=lambda: any((out / "imgs/test").glob("*.jpg")))
+
+
+def test_image_check_workers_end_with_a_killed_ingest(tmp_path):
+    """The same for the decode-check pool of a `dir` source."""
+    image = tmp_path / "big.jpg"
+    Image.frombytes("RGB", (640, 480), random.Random(0).randbytes(640 * 480 * 3)).save(image, quality=95)
+    script, marker = tmp_path / "pool.py", tmp_path / "started"
+    script.write_text("import os, sys\nfrom pipeline.stages import ingest\nos.cpu_count = lambda: 2\n"
+                      "if __name__ == '__main__':  # spawned workers import this file too\n"
+                      "    for n, _ in enumerate(ingest.inspect_images([sys.argv[1]] * 200_000)):\n"
+                      f"        n == 1000 and open({str(marker)!r}, 'w').close()\n")
+    assert_workers_end_with_their_killed_parent([sys.executable, str(script), str(image)], started=marker.exists)
 
 
 def test_synthetic_source(smoke_cfg):
@@ -707,6 +788,19 @@ def top_level_symlink_loop(c: Comp) -> Expected:
     return c.spec.sample_submission, None, f"symbolic link to '{c.spec.sample_submission}', which does not resolve"
 
 
+def name_in_another_unicode_form(c: Comp) -> Expected:
+    """The row says ``café…`` composed (NFC), the file is named decomposed (NFD, as macOS writes it): the
+    two print alike, so the message must say what differs."""
+    rows = c.labels()[1]
+    image_id, label, _ = c.train_rows()[4]
+    composed = "caf\u00e9" + image_id
+    rows[4][c.col(c.spec.id_column)] = composed
+    c.set_labels(rows)
+    os.replace(c.folder / c.train_path(image_id, label),
+               c.folder / c.train_path(unicodedata.normalize("NFD", composed), label))
+    return str(c.spec.labels_csv), 6, f"differs from {ascii(composed)} (NFC) only in Unicode normalisation"
+
+
 # Folder layout only: class folders.
 def unknown_class_folder(c: Comp) -> Expected:
     """A class folder that the sample submission lacks."""
@@ -780,6 +874,7 @@ BAD_INPUTS: list[tuple[Callable[[Comp], Expected], tuple[str, ...]]] = [
     (dangling_symlink, BOTH),
     (directory_symlink_loop, BOTH),
     (top_level_symlink_loop, BOTH),
+    (name_in_another_unicode_form, BOTH),
     (unknown_class_folder, FOLDER),
     (listed_under_other_class, FOLDER),
     (duplicate_across_class_folders, FOLDER),

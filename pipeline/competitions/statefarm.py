@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import SyntheticConfig, load_profile
+from pipeline.env import die_with_parent
 from pipeline.io import atomic_write_csv
 
 # State Farm's classes, as its sample_submission.csv names them (c0 safe driving ... c9 talking to passenger).
@@ -576,8 +577,9 @@ def render_job(job: RenderJob) -> int:
     return len(job.rows)
 
 
-def single_threaded_cv2() -> None:
+def render_worker_setup(parent_pid: int) -> None:
     cv2.setNumThreads(1)  # parallelism comes from the worker processes, not cv2's own thread pool
+    die_with_parent(parent_pid)  # a killed ingest leaves no renderer behind
 
 
 def render_jobs(plan: DatasetPlan, cfg: SyntheticConfig, out_dir: Path, rows_per_job: int = 400) -> Iterator[RenderJob]:
@@ -607,7 +609,7 @@ def write_images(plan: DatasetPlan, cfg: SyntheticConfig, out_dir: Path) -> None
             render_job(job)
         return
     # spawn, not fork: callers (Prefect) run tasks in threads, and forking a threaded process can hang.
-    with mp.get_context("spawn").Pool(workers, initializer=single_threaded_cv2) as pool:
+    with mp.get_context("spawn").Pool(workers, initializer=render_worker_setup, initargs=(os.getpid(),)) as pool:
         for _ in pool.imap_unordered(render_job, jobs):
             pass
 

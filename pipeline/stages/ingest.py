@@ -27,8 +27,10 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
+import unicodedata
 import zipfile
 import zlib
 from collections import Counter
@@ -50,6 +52,7 @@ from pipeline.competition import (
     write_competition,
 )
 from pipeline.config import CompetitionConfig, Config
+from pipeline.env import die_with_parent
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import atomic_dir, remove_leftovers
 from pipeline.kaggle_client import download_competition
@@ -68,7 +71,9 @@ HIDDEN_README = (
 )
 SYNTHETIC_SOURCES = ("synthetic", "shapes")
 
-Problem = tuple[Literal["not_jpeg", "corrupt"], str]
+# rotated: decodes, but carries an EXIF orientation the pipeline does not apply (a notice, not an error).
+Problem = tuple[Literal["not_jpeg", "corrupt", "rotated"], str]
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class Ingested:
     test: list[str]
     quarantined: list[tuple[str, str, str]]  # (id, path, reason)
     competition: Competition
+    rotated: list[str]  # paths of images with an EXIF orientation other than "upright"
 
 
 # ---------------------------------------------------------------------------- stage
@@ -116,6 +122,7 @@ def summarize(ingested: Ingested, source: str, seconds: float) -> dict[str, Any]
         "n_test": len(ingested.test),
         "n_classes": ingested.competition.n_classes,
         "n_quarantined": len(ingested.quarantined),
+        "n_exif_rotated": len(ingested.rotated),
     }
     if ingested.competition.has_groups:
         per_group = Counter(row.group for row in ingested.train)
@@ -359,7 +366,9 @@ def verify_and_index(build: Path, origin: Path, spec: CompetitionConfig, on_corr
     test = check_submission_ids(build / spec.sample_submission, origin / spec.sample_submission, id_column, test_files)
     paths = [row.path for row in train] + [path for _, path in test]
     id_of = {row.path: row.id for row in train} | {path: image_id for image_id, path in test}
-    quarantined = [(id_of[path], path, reason) for _, path, reason in verify_images(build, origin, paths, on_corrupt)]
+    problems, rotated = verify_images(build, origin, paths, on_corrupt)
+    quarantined = [(id_of[path], path, reason) for _, path, reason in problems]
+    announce_exif_rotation(rotated, len(paths))
     left_out = {path for _, path, _ in quarantined}
     for path in left_out:
         (build / path).unlink()
@@ -374,7 +383,7 @@ def verify_and_index(build: Path, origin: Path, spec: CompetitionConfig, on_corr
     competition = Competition(classes=tuple(classes), id_column=id_column, has_groups=spec.group_column is not None,
                               group_name=spec.group_column or "image", layout=spec.layout, source=source)
     write_competition(build, competition)
-    return Ingested(train, [image_id for image_id, _ in test], quarantined, competition)
+    return Ingested(train, [image_id for image_id, _ in test], quarantined, competition, rotated)
 
 
 def write_rows(path: Path, header: list[str], rows: Iterable[list[str]]) -> None:
@@ -486,7 +495,8 @@ def rows_from_class_folders(build: Path, origin: Path, spec: CompetitionConfig, 
             raise BadInputError(label_file, f"duplicate id {image_id} (first listed on row {first_line[image_id]})", row=line)
         if image_id not in found:
             raise BadInputError(label_file, f"listed image {image_id} is missing: no "
-                                            f"{spec.train_dir}/{label}/{spec.filename.format(id=image_id)}", row=line)
+                                            f"{spec.train_dir}/{label}/{spec.filename.format(id=image_id)}"
+                                            f"{normalisation_hint(image_id, found)}", row=line)
         folder, path = found[image_id]
         if folder != label:
             raise BadInputError(label_file, f"{image_id} is labelled {label} but lies in {spec.train_dir}/{folder}/", row=line)
@@ -507,11 +517,27 @@ def rows_from_labels_file(build: Path, origin: Path, spec: CompetitionConfig, cl
             raise BadInputError(label_file, f"duplicate id {image_id} (first listed on row {first_line[image_id]})", row=line)
         if image_id not in files:
             raise BadInputError(label_file, f"listed image {image_id} is missing: no "
-                                            f"{spec.train_dir}/{spec.filename.format(id=image_id)}", row=line)
+                                            f"{spec.train_dir}/{spec.filename.format(id=image_id)}"
+                                            f"{normalisation_hint(image_id, files)}", row=line)
         first_line[image_id] = line
         rows.append(TrainRow(image_id, files[image_id], label, group))
     require_all_listed(files.keys() - first_line.keys(), files, origin, spec)
     return rows
+
+
+def normalisation_hint(image_id: str, ids: Iterable[str]) -> str:
+    """When ``image_id`` matches an id only after Unicode normalisation (an accented name typed as
+    NFC on one side, stored NFD by macOS on the other: they print alike), say so, code points shown."""
+    key = unicodedata.normalize("NFC", image_id)
+    twin = next((other for other in ids if other != image_id and unicodedata.normalize("NFC", other) == key), None)
+    if twin is None:
+        return ""
+    return (f"; an image named {ascii(twin)} ({normal_form(twin)}) differs from {ascii(image_id)} ({normal_form(image_id)}) "
+            "only in Unicode normalisation: rename the file or the row so both use the same form (NFC)")
+
+
+def normal_form(text: str) -> str:
+    return next((form for form in ("NFC", "NFD") if unicodedata.is_normalized(form, text)), "mixed")
 
 
 def require_all_listed(unlisted: set[str], paths: dict[str, str], origin: Path, spec: CompetitionConfig) -> None:
@@ -624,7 +650,7 @@ def check_submission_ids(path: Path, label: Path, id_column: str, test_files: di
         if image_id in first_line:
             raise BadInputError(label, f"duplicate id {image_id} (first listed on row {first_line[image_id]})", row=line)
         if image_id not in test_files:
-            raise BadInputError(label, f"{image_id} is not a test image", row=line)
+            raise BadInputError(label, f"{image_id} is not a test image{normalisation_hint(image_id, test_files)}", row=line)
         first_line[image_id] = line
     missing = sorted(test_files.keys() - first_line.keys())
     if missing:
@@ -632,18 +658,33 @@ def check_submission_ids(path: Path, label: Path, id_column: str, test_files: di
     return [(image_id, test_files[image_id]) for image_id in sorted(test_files)]
 
 
-def verify_images(build: Path, origin: Path, paths: list[str], on_corrupt: str) -> list[tuple[str, str, str]]:
+def verify_images(build: Path, origin: Path, paths: list[str],
+                  on_corrupt: str) -> tuple[list[tuple[str, str, str]], list[str]]:
     """Decode-check every image. A non-JPEG always fails; a corrupt JPEG fails or, with
-    ``on_corrupt=quarantine``, is returned as (img, path, reason)."""
-    quarantined = []
+    ``on_corrupt=quarantine``, is returned as (img, path, reason). Also returns the paths of images
+    with an EXIF rotation."""
+    quarantined, rotated = [], []
     for path, problem in zip(paths, inspect_images([str(build / p) for p in paths]), strict=True):
         if problem is None:
             continue
         kind, reason = problem
+        if kind == "rotated":
+            rotated.append(path)
+            continue
         if kind == "not_jpeg" or on_corrupt == "error":
             raise BadInputError(origin / path, reason)
         quarantined.append((PurePosixPath(path).name, path, reason))
-    return quarantined
+    return quarantined, rotated
+
+
+def announce_exif_rotation(rotated: list[str], n_images: int) -> None:
+    """Images are used as stored, EXIF orientation ignored (pipeline/data.py decodes with
+    IMREAD_IGNORE_ORIENTATION, train and test alike, as Kaggle's own images need). Say so once when the
+    data carries rotations, since a phone photo shown upright elsewhere is then seen on its side."""
+    if rotated:
+        print(f"[ingest] notice: {len(rotated)} of {n_images} images carry an EXIF orientation (first: {rotated[0]}); "
+              "the pipeline uses the stored pixels as they are, not rotated, for training and test alike",
+              file=sys.stderr, flush=True)
 
 
 def inspect_images(paths: list[str]) -> Iterator[Problem | None]:
@@ -652,8 +693,10 @@ def inspect_images(paths: list[str]) -> Iterator[Problem | None]:
     if len(paths) < POOL_MIN_IMAGES or workers < 2:
         yield from map(inspect_image, paths)
         return
-    # spawn, not fork: the caller may be a threaded Prefect worker, where forking can deadlock.
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    # spawn, not fork: the caller may be a threaded Prefect worker, where forking can deadlock. The
+    # workers end with this process, even when it is killed (no orphans decoding on after a kill).
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=die_with_parent,
+                               initargs=(os.getpid(),))
     try:
         yield from pool.map(inspect_image, paths, chunksize=max(1, min(256, len(paths) // (workers * 8))))
     finally:  # on the first error, drop the queued work instead of decoding the rest
@@ -677,7 +720,13 @@ def inspect_image(path: str) -> Problem | None:
     if not jpeg and path.lower().endswith(JPEG_NAMES):
         kind = next((name for magic, name in OTHER_FORMATS.items() if head.startswith(magic)), "unknown")
         return "not_jpeg", f"not a JPEG file (content: {kind} data, starts with bytes {head.hex()})"
-    return decode_problem(path, jpeg)
+    return decode_problem(path, jpeg) or rotation_notice(path)
+
+
+def rotation_notice(path: str) -> Problem | None:
+    with Image.open(path) as im:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    return ("rotated", f"EXIF orientation {orientation}") if orientation not in (0, 1) else None
 
 
 def decode_problem(path: str, jpeg: bool = True) -> Problem | None:
