@@ -18,10 +18,12 @@ function: only the launcher process (rank 0) writes files, and prediction after 
 over the ranks and gathered, so every rank holds the same probabilities.
 
 Resume. ``<out>/run.json`` holds a fingerprint of the config, inputs and code. A run of the same
-fingerprint that was interrupted resumes from ``last.ckpt`` (at an epoch boundary: Lightning saves
-``last.ckpt`` after each epoch, and every epoch's sampling and global RNGs are reseeded from
-``(seed, epoch)``); a complete one is reused (its best checkpoint loaded) without training; anything
-else starts fresh. Checkpoints must be on a file system every rank sees (multi-node).
+fingerprint that was interrupted resumes from ``last.ckpt``, i.e. from the last epoch boundary
+(Lightning saves it after each epoch; the interrupted epoch runs again from its start). The re-run epoch
+repeats exactly: sampling is seeded by ``(seed, epoch)``, augmentation by ``(seed, copy, image)`` and
+dropout by ``(seed, epoch, batch)``, so a resumed run ends with the same weights as an uninterrupted
+one (tests/test_finetune.py). A complete run is reused (its best checkpoint loaded) without training;
+anything else starts fresh. Checkpoints must be on a file system every rank sees (multi-node).
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, temperatures: 
 
 
 def reseed_globals(seed: int) -> None:
-    """Dropout and any other global draw: reseeded per epoch so a resumed epoch repeats exactly."""
+    """Dropout and any other global draw: reseeded per batch so a resumed epoch repeats exactly."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -242,7 +244,6 @@ class ClassifierModule(L.LightningModule):
         set_trainable_blocks(self.blocks, count)
         if self.settings.freeze_bn_stats:
             freeze_batchnorm_statistics(self.network)
-        reseed_globals(epoch_seed(self.settings.seed, self.current_epoch, self.global_rank))
         self.log("train/trainable_blocks", float(count), on_step=False, on_epoch=True, sync_dist=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=False)
 
@@ -253,6 +254,12 @@ class ClassifierModule(L.LightningModule):
                              "non-finite inputs or a learning rate too high; nothing was written")
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["input"]), sync_dist=True)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout (and any other global draw) from (seed, epoch, batch, rank) alone: a run resumed at an
+        # epoch boundary repeats the lost epoch exactly, whatever else drew from the global generators
+        # in between (Lightning's restore draws a loader seed at a different point than a fresh epoch).
+        reseed_globals(epoch_seed(self.settings.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def on_validation_epoch_start(self) -> None:
         self._valid_sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss sum, correct, count

@@ -159,8 +159,8 @@ def assert_a_failed_stage_keeps_its_outputs(clone: Path) -> None:
 def assert_a_changed_source_image_reruns_ingest(clone: Path, source: Path) -> None:
     """DVC hashes a `dir` source (ingest.watch): after one image in it changes, ingest is stale and its
     re-run copies the new bytes (it used to say "didn't change, skipping")."""
-    images = sorted((source / "imgs/train/c0").iterdir())
-    images[0].write_bytes(images[1].read_bytes())  # repair the 0-byte JPEG: a valid source
+    images = sorted((source / "imgs/train/c0").iterdir(), key=lambda image: image.stat().st_size)
+    images[0].write_bytes(images[-1].read_bytes())  # repair the 0-byte JPEG: a valid source
     configure_dir = [sys.executable, "-m", "pipeline", "configure", "--profile", "smoke", "--set",
                      "ingest.source=dir", "--set", f"ingest.path={source}"]
     sh(configure_dir, clone)
