@@ -237,9 +237,9 @@ def test_killed_finetune_resumes_to_the_same_predictions(prepared, tmp_path):
     resumed = finetune.run(cfg, fold=0)
     assert resumed["resumed"] is True
     assert resumed["global_step"] == uninterrupted["global_step"]
-    for split in ("oof", "test"):
-        made = cfg.paths.fold_predictions("finetune", 0) / f"{split}.csv"
-        assert made.read_bytes() == (a.paths.fold_predictions("finetune", 0) / f"{split}.csv").read_bytes(), split
+    for name in ("oof.csv", "test.csv"):
+        made = cfg.paths.fold_predictions("finetune", 0) / name
+        assert made.read_bytes() == (a.paths.fold_predictions("finetune", 0) / name).read_bytes(), name
 
 
 DDP_SCRIPT = """
