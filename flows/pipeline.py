@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 
 from flows.console import CONSOLE, results_table, use_quiet_console
 from flows.fanout import publish_fanout, run_fanned_out
+from flows.lifetime import bind_ephemeral_server
 from flows.params import Profile, RunParameters
 from flows.submission import note_submission
 from flows.tasks import (
@@ -58,7 +59,7 @@ def run_pipeline(run: RunParameters, root: str, force: Iterable[str] = ()) -> di
     set_offline_env()
     use_this_python()
     run.config()  # a bad override fails here, naming the key, before waiting for the DVC slot
-    with dvc_slot():
+    with dvc_slot(root):
         ran, metrics = run_locked(run, root, force)
         if run.push:
             push_cache(root)
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     use_quiet_console()
     CONSOLE.info("profile %s: every dvc.yaml stage through DVC (only stale ones run)", args.profile)
     overrides = overrides_to_delta(args.overrides) or None
+    bind_ephemeral_server()  # a killed run leaves no Prefect server behind
     state = pipeline_flow(profile=args.profile, overrides=overrides, submit=args.submit, push=args.push,
                           pull=args.pull, fanout_pool=args.fanout_pool, root=args.root, return_state=True)
     if not state.is_completed():

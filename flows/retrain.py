@@ -50,7 +50,7 @@ def retrain_flow(
     run = RunParameters(profile=profile, overrides=overrides or {}, submit=False, push=push)
     run.config()  # a bad override fails here, naming the key
     submitted = False
-    with dvc_slot():
+    with dvc_slot(root):
         ran, metrics = run_locked(run, root)
         improved, reason = should_submit(metrics, read_last_submission(root), min_improvement)
         logger.info(reason)

@@ -78,7 +78,7 @@ def stages_flow(targets: list[str], pull: bool = True, push: bool = True, root: 
     worker = worker_name()
     record = {"worker": worker, "targets": targets, "start": time.time()}
     publish_worker_record(record)  # first thing: a run that dies later is still traced to this worker
-    with dvc_slot():
+    with dvc_slot(root):
         if profile is not None:
             configure(profile, overrides, root)
         if expect is not None:

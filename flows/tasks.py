@@ -22,13 +22,13 @@ from prefect.cache_policies import NO_CACHE
 from flows.console import CONSOLE, stage_line
 from pipeline.config import PARAMS_FILE, Config, load_params, load_profile, write_params
 from pipeline.console import verbose
+from pipeline.io import exclusive_lock
 from pipeline.registry import STAGES
 
-# One DVC run per repository at a time: DVC locks the repo, and a second run would otherwise fail on
-# the lock (or interleave its params.yaml with the first). A Prefect global concurrency limit of 1,
-# created on first use. Workers on separate machines (separate checkouts) can each use their own
-# name via STATEFARM_DVC_LIMIT.
-DVC_LIMIT = os.environ.get("STATEFARM_DVC_LIMIT", "statefarm-dvc")
+# One DVC run per checkout at a time: DVC locks the repo, and a second run would otherwise fail on the
+# lock (or interleave its params.yaml with the first). A file lock in the checkout, so separate
+# checkouts (fan-out workers) never wait on each other, and a killed run's lock dies with it.
+DVC_SLOT = ".locks/dvc-run.lock"
 
 # Task retries only where a failure is transient: the Kaggle download (ingest with source kaggle),
 # the upload (submit) and the DVC remote (push). Everything else fails at once: retrying bad input or
@@ -269,32 +269,16 @@ def push_cache(root: str) -> int:
 # ---------------------------------------------------------------------------- the DVC slot
 
 
-def ensure_limit(name: str = DVC_LIMIT, limit: int = 1) -> None:
-    """Create the global concurrency limit if it is missing (leave an existing one as it is)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return
-        except ObjectNotFound:
-            pass
-        with contextlib.suppress(ObjectAlreadyExists):
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-
-
 @contextlib.contextmanager
-def dvc_slot(name: str = DVC_LIMIT) -> Iterator[None]:
-    """Hold the repository's DVC slot: a second run waits here instead of failing on DVC's lock."""
-    from prefect.concurrency.sync import concurrency
-
+def dvc_slot(root: str) -> Iterator[None]:
+    """Hold the checkout's DVC slot from configure to push: a second run on the same checkout waits here
+    ("waiting for ...") instead of failing on DVC's lock. (It was a Prefect global concurrency limit,
+    whose slot stayed leased to a killed flow and blocked every later run.)"""
     logger = get_run_logger()
-    ensure_limit(name)
     start = time.monotonic()
-    logger.info("waiting for the %r slot (one DVC run per repository at a time)", name)
-    with concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+    with exclusive_lock(Path(root) / DVC_SLOT, f"the DVC slot of {root}",
+                        on_wait=lambda holder: logger.info("waiting for the DVC slot of %s (held by %s): one DVC "
+                                                           "run per checkout at a time", root, holder)):
         logger.info("DVC section start (waited %.1fs)", time.monotonic() - start)
         try:
             yield

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,21 +115,29 @@ def read_json(path: Path | str) -> Any:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path | str, what: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if missing) or fail at once: two writers
-    of the same outputs (a second ``dvc repro`` after a stale DVC lock was cleared, two flows) must
-    never interleave. The lock dies with its process, so a killed run leaves nothing to clear."""
+def exclusive_lock(path: Path | str, what: str, on_wait: Callable[[str], None] | None = None,
+                   poll_s: float = 1.0) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing): two writers of the same outputs
+    (a second ``dvc repro`` after a stale DVC lock was cleared, two flows) must never interleave. Held
+    elsewhere, fail at once, or with ``on_wait`` (called once with the holder) wait for it. The lock dies
+    with its process, so a killed run leaves nothing to clear and blocks nobody."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise LockedError(f"{what} is being written by {holder} (lock {path}): wait for it or stop it") from None
+    with open(path, "a+") as handle:  # not inherited by child processes (PEP 446)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                if on_wait is None:
+                    raise LockedError(f"{what} is being written by {holder} (lock {path}): wait for it or stop it") from None
+                on_wait(holder)
+                on_wait = lambda _holder: None  # noqa: E731  (say it once)
+                time.sleep(poll_s)
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a scale-out worker (docs/deploy.md, "Fan out across workers"): its own checkout at the
 # coordinator's commit, the locked environment, the shared DVC remote, and a Prefect process worker
-# on the pool with its own DVC concurrency-limit name. Runs in the foreground; Ctrl-C stops it.
+# on the pool. Runs in the foreground; Ctrl-C stops it.
 #
 #   scripts/start_worker.sh --repo <git url or path> --commit <sha> --dir <checkout> --remote <DVC remote url>
 #                           [--pool statefarm-pool] [--name <worker name>] [--venv <existing venv>]
@@ -41,7 +41,7 @@ VENV=$(cd "$VENV" && pwd)
 REMOTE_NAME=$(cd "$DIR" && "$VENV/bin/dvc" remote default)
 (cd "$DIR" && "$VENV/bin/dvc" remote modify --local "$REMOTE_NAME" url "$REMOTE")
 
-export STATEFARM_CHECKOUT=$DIR STATEFARM_WORKER=$NAME STATEFARM_DVC_LIMIT=statefarm-dvc-$NAME
+export STATEFARM_CHECKOUT=$DIR STATEFARM_WORKER=$NAME
 export PYTHONPATH=$DIR PATH=$VENV/bin:$PATH
 echo "worker $NAME: checkout $DIR at $(git -C "$DIR" rev-parse --short HEAD), DVC remote $REMOTE, pool $POOL"
 # --limit 1: one stage at a time here, so the pool spreads stages over the workers.

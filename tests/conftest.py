@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +46,31 @@ def csv_smoke_overrides(n_train: int = 60, n_test: int = 24) -> dict:
 def csv_cfg(tmp_path) -> Config:
     """The smoke profile on the CSV layout (no groups, 5 string-named classes), under a tmp dir."""
     return load_profile("smoke", csv_smoke_overrides()).at(tmp_path)
+
+
+# Deterministic outputs of a run, compared byte for byte (timings live in reports/ and models/ logs).
+COMPARED_OUTPUTS = ("data/features", "data/predictions", "submissions")
+
+
+def output_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in COMPARED_OUTPUTS for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    root: Path
+    digests: dict[str, str]  # as the uninterrupted run left them
+    submission: bytes
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    """One uninterrupted `dvc repro` of the smoke profile on a fresh checkout, made once for the tests that
+    compare against it (fault injection works in its checkout and restores it; fan-out compares with its
+    submission)."""
+    from test_flow import fresh_checkout, sh
+
+    root = fresh_checkout(tmp_path_factory.mktemp("smoke-run"), "--profile", "smoke")
+    sh([sys.executable, "-m", "dvc", "repro"], root)
+    return SmokeRun(root, output_digests(root), (root / "submissions/submission.csv").read_bytes())

@@ -2,7 +2,7 @@
 real prefect.yaml deployed with `prefect deploy --all`, and a real process worker:
 
 - two `statefarm-pipeline/full` runs at once both complete, their DVC sections never overlap (the
-  `statefarm-dvc` global concurrency limit), and the artifacts exist;
+  checkout's DVC slot, a file lock), and the artifacts exist;
 - the weekly retrain deployment has upcoming scheduled runs; a triggered retrain with nothing stale
   runs no stage;
 - a broken input or a bad override fails with a message naming the stage (or the key);

@@ -93,3 +93,36 @@ def test_remove_leftovers_finds_the_temp_siblings_a_killed_write_leaves(tmp_path
     assert all(p.is_dir() and p.name.startswith(".folder.") for p in made)
     assert sorted(remove_leftovers(tmp_path, path.name)) == sorted(made)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_waiting_lock_is_taken_as_soon_as_a_killed_holder_dies(tmp_path):
+    """The flows' DVC slot: a second run waits (saying so once) and gets the lock the moment the holder
+    dies, even by SIGKILL (a Prefect concurrency slot stayed leased to a killed flow)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.io import exclusive_lock
+
+    lock = tmp_path / ".locks/dvc-run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline.io import exclusive_lock\n"
+                               f"with exclusive_lock({str(lock)!r}, 'slot'):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waits: list[str] = []
+        killed_at = None
+
+        def on_wait(who: str) -> None:
+            nonlocal killed_at
+            waits.append(who)
+            holder.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+
+        with exclusive_lock(lock, "slot", on_wait=on_wait, poll_s=0.1):
+            assert waits == [f"pid {holder.pid}"]
+            assert time.monotonic() - killed_at < 5
+            assert lock.read_text() == f"pid {os.getpid()}"
+    finally:
+        holder.kill()
