@@ -6,6 +6,7 @@ signalled when the flow process dies, which then stops the server."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -41,8 +42,6 @@ def bind_ephemeral_server() -> subprocess.Popen | None:
     all there is. Returns the watchdog (None where not armed)."""
     if not sys.platform.startswith("linux") or not ephemeral():
         return None
-    import os
-
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()

@@ -126,6 +126,7 @@ def exclusive_lock(path: Path | str, what: str, on_wait: Callable[[str], None] |
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:  # not inherited by child processes (PEP 446)
+        waited = False
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -135,8 +136,9 @@ def exclusive_lock(path: Path | str, what: str, on_wait: Callable[[str], None] |
                 holder = handle.read().strip() or "another process"
                 if on_wait is None:
                     raise LockedError(f"{what} is being written by {holder} (lock {path}): wait for it or stop it") from None
-                on_wait(holder)
-                on_wait = lambda _holder: None  # noqa: E731  (say it once)
+                if not waited:  # say it once
+                    on_wait(holder)
+                    waited = True
                 time.sleep(poll_s)
         handle.seek(0)
         handle.truncate()
