@@ -209,12 +209,14 @@ def reproduce(stage: str, root: str, force: bool = False, run_cache: bool = True
 def restore_last_good_outputs(stage: str, root: str) -> str:
     """`dvc checkout <stage>`: DVC deletes a stage's non-persistent outputs before running it, so a
     failed per-fold stage would lose its last good outputs; they are in DVC's cache (dvc.lock still
-    names them). Returns a note for the error message ("" when nothing was recorded)."""
+    names them). Forced: what a failed or killed run left there (a TensorBoard event file, a figures
+    file written just before the kill) is not a good output, and DVC refuses to overwrite unsaved
+    files otherwise. Returns a note for the error message ("" when nothing was recorded)."""
     from dvc.repo import Repo
 
     try:
         with contextlib.chdir(root), Repo(root) as repo:
-            changes = repo.checkout(targets=[stage], allow_missing=True)
+            changes = repo.checkout(targets=[stage], allow_missing=True, force=True)
     except Exception as err:  # noqa: BLE001  (the stage's own error is the one to report)
         return f" (its last good outputs could not be checked out again: {_reason(err)})"
     added = [*changes.get("added", []), *changes.get("modified", [])]

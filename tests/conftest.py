@@ -62,15 +62,16 @@ class SmokeRun:
     root: Path
     digests: dict[str, str]  # as the uninterrupted run left them
     submission: bytes
+    log: str  # what the `dvc repro` printed
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> SmokeRun:
     """One uninterrupted `dvc repro` of the smoke profile on a fresh checkout, made once for the tests that
     compare against it (fault injection works in its checkout and restores it; fan-out compares with its
-    submission)."""
+    submission; test_flow works on a copy)."""
     from test_flow import fresh_checkout, sh
 
     root = fresh_checkout(tmp_path_factory.mktemp("smoke-run"), "--profile", "smoke")
-    sh([sys.executable, "-m", "dvc", "repro"], root)
-    return SmokeRun(root, output_digests(root), (root / "submissions/submission.csv").read_bytes())
+    log = sh([sys.executable, "-m", "dvc", "repro"], root)
+    return SmokeRun(root, output_digests(root), (root / "submissions/submission.csv").read_bytes(), log)

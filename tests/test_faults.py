@@ -138,7 +138,9 @@ def test_killed_finetune_stage(project, case):
     forget_checkpoints(root)
     kill_while([sys.executable, "-m", "dvc", "repro", "-f", "-s", "finetune@0"], root, "finetune",
                delay_for(project, "finetune@0", case), victim="stage")
-    dvc(root, "checkout", "finetune@0")  # DVC deleted the outputs before the run: its cache still has them
+    # DVC deleted the outputs before the run (its cache still has them); the killed run left some of
+    # its own (TensorBoard events, perhaps its figures file), which only --force replaces.
+    dvc(root, "checkout", "--force", "finetune@0")
     assert output_digests(root) == project.digests
     dvc(root, "repro", "-f", "-s", "--no-run-cache", "finetune@0")  # resumes from the killed run's last epoch
     assert_clean_and_equal(project)

@@ -1,5 +1,6 @@
-"""End to end on a copy of the repository: `dvc repro` from a fresh checkout runs every stage, a
-second one runs none, and the Prefect flow (real local server) drives the same stages through DVC."""
+"""End to end on a copy of the repository: `dvc repro` from a fresh checkout runs every stage (the
+session's smoke run), a second one runs none, and the Prefect flow (real local server) drives the same
+stages through DVC, on both competition layouts."""
 
 import os
 import shutil
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,18 +43,12 @@ def fresh_checkout(dst: Path, *configure: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    """The State Farm layout (smoke profile)."""
-    return fresh_checkout(tmp_path_factory.mktemp("clone"), "--profile", "smoke")
-
-
-def csv_settings() -> list[str]:
-    """--set arguments for the smoke profile on the CSV layout (conftest.csv_smoke_overrides)."""
-    import json
-
-    from conftest import csv_smoke_overrides
-
-    return [f"--set={key}={json.dumps(value)}" for key, value in csv_smoke_overrides().items()]
+def clone(smoke_run, tmp_path_factory) -> Path:
+    """A copy of the session's smoke run checkout (State Farm layout, every stage run once by `dvc repro`
+    from a fresh checkout); the tests here edit and commit it, so not the shared one."""
+    dst = tmp_path_factory.mktemp("clone") / "repo"
+    shutil.copytree(smoke_run.root, dst, symlinks=True)
+    return dst
 
 
 def assert_submission_matches_the_sample(root: Path, sample: str) -> None:
@@ -66,10 +62,9 @@ def assert_submission_matches_the_sample(root: Path, sample: str) -> None:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_then_nothing(clone):
-    first = sh([sys.executable, "-m", "dvc", "repro"], clone)
-    for stage in ("ingest", "split", "sample", "report"):
-        assert f"Running stage '{stage}'" in first
+def test_dvc_repro_runs_every_stage_then_nothing(clone, smoke_run):
+    for stage in ("ingest", "split", "sample", "features", "head@0", "finetune@1", "pseudo@0", "ensemble", "report"):
+        assert f"Running stage '{stage}'" in smoke_run.log
     assert (clone / "data/split.csv").exists() and (clone / "reports/metrics.json").exists()
     second = sh([sys.executable, "-m", "dvc", "repro"], clone)
     assert "Running stage" not in second
@@ -174,19 +169,6 @@ def assert_a_changed_source_image_reruns_ingest(clone: Path, source: Path) -> No
     sh([sys.executable, "-m", "dvc", "repro", "--single-item", "ingest"], clone)  # the synthetic data again
 
 
-@pytest.mark.slow
-def test_dvc_repro_runs_the_csv_layout_end_to_end(tmp_path):
-    """The second embedded competition (labels CSV, flat folders, 5 string-named classes, no groups)
-    runs the whole chain unchanged and ends in a submission in its own sample's format."""
-    root = fresh_checkout(tmp_path / "csv", "--profile", "smoke", *csv_settings())
-    sh([sys.executable, "-m", "dvc", "repro"], root)
-    assert_submission_matches_the_sample(root, "sample_submission.csv")
-    header = (root / "submissions/submission.csv").read_text().splitlines()[0]
-    assert header.startswith("image_id,") and len(header.split(",")) == 6
-    split = (root / "data/split.csv").read_text().splitlines()
-    assert all(line.split(",")[0] == line.split(",")[2] for line in split[1:])  # per-image groups
-
-
 def changed_stages(clone: Path) -> set[str]:
     """Stages `dvc status` reports as changed."""
     import json
@@ -206,19 +188,27 @@ def test_prefect_flow_runs_the_stages_through_dvc(clone, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
-    with prefect_test_harness(server_startup_timeout=120):
-        metrics = pipeline_flow(profile="smoke", overrides={"sample.n_train": 25}, root=str(clone))
-        # The scheduled retrain on an unchanged checkout: nothing upstream of a (dry-run) submit re-runs.
-        retrain = retrain_flow(profile="smoke", overrides={"sample.n_train": 25}, root=str(clone))
-        # The CSV layout through the same flow, on its own checkout.
-        csv_root = fresh_checkout(tmp_path / "csv", "--profile", "smoke")
-        from conftest import csv_smoke_overrides
+    from conftest import csv_smoke_overrides
 
+    override = {"ensemble.hill_climb_steps": 25}  # stale: ensemble and what follows it
+    with prefect_test_harness(server_startup_timeout=120):
+        metrics = pipeline_flow(profile="smoke", overrides=override, root=str(clone))
+        # The scheduled retrain on an unchanged checkout: nothing upstream of a (dry-run) submit re-runs.
+        retrain = retrain_flow(profile="smoke", overrides=override, root=str(clone))
+        # The second embedded competition (labels CSV, flat folders, 5 string-named classes, no groups)
+        # through the same flow, from a fresh checkout: every stage, unchanged code.
+        csv_root = fresh_checkout(tmp_path / "csv", "--profile", "smoke")
         csv_metrics = pipeline_flow(profile="smoke", overrides=csv_smoke_overrides(), root=str(csv_root))
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    assert lock["ensemble"]["params"]["params.yaml"]["ensemble"]["hill_climb_steps"] == 25  # reached the stage
+    assert changed_stages(clone) == set()
+    assert set(metrics) >= {"ingest", "split", "sample", "ensemble", "calibrate"}
     assert csv_metrics["ingest"]["n_classes"] == 5 and "n_groups" not in csv_metrics["ingest"]
     assert_submission_matches_the_sample(csv_root, "sample_submission.csv")
-    assert metrics["sample"]["n_train"] == 25  # the override reached the stage through params.yaml
-    assert set(metrics) >= {"ingest", "split", "sample"}
+    header = (csv_root / "submissions/submission.csv").read_text().splitlines()[0]
+    assert header.startswith("image_id,") and len(header.split(",")) == 6
+    split = (csv_root / "data/split.csv").read_text().splitlines()
+    assert all(line.split(",")[0] == line.split(",")[2] for line in split[1:])  # per-image groups
     assert (clone / ".dvc-remote").is_dir()  # dvc push after the run
     assert retrain["submitted"] is False  # no Kaggle credentials here: at most a dry run
     assert not set(retrain["stages_run"]) - {"submit", "report"}, retrain
@@ -311,7 +301,6 @@ def test_stage_failure_keeps_the_last_stderr_lines_and_names_the_stage():
 
 
 def test_prefect_yaml_deploys_every_flow_on_the_process_pool():
-    import yaml
     from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())

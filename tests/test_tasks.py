@@ -1,5 +1,6 @@
 """flows/tasks.py on a toy DVC project: a failed stage whose outputs are not persistent (DVC deletes
-them before running it) gets its last good outputs checked out again, and the error says so."""
+them before running it) gets its last good outputs checked out again, replacing what the failed run
+half-wrote there, and the error says so."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flows.tasks import StageFailed, reproduce
 
 STAGE = """stages:
   make:
-    cmd: {python} -c "import sys, yaml; p = yaml.safe_load(open('params.yaml')); sys.exit(p['fail']) if p['fail'] else None; __import__('os').makedirs('out', exist_ok=True); open('out/model.txt', 'w').write(str(p['value']))"
+    cmd: {python} -c "import os, sys, yaml; p = yaml.safe_load(open('params.yaml')); os.makedirs('out', exist_ok=True); open('out/events.log', 'w').write('half') if p['fail'] else None; sys.exit(p['fail']) if p['fail'] else None; open('out/model.txt', 'w').write(str(p['value']))"
     params: [value, fail]
     outs: [out]
 """
@@ -39,6 +40,7 @@ def test_a_failed_stage_gets_its_last_good_outputs_back(project):
         reproduce("make", str(project))
     assert failed.value.stage == "make"
     assert (project / "out/model.txt").read_text() == "1"  # DVC had deleted it before running the command
+    assert not (project / "out/events.log").exists()  # what the failed run half-wrote is gone, not kept
 
     (project / "params.yaml").write_text("value: 1\nfail: 0\n")
     assert reproduce("make", str(project)) == ([], "skipped")  # back to the recorded state
