@@ -140,8 +140,8 @@ def stack(tmp_path_factory):
             assert f"Deployment '{name}' successfully created" in out, out
         yield stack
     finally:
-        stop(stack.worker)
-        stop(server)
+        stop(stack.worker, timeout=5)  # throwaway test processes: no 15 s graceful shutdown
+        stop(server, timeout=5)
         print("\ntimings:", {k: round(v, 1) for k, v in TIMINGS.items()})
 
 
