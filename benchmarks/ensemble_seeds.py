@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipeline.config import Config, load_profile
 from pipeline.registry import stage_module
 from pipeline.training import MONITOR
@@ -59,8 +61,6 @@ def first_epoch_drift(cfg: Config) -> float | None:
     log = cfg.paths.fold_models("finetune", 0) / "logs" / "metrics.csv"
     if cfg.split.validation != "holdout" or not log.exists():
         return None
-    import pandas as pd
-
     epochs = pd.read_csv(log).dropna(subset=[MONITOR]).sort_values("epoch")
     head = json.loads(cfg.paths.stage_metrics_file("head@0").read_text())["valid_logloss"]
     return float(epochs[MONITOR].iloc[0]) / head - 1
@@ -124,10 +124,9 @@ def print_stage_means(results: dict[int, dict[str, dict[str, Any]]], modes: list
     """Per stage, the mean over seeds of validation and hidden-test log loss: does each stage keep or
     improve on its predecessor on average?"""
     for mode in modes:
-        rows = [r[mode] for r in results.values()]
-        names = [*rows[0]["models"], "ensemble", "submission"]
-        pairs = {name: [r["models"][name] if name in r["models"] else r[name] for r in rows] for name in names}
-        means = {name: [sum(pair[i] for pair in found) / len(found) for i in (0, 1)] for name, found in pairs.items()}
+        rows = [{**r[mode]["models"], "ensemble": r[mode]["ensemble"], "submission": r[mode]["submission"]}
+                for r in results.values()]
+        means = {name: [sum(row[name][i] for row in rows) / len(rows) for i in (0, 1)] for name in rows[0]}
         print(f"{mode}, mean over {len(rows)} seeds (val / test): "
               + ", ".join(f"{name} {v:.4f} / {t:.4f}" for name, (v, t) in means.items()))
 

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "statefarm-pool"
 TIMINGS: dict[str, float] = {}
+STOP_S = 5  # throwaway test servers and workers: no 15 s graceful shutdown
 
 
 def copy_repo(dst: Path) -> Path:
@@ -140,8 +141,8 @@ def stack(tmp_path_factory):
             assert f"Deployment '{name}' successfully created" in out, out
         yield stack
     finally:
-        stop(stack.worker, timeout=5)  # throwaway test processes: no 15 s graceful shutdown
-        stop(server, timeout=5)
+        stop(stack.worker, timeout=STOP_S)
+        stop(server, timeout=STOP_S)
         print("\ntimings:", {k: round(v, 1) for k, v in TIMINGS.items()})
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_deployments import POOL, copy_repo, free_port, git, run, server_env
+from test_deployments import POOL, STOP_S, copy_repo, free_port, git, run, server_env
 
 from flows.local import api_url, prefect_cli, start_server, stop, wait_for_api
 
@@ -89,8 +89,8 @@ def cluster(tmp_path_factory):
         yield cluster
     finally:
         for proc in cluster.workers.values():
-            stop(proc, timeout=5)  # throwaway test processes: no 15 s graceful shutdown
-        stop(server, timeout=5)
+            stop(proc, timeout=STOP_S)
+        stop(server, timeout=STOP_S)
         print("\nwall times (s):", {k: round(v, 1) for k, v in WALL.items()})
 
 
