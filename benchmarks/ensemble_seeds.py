@@ -52,6 +52,8 @@ def link_shared(shared: Config, cfg: Config) -> None:
     pairs.append((shared.paths.path("models") / "pretrain", cfg.paths.path("models") / "pretrain"))
     for source, target in pairs:
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink():  # a rerun in the same --workdir (its finished training runs are reused)
+            target.unlink()
         target.symlink_to(source.resolve())
 
 

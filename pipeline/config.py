@@ -393,6 +393,11 @@ class PseudoConfig(Section):
     labels: Literal["soft", "hard"] = "soft"
     threshold: float | None = Field(None, gt=0, le=1)  # hard labels only: keep test images at least this confident
     iterations: int = Field(1, ge=1)  # pseudo-label, retrain, repeat (the retrained model labels the next round)
+    # Cross pseudo-labelling: two students, each learning the pseudo-labels of one half of the test set
+    # and predicting the other half, so no test prediction comes from a student taught that image (its
+    # out-of-fold figure then speaks for its test predictions). Twice the training; off: one student
+    # learns every test image's pseudo-label and predicts them all (transductive, overconfident there).
+    cross: bool = True
     # Knowledge distillation: a student restarted from the head-stage network learns the teacher's
     # probabilities at `temperature` (loss scaled by T^2); otherwise the fine-tuned model trains on.
     distill: bool = False

@@ -218,7 +218,8 @@ def timings_chart(stages: Sequence[str], seconds: Sequence[float], title: str) -
 
 # ---------------------------------------------------------------------------- Lightning logs
 
-LOG_PATTERNS = ("pretrain/logs/metrics.csv", "*/fold*/logs/metrics.csv", "*/fold*/iteration_*/logs/metrics.csv")
+LOG_PATTERNS = ("pretrain/logs/metrics.csv", "*/fold*/logs/metrics.csv", "*/fold*/iteration_*/logs/metrics.csv",
+                "*/fold*/iteration_*/half_*/logs/metrics.csv")
 CHAIN = ("head", "finetune", "pseudo")
 
 

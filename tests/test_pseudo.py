@@ -16,8 +16,10 @@ from pipeline.errors import StageError
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions, write_predictions
 from pipeline.stages import finetune, pseudo
+from pipeline.models import input_hw
+from pipeline.recipes import build_network, head_file
 from pipeline.tables import ImageTable, read_tables
-from pipeline.training import soft_target_loss
+from pipeline.training import load_network_state, predict_probs, soft_target_loss
 
 # ---------------------------------------------------------------------------- batch composition
 
@@ -146,39 +148,97 @@ def test_distillation_targets_and_loss():
     torch.testing.assert_close(soft_target_loss(logits, teacher, t), expected)
 
 
+# ---------------------------------------------------------------------------- cross pseudo-labelling
+
+
+def test_image_halves_are_balanced_and_fixed_by_the_ids_not_their_order():
+    ids = [f"img_{i}.jpg" for i in range(101)]
+    halves = pseudo.image_halves(ids)
+    assert set(halves.tolist()) == {0, 1} and abs(int(halves.sum()) - 50) <= 1
+    shuffled = list(reversed(ids))
+    again = dict(zip(shuffled, pseudo.image_halves(shuffled)))
+    assert all(again[i] == h for i, h in zip(ids, halves))
+    assert pseudo.image_halves(["a.jpg"]).tolist() == [0] and len(pseudo.image_halves([])) == 0
+
+
+def test_each_student_learns_one_half_and_predicts_the_other():
+    halves = np.array([0, 1, 1, 0, 1])
+    assert pseudo.rows_of(halves, 0, taught=True).tolist() == [1, 2, 4]
+    assert pseudo.rows_of(halves, 0, taught=False).tolist() == [0, 3]
+    assert pseudo.rows_of(halves, None, taught=True).tolist() == pseudo.rows_of(halves, None, taught=False).tolist() == [0, 1, 2, 3, 4]
+    assert pseudo.students(PseudoConfig()) == [0, 1] and pseudo.students(PseudoConfig(cross=False)) == [None]
+
+
+def test_a_student_never_predicts_an_image_it_was_taught():
+    tables = tables_for(valid=["v1.jpg"], test=["x1.jpg", "x2.jpg", "x3.jpg"])
+    probs = np.full((3, 10), 0.1)
+    taught = pseudo.make_pseudo_set(tables["test"].subset(np.array([0, 1])), probs[:2], PseudoConfig())
+    pseudo.check_never_taught(taught, tables["test"].subset(np.array([2])))
+    with pytest.raises(StageError, match=r"1 test image\(s\) \(e\.g\. x2\.jpg\) would be predicted by the student"):
+        pseudo.check_never_taught(taught, tables["test"].subset(np.array([1, 2])))
+
+
 # ---------------------------------------------------------------------------- stage
 
 
 def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # noqa: F811
-    """cv mode: fold k's student learns from the test pseudo-labels of finetune@k, a model that never
-    saw fold k, and never from another fold's model; the pseudo set holds test images only."""
+    """cv mode: fold k's students learn from the test pseudo-labels of finetune@k, a model that never
+    saw fold k, and never from another fold's model; the pseudo set holds test images only; each
+    student learns one test half and predicts the other (cross pseudo-labelling)."""
     cfg = tiny_cfg(link_inputs(prepared, tmp_path), **{"pseudo.iterations": 2, "pseudo.fraction": 0.25,
                                                           "split.validation": "cv"})
+    assert cfg.pseudo.cross  # the default
     with pytest.raises(StageError, match="run the finetune stage first"):
         pseudo.run(cfg, fold=1)
     tuned = finetune.run(cfg)
     figures = pseudo.run(cfg, fold=1)
     assert read_json(cfg.paths.stage_metrics_file("pseudo@1")) == figures
     assert figures["pseudo_per_batch"] == 2 and set(figures["iterations"]) == {"iteration_1", "iteration_2"}
+    assert set(figures["iterations"]["iteration_1"]["students"]) == {"half_0", "half_1"}
 
     split_df = pd.read_csv(cfg.paths.path("split_csv"))
     fold_imgs = set(split_df.loc[split_df["fold"] == 1, "id"])
     assert tuned["finetune@1"]["n_train_images"] == len(split_df) - len(fold_imgs)  # the teacher never saw fold 1
     test_imgs = pd.read_csv(cfg.paths.path("raw") / "test_index.csv")["id"].tolist()
+    halves = pseudo.image_halves(test_imgs)
     out = cfg.paths.fold_models("pseudo", 1)
     for iteration in (1, 2):
-        labelled_imgs, targets = read_predictions(out / f"iteration_{iteration}" / "pseudo_labels.csv")
-        assert labelled_imgs == test_imgs and not set(labelled_imgs) & set(split_df["id"])
-        assert np.allclose(targets.sum(1), 1, atol=1e-4)
+        taught_by_half = []
+        for half in (0, 1):
+            labelled_imgs, targets = read_predictions(out / f"iteration_{iteration}" / f"half_{half}" / "pseudo_labels.csv")
+            assert labelled_imgs == [i for i, h in zip(test_imgs, halves) if h != half]  # the other half only
+            assert not set(labelled_imgs) & set(split_df["id"])
+            assert np.allclose(targets.sum(1), 1, atol=1e-4)
+            taught_by_half.append(set(labelled_imgs))
+        assert not taught_by_half[0] & taught_by_half[1] and taught_by_half[0] | taught_by_half[1] == set(test_imgs)
     # iteration 1 learns from fold 1's fine-tuned model's test predictions (soft labels), not fold 0's
     _, teacher = read_predictions(cfg.paths.fold_predictions("finetune", 1) / "test.csv")
     _, other = read_predictions(cfg.paths.fold_predictions("finetune", 0) / "test.csv")
-    used = read_predictions(out / "iteration_1" / "pseudo_labels.csv")[1]
-    np.testing.assert_allclose(used, teacher, atol=1e-5)
-    assert np.abs(used - other).max() > 1e-3
-    assert (out / "model.pt").exists()
-    assert not any(c.startswith("valid/") for c in pd.read_csv(out / "iteration_1" / "logs" / "metrics.csv").columns)
+    used = read_predictions(out / "iteration_1" / "half_0" / "pseudo_labels.csv")[1]
+    np.testing.assert_allclose(used, teacher[halves == 1], atol=1e-5)
+    assert np.abs(used - other[halves == 1]).max() > 1e-3
+    assert (out / "model_half0.pt").exists() and (out / "model_half1.pt").exists() and not (out / "model.pt").exists()
+    log = out / "iteration_1" / "half_0" / "logs" / "metrics.csv"
+    assert not any(c.startswith("valid/") for c in pd.read_csv(log).columns)
     imgs, _ = read_predictions(cfg.paths.fold_predictions("pseudo", 1) / "oof.csv")
     assert set(imgs) == fold_imgs
     imgs, probs = read_predictions(cfg.paths.fold_predictions("pseudo", 1) / "test.csv")
     assert imgs == test_imgs and np.allclose(probs.sum(1), 1, atol=1e-4)
+    # every test and held-out row is predicted by the student of its own half, which never learned it
+    tables = read_tables(cfg, False, 1)
+    _, oof_probs = read_predictions(cfg.paths.fold_predictions("pseudo", 1) / "oof.csv")
+    valid_halves = pseudo.image_halves(tables["valid"].ids)
+    for half in (0, 1):
+        network, data_cfg, _ = build_network(cfg, head_file(cfg, 1))
+        network.load_state_dict(load_network_state(out / f"model_half{half}.pt"))
+        for table, row_halves, written in ((tables["test"], halves, probs), (tables["valid"], valid_halves, oof_probs)):
+            rows = np.flatnonzero(row_halves == half)
+            own = predict_probs(network.eval(), table.subset(rows), input_hw(data_cfg), 16, 0, torch.device("cpu"), False)
+            np.testing.assert_allclose(written[rows], own, atol=1e-5)
+
+    # one student for everything (pseudo.cross off): the earlier layout replaces the split one
+    single = cfg.model_copy(update={"pseudo": cfg.pseudo.model_copy(update={"cross": False, "iterations": 1})})
+    figures = pseudo.run(single, fold=1)
+    assert sorted(p.name for p in out.iterdir()) == ["iteration_1", "model.pt"]
+    labelled_imgs, _ = read_predictions(out / "iteration_1" / "pseudo_labels.csv")
+    assert labelled_imgs == test_imgs and figures["cross"] is False
