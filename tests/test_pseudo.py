@@ -15,9 +15,9 @@ from pipeline.datamodules import ImageDataModule, MixedBatchSampler, PseudoSet, 
 from pipeline.errors import StageError
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions, write_predictions
-from pipeline.stages import finetune, pseudo
 from pipeline.models import input_hw
 from pipeline.recipes import build_network, head_file
+from pipeline.stages import finetune, pseudo
 from pipeline.tables import ImageTable, read_tables
 from pipeline.training import load_network_state, predict_probs, soft_target_loss
 
@@ -156,8 +156,8 @@ def test_image_halves_are_balanced_and_fixed_by_the_ids_not_their_order():
     halves = pseudo.image_halves(ids)
     assert set(halves.tolist()) == {0, 1} and abs(int(halves.sum()) - 50) <= 1
     shuffled = list(reversed(ids))
-    again = dict(zip(shuffled, pseudo.image_halves(shuffled)))
-    assert all(again[i] == h for i, h in zip(ids, halves))
+    again = dict(zip(shuffled, pseudo.image_halves(shuffled), strict=True))
+    assert all(again[i] == h for i, h in zip(ids, halves, strict=True))
     assert pseudo.image_halves(["a.jpg"]).tolist() == [0] and len(pseudo.image_halves([])) == 0
 
 
@@ -206,7 +206,7 @@ def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # n
         taught_by_half = []
         for half in (0, 1):
             labelled_imgs, targets = read_predictions(out / f"iteration_{iteration}" / f"half_{half}" / "pseudo_labels.csv")
-            assert labelled_imgs == [i for i, h in zip(test_imgs, halves) if h != half]  # the other half only
+            assert labelled_imgs == [i for i, h in zip(test_imgs, halves, strict=True) if h != half]  # the other half only
             assert not set(labelled_imgs) & set(split_df["id"])
             assert np.allclose(targets.sum(1), 1, atol=1e-4)
             taught_by_half.append(set(labelled_imgs))
