@@ -30,7 +30,7 @@ from pipeline.datamodules import CachedFeaturesDataModule, ImageDataModule
 from pipeline.errors import StageError
 from pipeline.featurecache import FeatureSplit, concat_splits, load_split
 from pipeline.folds import held_out_mask
-from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions
+from pipeline.metrics import OOF_FILE, evaluate, keep_tta_if_better, read_hidden_labels, write_predictions
 from pipeline.models import (
     ConvNet,
     create_backbone,
@@ -220,6 +220,22 @@ class FineTuned:
         """Probabilities of every row of ``table``: plain, or its augmented copy ``copy`` (TTA)."""
         return predict_probs(self.outcome.network, table, self.target_hw, self.batch_size * 2, self.num_workers,
                              self.outcome.device, self.cuda, copy=copy, augment=augment, seed=seed)
+
+
+def tta_predictions(cfg: Config, fitted: FineTuned, valid: ImageTable, test: ImageTable) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Held-out and test probabilities of a fine-tuned CNN: the plain pass, or its mean with
+    ``ensemble.tta`` augmented passes (the features stage's copies 1..tta, never flipped). In cv mode
+    TTA is always kept when configured (a fold's rows must not decide anything about their own model);
+    in holdout mode only when it lowers the validation log loss."""
+    passes, augment, seed = cfg.ensemble.tta, cfg.augment, cfg.features.seed
+
+    def averaged(table: ImageTable, plain: np.ndarray) -> np.ndarray:
+        return np.mean([plain, *(fitted.predict(table, k, augment, seed) for k in range(1, passes + 1))], axis=0)
+
+    valid_plain, test_plain = fitted.predict(valid), fitted.predict(test)
+    return keep_tta_if_better(valid.labels, valid_plain, test_plain,
+                              (lambda: averaged(valid, valid_plain)) if passes else None,
+                              lambda: averaged(test, test_plain), decide=monitors_held_out(cfg))
 
 
 def fine_tune(cfg: Config, ft: FinetuneConfig, tables: dict[str, ImageTable], out_dir: Path, fold: int,

@@ -1,11 +1,13 @@
-"""Member stage pieces on constructed inputs: the train rows a member keeps and the TTA decision.
+"""Member stage pieces on constructed inputs: the train rows a member keeps and the TTA decision
+(``recipes.tta_predictions``, which every fine-tuned CNN of the chain predicts with).
 (The members trained end to end are in tests/test_ensemble.py.)"""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.stages.member import bagged_fold, kept_train_ids, member_seed, tta_predictions
+from pipeline.recipes import tta_predictions
+from pipeline.stages.member import bagged_fold, kept_train_ids, member_seed
 from pipeline.tables import ImageTable
 
 
@@ -68,7 +70,7 @@ def test_holdout_keeps_tta_only_when_it_lowers_validation_log_loss(smoke_cfg, au
     labels = t["valid"].labels
     fake = FixedPasses({"v0": [confident(labels, 0.5), confident(labels, augmented_p)],
                         "t0": [confident(labels, 0.4), confident(labels, 0.8)]})
-    valid, test, figures = tta_predictions(cfg, fake, t)
+    valid, test, figures = tta_predictions(cfg, fake, t["valid"], t["test"])
     assert figures["tta_used"] is kept
     plain_valid, plain_test = confident(labels, 0.5), confident(labels, 0.4)
     if kept:
@@ -86,6 +88,6 @@ def test_cv_keeps_tta_whatever_the_fold_rows_say(smoke_cfg):
     labels = t["valid"].labels
     fake = FixedPasses({"v0": [confident(labels, 0.5), confident(labels, 0.05)],
                         "t0": [confident(labels, 0.4), confident(labels, 0.8)]})
-    valid, _, figures = tta_predictions(cfg, fake, t)
+    valid, _, figures = tta_predictions(cfg, fake, t["valid"], t["test"])
     assert figures["tta_used"] is True and figures["valid_logloss_tta"] > figures["valid_logloss_plain"]
     assert np.allclose(valid, (confident(labels, 0.5) + confident(labels, 0.05)) / 2)

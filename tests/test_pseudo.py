@@ -16,10 +16,10 @@ from pipeline.errors import StageError
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions, write_predictions
 from pipeline.models import input_hw
-from pipeline.recipes import build_network, head_file
+from pipeline.recipes import FineTuned, build_network, head_file, tta_predictions
 from pipeline.stages import finetune, pseudo
 from pipeline.tables import ImageTable, read_tables
-from pipeline.training import load_network_state, predict_probs, soft_target_loss
+from pipeline.training import FitOutcome, load_network_state, soft_target_loss
 
 # ---------------------------------------------------------------------------- batch composition
 
@@ -231,10 +231,12 @@ def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # n
     for half in (0, 1):
         network, data_cfg, _ = build_network(cfg, head_file(cfg, 1))
         network.load_state_dict(load_network_state(out / f"model_half{half}.pt"))
-        for table, row_halves, written in ((tables["test"], halves, probs), (tables["valid"], valid_halves, oof_probs)):
-            rows = np.flatnonzero(row_halves == half)
-            own = predict_probs(network.eval(), table.subset(rows), input_hw(data_cfg), 16, 0, torch.device("cpu"), False)
-            np.testing.assert_allclose(written[rows], own, atol=1e-5)
+        student = FineTuned(FitOutcome(network.eval(), {}, torch.device("cpu"), True), input_hw(data_cfg), False, 16, 0, {})
+        test_rows, valid_rows = np.flatnonzero(halves == half), np.flatnonzero(valid_halves == half)
+        own_valid, own_test, tta = tta_predictions(cfg, student, tables["valid"].subset(valid_rows), tables["test"].subset(test_rows))
+        np.testing.assert_allclose(probs[test_rows], own_test, atol=1e-5)
+        np.testing.assert_allclose(oof_probs[valid_rows], own_valid, atol=1e-5)
+        assert tta["tta_used"] == (cfg.ensemble.tta > 0)  # predicted with test-time augmentation, as finetune
 
     # one student for everything (pseudo.cross off): the earlier layout replaces the split one
     single = cfg.model_copy(update={"pseudo": cfg.pseudo.model_copy(update={"cross": False, "iterations": 1})})

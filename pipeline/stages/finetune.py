@@ -13,7 +13,10 @@ Outputs
 - ``models/finetune/fold<k>/``: ``last.ckpt`` (a killed run resumes from it; ``best.ckpt`` too in
   holdout mode), ``run.json`` (fingerprint and status), ``model.pt`` (``{"state_dict": ConvNet state,
   "meta"}``; ``recipes.build_network`` + ``load_state_dict`` rebuilds it), ``logs/metrics.csv``, ``tb/``.
-- ``data/predictions/folds/finetune/<k>/{oof,test}.csv`` and ``reports/stages/finetune@<k>.json``.
+- ``data/predictions/folds/finetune/<k>/{oof,test}.csv``: with test-time augmentation (``ensemble.tta``
+  augmented passes averaged with the plain one, ``recipes.tta_predictions``), like every fine-tuned
+  CNN of the chain, so the pseudo stage learns from, and is compared with, the model's best predictions;
+  and ``reports/stages/finetune@<k>.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pipeline.config import Config, item_stage
 from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions, write_stage_metrics
-from pipeline.recipes import fine_tune, training_figures
+from pipeline.recipes import fine_tune, training_figures, tta_predictions
 from pipeline.stagefolds import run_folds
 from pipeline.tables import read_tables
 from pipeline.training import MODEL_FILE, quiet_training, save_network
@@ -42,7 +45,7 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
     tables = read_tables(cfg, cfg.finetune.use_sample, fold)
     out_dir = cfg.paths.fold_models(STAGE, fold)
     fitted = fine_tune(cfg, cfg.finetune, tables, out_dir, fold, callbacks, label=item_stage(STAGE, fold))
-    valid_probs, test_probs = fitted.predict(tables["valid"]), fitted.predict(tables["test"])
+    valid_probs, test_probs, tta = tta_predictions(cfg, fitted, tables["valid"], tables["test"])
     if not fitted.outcome.is_global_zero:
         return {}
     classes = fitted.meta["classes"]
@@ -53,7 +56,7 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
     write_predictions(pred_dir / OOF_FILE, tables["valid"].ids, valid_probs, classes)
     write_predictions(pred_dir / "test.csv", tables["test"].ids, test_probs, classes)
 
-    figures.update(training_figures(fitted, len(tables["train"])))
+    figures.update({**tta, **training_figures(fitted, len(tables["train"]))})
     figures.update({"fold": fold, "seconds": round(time.perf_counter() - start, 3)})
     write_stage_metrics(cfg.paths.stage_metrics_file(item_stage(STAGE, fold)), figures)
     return figures

@@ -7,11 +7,8 @@ What a member is follows ``ensemble.member_model``:
 
 - ``finetune`` (default): the CNN fine-tuned from fold k's head exactly as the finetune stage does
   (``pipeline.recipes.fine_tune``: its settings and DDP; under DVC a killed member starts over, since
-  its outputs are not persistent: see dvc.yaml), with seed ``finetune.seed + 1 + m``. Test-time
-  augmentation happens here, since it needs the CNN: ``ensemble.tta`` augmented passes (the features
-  stage's copies 1..tta, never flipped) averaged with the plain pass. In cv mode TTA is always kept
-  when configured (the fold's rows must not decide anything about their own model); in holdout mode
-  only when it lowers the validation log loss.
+  its outputs are not persistent: see dvc.yaml), with seed ``finetune.seed + 1 + m``. It predicts with
+  test-time augmentation like every fine-tuned CNN of the chain (``pipeline.recipes.tta_predictions``).
 - ``head``: a dense head on the cached conv features (``pipeline.recipes.fit_head``), seed
   ``head.seed + 1 + m``: seconds on a CPU, but weaker than and correlated with the fine-tuned model.
 
@@ -38,25 +35,23 @@ from pipeline.featurecache import load_meta
 from pipeline.metrics import (
     OOF_FILE,
     evaluate,
-    keep_tta_if_better,
     read_hidden_labels,
     write_predictions,
     write_stage_metrics,
 )
 from pipeline.recipes import (
     HEAD_FILE,
-    FineTuned,
     fine_tune,
     fit_head,
     fold_feature_splits,
     head_meta,
-    monitors_held_out,
     predict_and_score,
     read_split_csv,
     training_figures,
+    tta_predictions,
 )
 from pipeline.stagefolds import check_fold
-from pipeline.tables import ImageTable, read_tables
+from pipeline.tables import read_tables
 from pipeline.training import MODEL_FILE, quiet_training, save_network
 
 STAGE = "member"
@@ -128,23 +123,9 @@ def train_head_member(cfg: Config, member: int, fold: int) -> dict[str, Any]:
     return {**figures, **facts, "n_train_images": len(kept), "n_train_groups": group_count(cfg, kept)}
 
 
-def tta_predictions(cfg: Config, fitted: FineTuned, tables: dict[str, ImageTable]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Held-out and test probabilities: the plain pass, or its mean with ``ensemble.tta`` augmented
-    passes (decided on the held-out rows in holdout mode only)."""
-    passes, augment, seed = cfg.ensemble.tta, cfg.augment, cfg.features.seed
-
-    def averaged(table: ImageTable, plain: np.ndarray) -> np.ndarray:
-        return np.mean([plain, *(fitted.predict(table, k, augment, seed) for k in range(1, passes + 1))], axis=0)
-
-    valid, test = fitted.predict(tables["valid"]), fitted.predict(tables["test"])
-    return keep_tta_if_better(tables["valid"].labels, valid, test,
-                              (lambda: averaged(tables["valid"], valid)) if passes else None,
-                              lambda: averaged(tables["test"], test), decide=monitors_held_out(cfg))
-
-
 def train_finetuned_member(cfg: Config, member: int, fold: int) -> dict[str, Any]:
     """The CNN fine-tuned like the finetune stage with this member's seed and train rows; TTA
-    predictions. ``{}`` on DDP ranks other than 0, which write nothing."""
+    predictions (``recipes.tta_predictions``). ``{}`` on DDP ranks other than 0, which write nothing."""
     quiet_training()
     tables = read_tables(cfg, cfg.finetune.use_sample, fold)
     train = tables["train"]
@@ -154,7 +135,7 @@ def train_finetuned_member(cfg: Config, member: int, fold: int) -> dict[str, Any
     name = member_model_name(member)
     out_dir = cfg.paths.fold_models(name, fold)
     fitted = fine_tune(cfg, settings, tables, out_dir, fold, modules=[sys.modules[__name__]], label=stage_name(member, fold))
-    valid, test, tta = tta_predictions(cfg, fitted, tables)
+    valid, test, tta = tta_predictions(cfg, fitted, tables["valid"], tables["test"])
     if not fitted.outcome.is_global_zero:
         return {}
     save_network(out_dir / MODEL_FILE, fitted.outcome.network,

@@ -19,7 +19,8 @@ and less accurate there than its out-of-fold rows showed (8 seeds: worse than fi
 on 7, while better out of fold on 8), so its CV figure did not speak for its test predictions.
 
 Each iteration (``pseudo.iterations``, default 1) trains on the split's train rows plus the pseudo set,
-every batch holding exactly ``round(pseudo.fraction * finetune.batch_size)`` pseudo rows; the
+every batch holding exactly ``round(pseudo.fraction * finetune.batch_size)`` pseudo rows. Teacher
+and students predict with test-time augmentation (``recipes.tta_predictions``, as finetune does). The
 retrained students label the test set for the next iteration (from the second iteration on, a half's
 labels come from a student that learned the other half's, so the separation is exact for one
 iteration only). A student continues from the fine-tuned weights; with ``pseudo.distill`` it restarts
@@ -62,7 +63,7 @@ from pipeline.metrics import (
     write_stage_metrics,
 )
 from pipeline.models import input_hw
-from pipeline.recipes import build_network, head_file, monitors_held_out
+from pipeline.recipes import FineTuned, build_network, head_file, monitors_held_out, tta_predictions
 from pipeline.stagefolds import run_folds
 from pipeline.tables import ImageTable, one_hot, read_tables
 from pipeline.training import (
@@ -73,7 +74,6 @@ from pipeline.training import (
     fit_or_resume,
     is_launcher_process,
     load_network_state,
-    predict_probs,
     quiet_training,
     save_network,
     uses_cuda,
@@ -196,6 +196,13 @@ def check_never_taught(pseudo: PseudoSet, predicted: ImageTable) -> None:
                          "learned their pseudo-labels")
 
 
+def check_halves(halves: list[int | None], tables: dict[str, ImageTable]) -> None:
+    """Cross pseudo-labelling needs something in every half: two test images and two held-out rows."""
+    if halves != [None] and min(len(tables["test"]), len(tables["valid"])) < 2:
+        raise StageError(f"pseudo.cross splits the test images ({len(tables['test'])}) and the held-out rows "
+                         f"({len(tables['valid'])}) in two halves: it needs at least 2 of each; set pseudo.cross=false")
+
+
 def student_dir(out_root: Path, iteration: int, half: int | None) -> Path:
     folder = out_root / f"iteration_{iteration}"
     return folder if half is None else folder / f"half_{half}"
@@ -228,6 +235,7 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
     watched = tables["valid"] if monitor else tables["valid"].subset(np.array([], dtype=np.int64))
     test_halves, valid_halves = image_halves(tables["test"].ids), image_halves(tables["valid"].ids)
     halves = students(ps)
+    check_halves(halves, tables)
     states: dict[int | None, dict[str, Any]] = {half: finetuned_state for half in halves}
     if is_launcher_process():
         remove_stale_students(out_root, ps.iterations, halves)
@@ -261,14 +269,13 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
             label = f"{item_stage(STAGE, fold)} iteration {iteration}" + ("" if half is None else f" half {half}")
             outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ps.max_epochs, ft.patience, run_fp, callbacks,
                                     label=label, monitor=monitor, ckpt_dir=cfg.paths.checkpoints_for(out_dir))
-            for probs, table, rows in ((valid_probs, tables["valid"], predicted_valid), (test_probs, tables["test"], predicted_test)):
-                if len(rows):
-                    probs[rows] = predict_probs(outcome.network, table.subset(rows), target_hw, ft.batch_size * 2,
-                                                ft.num_workers, outcome.device, cuda)
+            fitted = FineTuned(outcome, target_hw, cuda, ft.batch_size, ft.num_workers, head_meta)
+            valid_probs[predicted_valid], test_probs[predicted_test], tta = tta_predictions(
+                cfg, fitted, tables["valid"].subset(predicted_valid), tables["test"].subset(predicted_test))
             if is_launcher_process():
                 write_predictions(out_dir / "pseudo_labels.csv", pseudo.table.ids, pseudo.targets, classes)
                 facts[out_dir.name] = {**outcome.facts, "n_pseudo_images": len(pseudo.table),
-                                       "n_predicted_test_images": len(predicted_test)}
+                                       "n_predicted_test_images": len(predicted_test), "tta_used": tta.get("tta_used", False)}
             states[half] = {k: v.detach().cpu().clone() for k, v in outcome.network.state_dict().items()}
             if outcome.is_global_zero:
                 save_network(student_model_file(out_root, half), outcome.network,
