@@ -212,6 +212,30 @@ def student_model_file(out_root: Path, half: int | None) -> Path:
     return out_root / (MODEL_FILE if half is None else f"model_half{half}.pt")
 
 
+def train_student(cfg: Config, fold: int, tables: dict[str, ImageTable], pseudo: PseudoSet,
+                  state: dict[str, Any] | None, out_dir: Path, run_fp: str, label: str,
+                  callbacks: Sequence[Callback]) -> tuple[FineTuned, int]:
+    """One student: the head-stage network (with ``state`` loaded: the fine-tuned weights or the previous
+    iteration's), trained on the train rows plus ``pseudo`` with ``finetune``'s settings for
+    ``pseudo.max_epochs``; the held-out rows steer it in holdout mode only. (It, the pseudo rows per batch.)"""
+    ft, ps = cfg.finetune, cfg.pseudo
+    network, data_cfg, head_meta = build_network(cfg, head_file(cfg, fold))
+    if state is not None:
+        network.load_state_dict(state)
+    target_hw, cuda, monitor = input_hw(data_cfg), uses_cuda(ft.trainer), monitors_held_out(cfg)
+    settings = TrainSettings.from_section(ft.model_copy(update={"seed": ps.seed, "max_epochs": ps.max_epochs}))
+    module = ClassifierModule(network, settings, models.backbone_blocks(network.conv_base), channels_last=cuda)
+    if ft.trainer.compile:
+        network.compile()
+    watched = tables["valid"] if monitor else tables["valid"].subset(np.array([], dtype=np.int64))
+    datamodule = ImageDataModule(tables["train"], watched, target_hw, cfg.augment, ft.batch_size, ft.num_workers,
+                                 ps.seed, copies=ps.max_epochs, pseudo=pseudo, pin_memory=cuda,
+                                 n_classes=int(head_meta["num_classes"]))
+    outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ps.max_epochs, ft.patience, run_fp, callbacks,
+                            label=label, monitor=monitor, ckpt_dir=cfg.paths.checkpoints_for(out_dir))
+    return FineTuned(outcome, target_hw, cuda, ft.batch_size, ft.num_workers, head_meta), datamodule.pseudo_count
+
+
 def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Pseudo-label the test set with fold ``fold``'s fine-tuned model, retrain, repeat; predict the
     fold's held-out rows and the test set, report; return the figures (``{}`` on DDP ranks other than 0).
@@ -220,19 +244,15 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
     start = time.perf_counter()
     quiet_training()
     ft, ps = cfg.finetune, cfg.pseudo
-    settings = ft.model_copy(update={"seed": ps.seed, "max_epochs": ps.max_epochs})
     tables = read_tables(cfg, ft.use_sample, fold)
     head_path = head_file(cfg, fold)
     teacher_path = cfg.paths.fold_predictions(TEACHER_STAGE, fold) / "test.csv"
     finetuned_path = cfg.paths.fold_models(TEACHER_STAGE, fold) / MODEL_FILE
     teacher_probs = teacher_test_probs(teacher_path, tables["test"])
     finetuned_state = load_network_state(finetuned_path, TEACHER_STAGE)
-    cuda = uses_cuda(ft.trainer)
     classes = read_competition(cfg.paths.path("raw")).classes
     hidden = read_hidden_labels(cfg.paths.path("hidden"), classes)
     out_root = cfg.paths.fold_models(STAGE, fold)
-    monitor = monitors_held_out(cfg)
-    watched = tables["valid"] if monitor else tables["valid"].subset(np.array([], dtype=np.int64))
     test_halves, valid_halves = image_halves(tables["test"].ids), image_halves(tables["valid"].ids)
     halves = students(ps)
     check_halves(halves, tables)
@@ -253,23 +273,12 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
             predicted_test, predicted_valid = rows_of(test_halves, half, taught=False), rows_of(valid_halves, half, taught=False)
             if half is not None:
                 check_never_taught(pseudo, tables["test"].subset(predicted_test))
-            network, data_cfg, head_meta = build_network(cfg, head_path)
-            if not ps.distill:
-                network.load_state_dict(states[half])
-            target_hw = input_hw(data_cfg)
-            module = ClassifierModule(network, TrainSettings.from_section(settings), models.backbone_blocks(network.conv_base),
-                                      channels_last=cuda)
-            if ft.trainer.compile:
-                network.compile()
-            datamodule = ImageDataModule(tables["train"], watched, target_hw, cfg.augment, ft.batch_size,
-                                         ft.num_workers, ps.seed, copies=ps.max_epochs, pseudo=pseudo, pin_memory=cuda,
-                                         n_classes=len(classes))
             out_dir = student_dir(out_root, iteration, half)
-            run_fp = iteration_fingerprint(cfg, iteration, pseudo, [head_path, finetuned_path], tables)
             label = f"{item_stage(STAGE, fold)} iteration {iteration}" + ("" if half is None else f" half {half}")
-            outcome = fit_or_resume(module, datamodule, ft.trainer, out_dir, ps.max_epochs, ft.patience, run_fp, callbacks,
-                                    label=label, monitor=monitor, ckpt_dir=cfg.paths.checkpoints_for(out_dir))
-            fitted = FineTuned(outcome, target_hw, cuda, ft.batch_size, ft.num_workers, head_meta)
+            fitted, pseudo_count = train_student(cfg, fold, tables, pseudo, None if ps.distill else states[half], out_dir,
+                                                 iteration_fingerprint(cfg, iteration, pseudo, [head_path, finetuned_path], tables),
+                                                 label, callbacks)
+            outcome = fitted.outcome
             valid_probs[predicted_valid], test_probs[predicted_test], tta = tta_predictions(
                 cfg, fitted, tables["valid"].subset(predicted_valid), tables["test"].subset(predicted_test))
             if is_launcher_process():
@@ -279,7 +288,7 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
             states[half] = {k: v.detach().cpu().clone() for k, v in outcome.network.state_dict().items()}
             if outcome.is_global_zero:
                 save_network(student_model_file(out_root, half), outcome.network,
-                             {**head_meta, "stage": STAGE, "iterations": ps.iterations, "fold": fold, "half": half})
+                             {**fitted.meta, "stage": STAGE, "iterations": ps.iterations, "fold": fold, "half": half})
         if is_launcher_process():
             per_iteration[f"iteration_{iteration}"] = {
                 **evaluate(valid_probs, tables["valid"].labels, tables["test"].ids, test_probs, hidden),
@@ -296,7 +305,7 @@ def run_fold(cfg: Config, fold: int, callbacks: Sequence[Callback] = ()) -> dict
     figures.update({
         "iterations": per_iteration,
         "fraction": ps.fraction,
-        "pseudo_per_batch": datamodule.pseudo_count,
+        "pseudo_per_batch": pseudo_count,
         "batch_size": ft.batch_size,
         "labels": ps.labels,
         "distill": ps.distill,
