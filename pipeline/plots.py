@@ -236,7 +236,8 @@ def model_rank(name: str) -> tuple[int, list[Any]]:
 
 def training_logs(models_dir: Path) -> dict[str, list[tuple[str, Path]]]:
     """model -> [(run, Lightning metrics.csv)]: pretrain's log, each fold model's (run ``fold<k>``),
-    pseudo's per fold and iteration (``fold<k> iteration_<i>``); models and runs in natural order."""
+    pseudo's per fold, iteration and student (``fold<k> iteration_<i>[ half_<h>]``); models and runs in
+    natural order."""
     found: dict[str, list[tuple[str, Path]]] = {}
     if not models_dir.is_dir():
         return found
@@ -311,9 +312,9 @@ def fold_mean(curves: Sequence[Series]) -> Series:
 
 
 def run_group(run: str) -> str:
-    """Runs averaged together for DVC's plots: the folds of one model (``fold1 iteration_2`` ->
-    ``iteration_2``; ``fold0`` -> ``""``)."""
-    return " ".join(part for part in run.split() if not re.fullmatch(r"fold\d+", part))
+    """Runs averaged together for DVC's plots: the folds of one model, and the two students of a cross
+    pseudo-labelling iteration (``fold1 iteration_2 half_0`` -> ``iteration_2``; ``fold0`` -> ``""``)."""
+    return " ".join(part for part in run.split() if not re.fullmatch(r"fold\d+|half_\d+", part))
 
 
 def legend_label(run: str, model: str, column: str, several_columns: bool) -> str:

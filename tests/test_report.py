@@ -294,6 +294,21 @@ def test_cv_learning_curves_show_training_loss_and_lr_per_fold_only(smoke_cfg):
     assert "valid/logloss" not in curves and "valid" not in texts  # fold models never validate on their own rows in cv
 
 
+def test_cross_pseudo_students_are_averaged_into_the_models_dvc_plot(smoke_cfg):
+    """Cross pseudo-labelling logs one run per student (``iteration_1/half_<h>``): DVC's learning plot is
+    the model's, the mean over folds and students, like any fold model's."""
+    models = smoke_cfg.paths.path("models")
+    for fold in (0, 1):
+        for half, losses in ((0, [2.0, 1.0]), (1, [4.0, 3.0])):
+            write_log(models / "pseudo" / f"fold{fold}" / "iteration_1" / f"half_{half}" / "logs" / "metrics.csv",
+                      {"epoch": [0, 1], "step": [1, 2], "train/loss": losses, "train/lr": [1e-4, 1e-3]})
+    curves = section(page_of(smoke_cfg), "Learning curves")
+    assert {"fold0 iteration_1 half_0", "fold1 iteration_1 half_1"} <= svg_texts(curves)
+    loss = pd.read_csv(smoke_cfg.paths.path("plots") / "learning" / "pseudo.csv")
+    assert loss.to_dict(orient="list") == {"epoch": [0, 1], "train_loss": [3.0, 2.0]}
+    assert sorted(p.name for p in (smoke_cfg.paths.path("plots") / "learning").iterdir()) == ["pseudo.csv"]
+
+
 def test_holdout_learning_curves_keep_the_validation_loss(tmp_path):
     cfg = load_profile("smoke", {"split.validation": "holdout"}).at(tmp_path)
     fold_logs(cfg)
