@@ -178,6 +178,15 @@ def test_a_student_never_predicts_an_image_it_was_taught():
         pseudo.check_never_taught(taught, tables["test"].subset(np.array([1, 2])))
 
 
+def test_cross_pseudo_labelling_refuses_halves_it_cannot_fill():
+    """Fewer than 2 test images or held-out rows: a clear error naming the switch, before any training."""
+    tiny = tables_for(valid=["v1.jpg"], test=["x1.jpg", "x2.jpg"])
+    with pytest.raises(StageError, match=r"held-out rows \(1\).*at least 2 of each; set pseudo\.cross=false"):
+        pseudo.check_halves([0, 1], tiny)
+    pseudo.check_halves([None], tiny)  # one student needs no halves
+    pseudo.check_halves([0, 1], tables_for(valid=["v1.jpg", "v2.jpg"], test=["x1.jpg", "x2.jpg"]))
+
+
 # ---------------------------------------------------------------------------- stage
 
 
