@@ -366,6 +366,11 @@ class FinetuneConfig(Section):
     lr: float = Field(1e-4, gt=0)  # the head's learning rate
     first_epoch_lr: float = Field(1e-5, gt=0)  # the head's learning rate in epoch 0 (every group scaled alike)
     layer_lr_decay: float = Field(0.5, gt=0, le=1)  # conv block k from the end trains at lr * decay**k
+    # first_epoch: epoch 0 at first_epoch_lr, then lr constant (Howard's low-then-fixed recipe; early
+    # stopping picks the epoch). onecycle: per step, a warm-up from lr/25 to lr over the first quarter,
+    # then annealed to ~0 at max_epochs (first_epoch_lr unused): converges in a fixed epoch budget, and
+    # cv mode keeps the last epoch. Pseudo uses the same schedule over its own max_epochs.
+    schedule: Literal["first_epoch", "onecycle"] = "first_epoch"
     # Batchnorm running statistics stay as the head saw them (eval mode), so fine-tuning starts where
     # the head ended: train-mode statistics of augmented batches shift the features under the head.
     freeze_bn_stats: bool = False
@@ -403,6 +408,9 @@ class PseudoConfig(Section):
     distill: bool = False
     temperature: float = Field(1.0, gt=0)
     max_epochs: int = Field(4, ge=1)
+    # The students' learning rate (None: finetune.lr; every layer group scaled alike). A student goes on
+    # from a converged fine-tune: under finetune.schedule=onecycle a restart at the full peak undoes it.
+    lr: float | None = Field(None, gt=0)
     seed: int = Field(0, ge=0)
 
     @field_validator("fraction")

@@ -99,6 +99,18 @@ def tables_for(valid: list[str], test: list[str]) -> dict[str, ImageTable]:
     return {"train": table(["t1.jpg"], 0), "valid": table(valid, 3), "test": table(test, -1)}
 
 
+def test_students_train_with_finetunes_settings_and_pseudos_own_epochs_seed_and_learning_rate():
+    cfg = load_profile("smoke", ["finetune.schedule=onecycle", "finetune.lr=3e-3", "pseudo.max_epochs=2",
+                                 "pseudo.seed=5"])
+    inherited = pseudo.student_settings(cfg)
+    assert (inherited.schedule, inherited.lr, inherited.seed) == ("onecycle", 3e-3, 5)
+    assert inherited.layer_lr_decay == cfg.finetune.layer_lr_decay
+    own = pseudo.student_settings(cfg.model_copy(update={"pseudo": cfg.pseudo.model_copy(update={"lr": 3e-4})}))
+    assert (own.schedule, own.lr) == ("onecycle", 3e-4)
+    with pytest.raises(ConfigError, match="pseudo.lr"):
+        load_profile("smoke", ["pseudo.lr=0"])
+
+
 def test_validation_images_never_reach_the_pseudo_set():
     tables = tables_for(valid=["v1.jpg", "v2.jpg"], test=["x1.jpg", "x2.jpg"])
     probs = np.full((2, 10), 0.1)

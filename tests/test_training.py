@@ -1,12 +1,15 @@
 """The one training path: optimiser factory, schedules, settings from any config section, the
 checkpoint format and its errors."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from pipeline.config import FinetuneConfig, HeadConfig
 from pipeline.errors import StageError
 from pipeline.training import (
+    ClassifierModule,
     TrainSettings,
     create_optimizer,
     first_epoch_schedule,
@@ -40,6 +43,30 @@ def test_first_epoch_runs_at_the_low_learning_rate():
         schedule.step()
     assert seen == pytest.approx([1e-4, 1e-2, 1e-2])
 
+
+
+def test_finetune_onecycle_warms_up_then_anneals_every_layer_group_to_near_zero():
+    """finetune.schedule=onecycle (the cpu profile's): per step, each param group from its own peak
+    (lr * layer_lr_decay**k) / 25 up to that peak, then down to ~0 at the last step."""
+    network = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    blocks = [[network[0]], [network[1]]]
+    settings = TrainSettings.from_section(FinetuneConfig(schedule="onecycle", lr=1e-2, layer_lr_decay=0.5,
+                                                         unfreeze_blocks=5))
+    module = ClassifierModule(network, settings, blocks)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=20)
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert configured["lr_scheduler"]["interval"] == "step"
+    peaks = [1e-2, 5e-3, 2.5e-3]  # the head, then blocks from the end
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([p / 25 for p in peaks])
+    seen = []
+    for _ in range(20):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert max(step[0] for step in seen) == pytest.approx(peaks[0])
+    assert [max(step[i] for step in seen) for i in range(3)] == pytest.approx(peaks)
+    assert all(lr < peak * 0.01 for lr, peak in zip(seen[-1], peaks, strict=True))
 
 
 def test_settings_come_from_either_section():

@@ -212,6 +212,13 @@ def student_model_file(out_root: Path, half: int | None) -> Path:
     return out_root / (MODEL_FILE if half is None else f"model_half{half}.pt")
 
 
+def student_settings(cfg: Config) -> TrainSettings:
+    """``finetune``'s optimiser and schedule, with pseudo's seed, epochs and (when set) learning rate."""
+    ps = cfg.pseudo
+    changes = {"seed": ps.seed, "max_epochs": ps.max_epochs} | ({"lr": ps.lr} if ps.lr is not None else {})
+    return TrainSettings.from_section(cfg.finetune.model_copy(update=changes))
+
+
 def train_student(cfg: Config, fold: int, tables: dict[str, ImageTable], pseudo: PseudoSet,
                   state: dict[str, Any] | None, out_dir: Path, run_fp: str, label: str,
                   callbacks: Sequence[Callback]) -> tuple[FineTuned, int]:
@@ -223,8 +230,7 @@ def train_student(cfg: Config, fold: int, tables: dict[str, ImageTable], pseudo:
     if state is not None:
         network.load_state_dict(state)
     target_hw, cuda, monitor = input_hw(data_cfg), uses_cuda(ft.trainer), monitors_held_out(cfg)
-    settings = TrainSettings.from_section(ft.model_copy(update={"seed": ps.seed, "max_epochs": ps.max_epochs}))
-    module = ClassifierModule(network, settings, models.backbone_blocks(network.conv_base), channels_last=cuda)
+    module = ClassifierModule(network, student_settings(cfg), models.backbone_blocks(network.conv_base), channels_last=cuda)
     if ft.trainer.compile:
         network.compile()
     watched = tables["valid"] if monitor else tables["valid"].subset(np.array([], dtype=np.int64))
