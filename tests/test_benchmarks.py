@@ -69,3 +69,21 @@ def test_real_image_photos_keep_strips_apart_and_the_hog_baseline_learns(tmp_pat
     probs = bench.baseline(table, tmp_path, bench.hog)
     labels = test["classname"].map(bench.CLASSES.index).to_numpy()
     assert probs.shape == (len(test), 10) and np.mean(probs.argmax(1) == labels) > 0.3  # chance is 0.1
+
+
+def test_first_epoch_change_is_paired_row_by_row():
+    bench = load("first_epoch")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 400)
+    head = rng.dirichlet(np.ones(3), 400)
+    same = bench.paired_change(head, head, labels)
+    assert same["change"] == 0 and same["z"] == 0 and same["first_epoch"] == same["head"]
+    # every row's true-class probability shrunk a little: a small but consistent loss, many SEs out
+    shrunk = head.copy()
+    shrunk[np.arange(400), labels] *= 0.9
+    worse = bench.paired_change(head, shrunk, labels)
+    assert 0 < worse["change"] < 0.2 and worse["z"] > 10
+    # noise with no direction: some rows better, some worse, the mean change within 2 SE
+    noisy = np.clip(head * rng.lognormal(0, 0.05, head.shape), 1e-6, None)
+    assert abs(bench.paired_change(head, noisy, labels)["z"]) < 3
+
