@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SOURCE_DIRS = ("pipeline", "flows", "benchmarks")
-FIRST_PARTY = {"pipeline", "flows", "benchmarks", "tests"}
+# A benchmark script may import a sibling script (benchmarks/ is on the path when it runs).
+FIRST_PARTY = {"pipeline", "flows", "benchmarks", "tests"} | {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;\\]+)(?P<rest>.*)$")
 
 
