@@ -28,22 +28,23 @@ from pipeline.outoffold import aligned, read_held_out
 FIRST_EPOCH_ONLY = ("finetune.max_epochs=1", "ensemble.tta=0", "split.validation=holdout")
 
 
-def held_out_rows(cfg: Config, model: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fold 0's held-out (validation) rows: ``model``'s predictions and the labels."""
+def held_out_predictions(cfg: Config, models: tuple[str, ...]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Fold 0's held-out (validation) rows: each model's predictions, in one row order, and the labels."""
     classes = list(read_competition(cfg.paths.path("raw")).classes)
     held = read_held_out(cfg, classes)
-    path = cfg.paths.path("predictions") / "folds" / model / "0" / "oof.csv"
-    return aligned(path, held.ids, classes, model), held.labels
+    folds = cfg.paths.path("predictions") / "folds"
+    return [aligned(folds / model / "0" / "oof.csv", held.ids, classes, model) for model in models], held.labels
 
 
 def paired_change(head: np.ndarray, tuned: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """``tuned``'s log loss against ``head``'s on the same rows: relative change, and its z (the mean
     per-row difference over its standard error)."""
-    diff = row_logloss(tuned, labels) - row_logloss(head, labels)
-    base = float(row_logloss(head, labels).mean())
+    head_rows = row_logloss(head, labels)
+    diff = row_logloss(tuned, labels) - head_rows
+    base, mean = float(head_rows.mean()), float(diff.mean())
     se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
-    return {"rows": len(diff), "head": base, "first_epoch": base + float(diff.mean()),
-            "change": float(diff.mean()) / base, "z": float(diff.mean()) / se if se else 0.0, "se_relative": se / base}
+    return {"rows": len(diff), "head": base, "first_epoch": base + mean, "change": mean / base,
+            "z": mean / se if se else 0.0, "se_relative": se / base}
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     # ensemble_seeds' layout and runner (benchmarks/ is on the path when this runs as a script)
-    from ensemble_seeds import SHARED, link_shared, run_stages
+    from ensemble_seeds import FIRST_EPOCH_TOLERANCE, SHARED, link_shared, run_stages
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
@@ -68,14 +69,15 @@ def main() -> None:
             cfg = load_profile(args.profile, [*args.overrides, *seeded, *FIRST_EPOCH_ONLY]).at(work / f"first_epoch{seed}")
             link_shared(shared, cfg)
             run_stages(cfg, ("split", "head", "finetune"))
-            head, labels = held_out_rows(cfg, "head")
-            results[seed] = row = paired_change(head, held_out_rows(cfg, "finetune")[0], labels)
+            (head, tuned), labels = held_out_predictions(cfg, ("head", "finetune"))
+            results[seed] = row = paired_change(head, tuned, labels)
             print(f"seed {seed}: head {row['head']:.4f} -> first epoch {row['first_epoch']:.4f} "
                   f"({row['change']:+.2%}, paired SE {row['se_relative']:.2%}, z {row['z']:+.2f}; {row['rows']} rows)", flush=True)
             if args.out:
                 args.out.write_text(json.dumps(results, indent=1))
     changes = [r["change"] for r in results.values()]
-    print(f"changes: {' '.join(f'{c:+.2%}' for c in changes)}; within 3%: {sum(c <= 0.03 for c in changes)} of "
+    print(f"changes: {' '.join(f'{c:+.2%}' for c in changes)}; within {FIRST_EPOCH_TOLERANCE:.0%}: "
+          f"{sum(c <= FIRST_EPOCH_TOLERANCE for c in changes)} of "
           f"{len(changes)}; z <= 2 (not told from noise): {sum(r['z'] <= 2 for r in results.values())} of {len(changes)}")
 
 
