@@ -82,5 +82,9 @@ def results_table(root: str) -> str:
         lines.append(f"  {name:<10}" + "".join(f"{figs[key]:>15.4f}" if key in figs else f"{'':>15}" for key, _ in columns))
     if "test_logloss" in dict(columns):
         lines.append("  (test: the hidden labels of the synthetic data; a real competition has none)")
+    estimate = dict(rows).get("calibrate", {}).get("submission_estimate")
+    if estimate is not None:
+        lines.append(f"  the submission (fold models averaged) is estimated at {estimate:.4f}: CV less the label-free "
+                     "gain of averaging")
     lines.append(f"report: {report}")
     return "\n".join(lines)

@@ -8,7 +8,12 @@ all labelled images; in holdout mode they are the validation split (one fold). F
 - ``data/predictions/folds/<model>/<k>/oof.csv``: ``id,<classes>``, fold model k's held-out rows.
 - ``data/predictions/oof/<model>/oof.csv``: ``id,fold,<classes>``, every OOF row once, in split.csv
   order; ``test.csv``: ``id,<classes>``, the mean of the K fold models' test predictions, in test
-  index order. Written by the ``oof`` stage; the ensemble, calibrate and report stages read them.
+  index order; ``test_folds.csv``: ``id,fold,<classes>``, each fold model's own test predictions, fold
+  after fold. Written by the ``oof`` stage; the ensemble, calibrate and report stages read them.
+
+Why the per-fold test predictions: an OOF row is predicted by one fold model, a test row by the mean of
+K of them, and the mean is better than each. ``fold_averaging_gain`` estimates by how much, without
+labels, so the CV estimate can speak for the averaged submission.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ from pipeline.config import Config
 from pipeline.errors import BadInputError, StageError
 from pipeline.folds import held_out_mask
 from pipeline.metrics import (
+    KAGGLE_EPS,
     OOF_FILE,
     accuracy,
     kaggle_logloss,
     prediction_classes,
     read_oof,
     read_predictions,
+    write_predictions,
 )
+
+TEST_FOLDS_FILE = "test_folds.csv"
 
 
 @dataclass(frozen=True)
@@ -69,19 +78,32 @@ def read_test_ids(cfg: Config) -> list[str]:
     return pd.read_csv(path, dtype=str, keep_default_na=False)["id"].tolist()
 
 
-def aligned(path: Path, ids: Sequence[str], classes: Sequence[str], produced_by: str) -> np.ndarray:
-    """The rows of a predictions file in ``ids`` order; refused (file, row) unless it has the
-    competition's classes and exactly these ids, each once, with finite probabilities."""
+def check_classes(path: Path, classes: Sequence[str], produced_by: str) -> None:
     if not path.exists():
         raise StageError(f"{path} not found: run the {produced_by} stage first")
     if prediction_classes(path) != list(classes):
         raise BadInputError(path, f"class columns must be {','.join(classes)} (the competition's), "
                                   f"got {','.join(prediction_classes(path))}", row=1)
+
+
+def aligned(path: Path, ids: Sequence[str], classes: Sequence[str], produced_by: str) -> np.ndarray:
+    """The rows of a predictions file in ``ids`` order; refused (file, row) unless it has the
+    competition's classes and exactly these ids, each once, with finite probabilities."""
+    check_classes(path, classes, produced_by)
     got, probs = read_predictions(path)
+    return in_order(path, got, probs, ids, produced_by)
+
+
+def in_order(path: Path, got: Sequence[str], probs: np.ndarray, ids: Sequence[str], produced_by: str,
+             lines: Sequence[int] | None = None) -> np.ndarray:
+    """``probs`` (read from ``path``, row i for id ``got[i]`` on line ``lines[i]``, default i + 2) in
+    ``ids`` order, rows normalised; refused unless ``got`` is exactly ``ids``, each once, with finite
+    probabilities >= 0."""
+    lines = [i + 2 for i in range(len(got))] if lines is None else list(lines)
     position: dict[str, int] = {}
     for i, image_id in enumerate(got):
         if image_id in position:  # name the repeat, where the file goes wrong
-            raise BadInputError(path, f"id {image_id!r} appears twice (first at row {position[image_id] + 2})", row=i + 2)
+            raise BadInputError(path, f"id {image_id!r} appears twice (first at row {lines[position[image_id]]})", row=lines[i])
         position[image_id] = i
     missing = [i for i in ids if i not in position]
     if missing or len(got) != len(ids):
@@ -92,8 +114,51 @@ def aligned(path: Path, ids: Sequence[str], classes: Sequence[str], produced_by:
     bad = ~np.isfinite(out) | (out < 0)
     if bad.any():
         r = int(np.argwhere(bad)[0][0])
-        raise BadInputError(path, f"{ids[r]}: probabilities must be finite and >= 0", row=position[ids[r]] + 2)
+        raise BadInputError(path, f"{ids[r]}: probabilities must be finite and >= 0", row=lines[position[ids[r]]])
     return out / out.sum(axis=1, keepdims=True)
+
+
+def write_test_folds(path: Path, test_ids: Sequence[str], per_fold: np.ndarray, folds: Sequence[int],
+                     classes: Sequence[str]) -> Path:
+    """``per_fold`` (folds, test images, classes): each fold model's test predictions as one file."""
+    per_fold = np.asarray(per_fold, dtype=np.float64)
+    if len(per_fold) != len(folds):
+        raise ValueError(f"{len(per_fold)} folds of test predictions, {len(folds)} fold ids")
+    return write_predictions(path, list(test_ids) * len(per_fold), per_fold.reshape(-1, len(classes)), classes,
+                             folds=np.repeat(np.asarray(folds, dtype=np.int64), len(test_ids)))
+
+
+def read_test_folds(path: Path, test_ids: Sequence[str], classes: Sequence[str], produced_by: str) -> np.ndarray | None:
+    """(folds, test images, classes) from a ``test_folds.csv``, each fold's rows in ``test_ids`` order;
+    None when there is no such file (written before it existed: nothing to average over)."""
+    if not path.exists():
+        return None
+    check_classes(path, classes, produced_by)
+    got, fold_of, probs = read_oof(path)
+    per_fold = []
+    for fold in np.unique(fold_of):
+        rows = np.flatnonzero(fold_of == fold)
+        per_fold.append(in_order(path, [got[r] for r in rows], probs[rows], test_ids, produced_by, rows + 2))
+    return np.stack(per_fold) if per_fold else None
+
+
+def fold_averaging_gain(averaged: np.ndarray, per_fold: np.ndarray | Sequence[np.ndarray]) -> float | None:
+    """How much lower the log loss of ``averaged`` (the predictions submitted: the K fold models
+    combined) is expected to be than that of one fold model's ``per_fold[k]``, without labels: the
+    mean over folds and rows of KL(averaged || per_fold[k]). If a row's label is drawn from
+    ``averaged`` (it is calibrated), E[-log p_k,y] - E[-log averaged_y] is exactly that divergence.
+    OOF rows are each predicted by one fold model, so the CV log loss minus this gain estimates the
+    averaged submission. None with fewer than two folds (nothing is averaged)."""
+    if len(per_fold) < 2:
+        return None
+    avg = np.clip(np.asarray(averaged, dtype=np.float64), KAGGLE_EPS, 1.0)
+    avg /= avg.sum(axis=1, keepdims=True)
+    gains = []
+    for probs in per_fold:
+        p = np.clip(np.asarray(probs, dtype=np.float64), KAGGLE_EPS, 1.0)
+        p /= p.sum(axis=1, keepdims=True)
+        gains.append(float((avg * (np.log(avg) - np.log(p))).sum(axis=1).mean()))
+    return float(np.mean(gains))
 
 
 @dataclass
@@ -103,6 +168,7 @@ class ModelOOF:
     name: str
     oof: np.ndarray
     test: np.ndarray
+    test_folds: np.ndarray | None = None  # (folds, test images, classes): each fold model's own
 
 
 def read_model_oof(cfg: Config, name: str, held: HeldOut, test_ids: Sequence[str], classes: Sequence[str],
@@ -119,7 +185,8 @@ def read_model_oof(cfg: Config, name: str, held: HeldOut, test_ids: Sequence[str
     wrong = [i for i, f in zip(held.ids, held.folds.tolist(), strict=True) if fold_of[i] != f]
     if wrong:
         raise StageError(f"{path}: {wrong[0]!r} is in fold {fold_of[wrong[0]]}, split.csv says otherwise: rerun {produced_by}")
-    return ModelOOF(name, oof, aligned(folder / "test.csv", test_ids, classes, produced_by))
+    return ModelOOF(name, oof, aligned(folder / "test.csv", test_ids, classes, produced_by),
+                    read_test_folds(folder / TEST_FOLDS_FILE, test_ids, classes, produced_by))
 
 
 def fold_figures(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> dict[str, Any]:

@@ -412,3 +412,58 @@ def test_stage_needs_ingest_split_and_the_ensemble(smoke_cfg, tmp_path):
         path.unlink()
     with pytest.raises(StageError, match="competition.json not found: run the ingest stage first"):
         run(smoke_cfg)
+
+
+# ---------------------------------------------------------------------------- the fold-averaged submission
+
+
+def write_test_folds(root: Path, n_folds: int = 3, noise: float = 1.0) -> np.ndarray:
+    """Each fold's ensemble alone on test (noisy around the written test predictions), and test.csv
+    rewritten as their mean, as the ensemble stage writes them."""
+    from pipeline.outoffold import write_test_folds as write
+
+    test_path = root / "data/predictions/ensemble/test.csv"
+    ids, test = read_predictions(test_path)
+    rng = np.random.default_rng(5)
+    logits = np.log(test)[None] + rng.normal(0, noise, (n_folds, *test.shape))
+    per_fold = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+    write(root / "data/predictions/ensemble/test_folds.csv", ids, per_fold, list(range(n_folds)), CLASSES)
+    write_predictions(test_path, ids, per_fold.mean(axis=0), CLASSES)
+    return per_fold
+
+
+def test_the_submission_estimate_is_cv_less_the_gain_of_averaging_the_calibrated_folds(tmp_path):
+    from pipeline.outoffold import fold_averaging_gain
+
+    cfg = load_profile("smoke", ["split.n_folds=3"]).at(tmp_path)
+    write_inputs(tmp_path, n_folds=3)
+    per_fold = write_test_folds(tmp_path)
+    figures = run(cfg)
+    assert figures["applied"] is True
+    calibration = Calibration(figures["temperature"], figures["clip_lo"], figures["clip_hi"])
+    _, submitted = read_predictions(tmp_path / "data/predictions/calibrate/test.csv")
+    gain = fold_averaging_gain(submitted, [apply_calibration(p, calibration) for p in per_fold])
+    assert figures["fold_averaging_gain"] == pytest.approx(gain, abs=1e-5) and gain > 0.01
+    assert figures["submission_logloss_estimate"] == pytest.approx(figures["valid_logloss"] - gain, abs=1e-5)
+
+
+def test_without_fold_models_to_average_the_estimate_is_the_validation_log_loss(tmp_path):
+    cfg = holdout_cfg(tmp_path)
+    write_inputs(tmp_path, validation="holdout")
+    figures = run(cfg)
+    assert figures["fold_averaging_gain"] is None
+    assert figures["submission_logloss_estimate"] == figures["valid_logloss"]
+
+
+def test_a_bad_test_folds_row_is_refused_and_the_last_output_stays(smoke_cfg, tmp_path):
+    write_inputs(tmp_path, n_folds=2)
+    write_test_folds(tmp_path, n_folds=2)
+    run(smoke_cfg)
+    written = (tmp_path / "data/predictions/calibrate/test.csv").read_text()
+    path = tmp_path / "data/predictions/ensemble/test_folds.csv"
+    df = pd.read_csv(path)
+    df.loc[200, "c3"] = -1.0  # fold 1's first image: line 202
+    df.to_csv(path, index=False)
+    with pytest.raises(BadInputError, match=r"test_folds.csv, row 202: img_t0.jpg: probabilities must be finite"):
+        run(smoke_cfg)
+    assert (tmp_path / "data/predictions/calibrate/test.csv").read_text() == written

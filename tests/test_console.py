@@ -56,6 +56,20 @@ def test_results_table_lists_the_models_in_chain_order_with_cv_and_test_columns(
     assert table[-1] == "report: reports/report.html" or table[-1].endswith("reports/report.html")
 
 
+def test_results_table_gives_the_fold_averaged_submissions_estimate_under_the_table(project):
+    figs = {"cv_logloss": 0.5, "cv_acc": 0.8}
+    write_scores(project, {"head": figs, "calibrate": figs | {"submission_estimate": 0.4612}})
+    table = results_table(str(project)).splitlines()
+    assert table[2].split() == ["calibrate", "0.5000", "0.8000"]  # not a column: one stage has it
+    assert "the submission (fold models averaged) is estimated at 0.4612" in table[3]
+
+
+def test_headline_of_calibrate_in_cv_mode_adds_the_submissions_estimate():
+    figures = {"valid_logloss": 0.52, "valid_acc": 0.77, "fold_averaging_gain": 0.05, "submission_logloss_estimate": 0.47}
+    assert headline(figures) == "held-out log loss 0.5200 (acc 0.770); the fold-averaged submission's estimate 0.4700"
+    assert headline(figures | {"fold_averaging_gain": None}) == "held-out log loss 0.5200 (acc 0.770)"
+
+
 def test_results_table_before_any_scores_says_so(project):
     assert results_table(str(project)).startswith("no scores yet")
 

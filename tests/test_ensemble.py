@@ -238,6 +238,23 @@ def test_ensemble_stage_writes_predictions_and_honest_figures(ensembled):
     assert figures["best_model"] == gathered["best_model"]
 
 
+def test_each_folds_ensemble_alone_on_test_averages_to_the_submitted_predictions(ensembled):
+    """Same weights and smoothing for each fold's models alone: with an arithmetic mean (and smoothing
+    an average too) the folds' ensembles average to test.csv, and they disagree (something to gain)."""
+    from pipeline.metrics import read_predictions
+    from pipeline.outoffold import read_test_folds
+
+    cfg, _, _, figures = ensembled
+    assert figures["mean"] == "arithmetic"
+    folder = cfg.paths.path("predictions") / "ensemble"
+    ids, test = read_predictions(folder / "test.csv")
+    classes = json.loads((cfg.paths.path("raw") / "competition.json").read_text())["classes"]
+    per_fold = read_test_folds(folder / "test_folds.csv", ids, classes, "ensemble")
+    assert per_fold.shape == (len(cfg.split.fold_ids), len(ids), len(classes))
+    np.testing.assert_allclose(per_fold.mean(axis=0), test, atol=1e-5)
+    assert np.abs(per_fold[0] - per_fold[1]).max() > 1e-3
+
+
 def test_ensemble_names_a_fold_stage_that_has_not_run(ensembled, tmp_path):
     from pipeline.errors import StageError
     from pipeline.stages import oof

@@ -1,5 +1,5 @@
 """The oof stage on constructed fold predictions: every labelled image exactly once with its fold, the
-test set averaged over fold models, a fold file that misses or adds a row refused, and a chain stage
+test set averaged over fold models (each fold's kept too, with the gain of averaging), a fold file that misses or adds a row refused, and a chain stage
 that does worse than the one it starts from flagged."""
 
 import numpy as np
@@ -60,6 +60,19 @@ def test_every_labelled_image_once_with_its_fold_and_the_test_mean(gathered_cfg)
     head = figures["models"]["head"]
     assert [head["folds"][f]["n"] for f in ("0", "1")] == [4, 4] and figures["n_oof"] == 8
     assert head["fold_logloss_mean"] == pytest.approx(np.mean([head["folds"][f]["logloss"] for f in ("0", "1")]))
+
+
+def test_each_fold_models_test_predictions_are_kept_with_the_gain_of_averaging_them(gathered_cfg):
+    from pipeline.outoffold import fold_averaging_gain, read_test_folds
+
+    cfg, _, test_ids, tests = gathered_cfg
+    figures = oof.run(cfg)
+    folder = cfg.paths.oof_predictions("head")
+    per_fold = read_test_folds(folder / "test_folds.csv", test_ids, CLASSES, "oof")
+    np.testing.assert_allclose(per_fold, np.stack([tests[0], tests[1]]), atol=1e-5)
+    _, mean = read_predictions(folder / "test.csv")
+    gain = figures["models"]["head"]["fold_averaging_gain"]
+    assert gain == pytest.approx(fold_averaging_gain(mean, per_fold), abs=1e-6) and gain > 0
 
 
 @pytest.mark.parametrize("change", ["drop", "add"])

@@ -163,6 +163,21 @@ def test_cv_table_shows_hidden_test_beside_cv_for_each_model_and_stage(smoke_cfg
     assert "No hidden test labels" not in cv
 
 
+def test_cv_table_and_scores_give_the_fold_averaged_submissions_estimate(smoke_cfg):
+    oof_json(smoke_cfg, {"head": 0.5, "finetune": 0.4})
+    ensemble_json(smoke_cfg)
+    calibrate_json(smoke_cfg, fold_averaging_gain=0.04, submission_logloss_estimate=0.29)
+    page = page_of(smoke_cfg)
+    cv = section(page, "Cross-validation")
+    row = table_row(cv, "submission estimate (CV − fold averaging gain)")
+    assert row[0] == "0.2900" and row[3:5] == ["0.4400", "0.7500"] and "gains 0.0400" in row[-1]
+    assert "averaging gains 0.0400 on the test images (label-free), so the submission's estimate is 0.2900" in page
+    assert read_scores(smoke_cfg)["calibrate"]["submission_estimate"] == 0.29
+    calibrate_json(smoke_cfg, fold_averaging_gain=None, submission_logloss_estimate=0.33)  # holdout: nothing averaged
+    assert "submission estimate" not in section(page_of(smoke_cfg), "Cross-validation")
+    assert "submission_estimate" not in read_scores(smoke_cfg)["calibrate"]
+
+
 def test_cv_table_without_hidden_labels_has_no_test_columns(smoke_cfg):
     oof_json(smoke_cfg, {"head": 0.5, "finetune": 0.4}, test=False)
     cv = section(page_of(smoke_cfg), "Cross-validation")

@@ -16,6 +16,8 @@
    neighbours (cosine, cached conv features). k is chosen among 1, 2, 3, 5, 10 ... up to
    ``ensemble.neighbours`` on OOF log loss, each fold's rows smoothed among that fold's own images as
    test images are smoothed among test images, and applied only when it lowers the OOF log loss.
+5. **Per-fold test predictions**: the same weights and smoothing applied to each fold's models alone
+   (``test_folds.csv``), so calibrate can estimate what averaging the folds gains on test.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from pipeline.metrics import (
     write_stage_metrics,
 )
 from pipeline.neighbours import nearest_neighbours, smooth_with_neighbours
-from pipeline.outoffold import ModelOOF, read_held_out, read_model_oof, read_test_ids
+from pipeline.outoffold import (
+    TEST_FOLDS_FILE,
+    ModelOOF,
+    read_held_out,
+    read_model_oof,
+    read_test_ids,
+    write_test_folds,
+)
 
 Mean = Literal["arithmetic", "geometric"]
 
@@ -151,6 +160,15 @@ def plain_features(cfg: Config, ids: list[str], split_names: tuple[str, ...]) ->
     return table.loc[ids].to_numpy()
 
 
+def fold_tests(models: list[ModelOOF], weights: np.ndarray, mean: Mean, neighbours: np.ndarray | None) -> np.ndarray | None:
+    """(folds, test images, classes): the ensemble of each fold's models alone, smoothed like the
+    submitted test predictions; None unless every model has the same number of per-fold predictions."""
+    if any(m.test_folds is None for m in models) or len({len(m.test_folds) for m in models}) != 1:
+        return None
+    combined = [combine(np.stack([m.test_folds[k] for m in models]), weights, mean) for k in range(len(models[0].test_folds))]
+    return np.stack([probs if neighbours is None else smooth_with_neighbours(probs, neighbours) for probs in combined])
+
+
 # ---------------------------------------------------------------------------- stage
 
 
@@ -194,17 +212,23 @@ def run(cfg: Config) -> dict[str, Any]:
     before = evaluate(oof, labels, test_ids, test, hidden)
 
     smoothing_folds = held.folds if cfg.split.validation == "cv" else np.zeros(len(held), dtype=np.int64)
-    k, by_k = 0, {}
+    k, by_k, test_neighbours = 0, {}, None
     if opts.neighbours:
         features = plain_features(cfg, held.ids, ("train", "valid"))
         k, by_k = smoothing_decision(oof, labels, features, smoothing_folds, opts.neighbours)
         if k:
             oof = smooth_within_folds(oof, features, smoothing_folds, k)
-            test = smooth_with_neighbours(test, nearest_neighbours(plain_features(cfg, test_ids, ("test",)), k))
+            test_neighbours = nearest_neighbours(plain_features(cfg, test_ids, ("test",)), k)
+            test = smooth_with_neighbours(test, test_neighbours)
+    per_fold_test = fold_tests(models, weights, opts.mean, test_neighbours)
 
     out = cfg.paths.path("predictions") / "ensemble"
     write_predictions(out / OOF_FILE, held.ids, oof, classes, folds=held.folds)
     write_predictions(out / "test.csv", test_ids, test, classes)
+    if per_fold_test is not None:
+        write_test_folds(out / TEST_FOLDS_FILE, test_ids, per_fold_test, cfg.split.fold_ids, classes)
+    else:  # an earlier run's would describe other predictions
+        (out / TEST_FOLDS_FILE).unlink(missing_ok=True)
     figures: dict[str, Any] = {
         # valid_* are the nested (honest) OOF figures of what is written
         **evaluate(oof, labels, test_ids, test, hidden),

@@ -7,11 +7,13 @@ held-out rows are concatenated (every labelled image exactly once in cv mode, ch
 split.csv: a row held out twice or never is an error) and their test predictions averaged.
 
 Figures per model: ``valid_logloss``/``valid_acc`` over all OOF rows (the CV estimate in cv mode),
-the per-fold values with their mean and standard deviation, and, on synthetic data, ``test_logloss``/
-``test_acc`` of the fold-averaged test predictions beside them. finetune and pseudo also carry their
+the per-fold values with their mean and standard deviation, ``fold_averaging_gain`` (how much the mean
+of the K fold models' test predictions is expected to gain over one of them, label-free:
+``pipeline.outoffold``), and, on synthetic data, ``test_logloss``/``test_acc`` of the fold-averaged
+test predictions beside them. finetune and pseudo also carry their
 predecessor's figure and ``worse_than_predecessor`` (warned on stderr; the report flags it).
 
-Outputs ``data/predictions/oof/<model>/{oof,test}.csv`` (``pipeline.outoffold``) and ``reports/stages/oof.json``.
+Outputs ``data/predictions/oof/<model>/{oof,test,test_folds}.csv`` (``pipeline.outoffold``) and ``reports/stages/oof.json``.
 """
 
 from __future__ import annotations
@@ -28,14 +30,23 @@ from pipeline.config import Config, model_stage
 from pipeline.errors import StageError
 from pipeline.io import atomic_dir
 from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions, write_stage_metrics
-from pipeline.outoffold import HeldOut, aligned, fold_figures, read_held_out, read_test_ids
+from pipeline.outoffold import (
+    TEST_FOLDS_FILE,
+    HeldOut,
+    aligned,
+    fold_averaging_gain,
+    fold_figures,
+    read_held_out,
+    read_test_ids,
+    write_test_folds,
+)
 
 STAGE = "oof"
 CHAIN = ("head", "finetune", "pseudo")  # each starts from the one before
 
 
 def gather(cfg: Config, model: str, held: HeldOut, test_ids: list[str], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(OOF probabilities in ``held`` order, mean test probabilities) of ``model``'s fold models."""
+    """(OOF probabilities in ``held`` order, each fold model's test probabilities) of ``model``'s fold models."""
     oof = np.full((len(held), len(classes)), np.nan)
     tests = []
     for fold in cfg.split.fold_ids:
@@ -46,7 +57,7 @@ def gather(cfg: Config, model: str, held: HeldOut, test_ids: list[str], classes:
         tests.append(aligned(folder / "test.csv", test_ids, classes, stage))
     if np.isnan(oof).any():
         raise StageError(f"{model}: {int(np.isnan(oof).any(axis=1).sum())} labelled row(s) have no out-of-fold prediction")
-    return oof, np.mean(tests, axis=0)
+    return oof, np.stack(tests)
 
 
 def flag_regressions(models: dict[str, dict[str, Any]]) -> None:
@@ -74,10 +85,13 @@ def run(cfg: Config) -> dict[str, Any]:
     models: dict[str, Any] = {}
     gathered = {model: gather(cfg, model, held, test_ids, classes) for model in cfg.ensemble.models()}
     with atomic_dir(cfg.paths.path("predictions") / "oof") as out:  # all models or none
-        for model, (oof, test) in gathered.items():
+        for model, (oof, tests) in gathered.items():
+            test = tests.mean(axis=0)
             write_predictions(out / model / OOF_FILE, held.ids, oof, classes, folds=held.folds)
             write_predictions(out / model / "test.csv", test_ids, test, classes)
-            models[model] = {**evaluate(oof, held.labels, test_ids, test, hidden), **fold_figures(oof, held.labels, held.folds)}
+            write_test_folds(out / model / TEST_FOLDS_FILE, test_ids, tests, cfg.split.fold_ids, classes)
+            models[model] = {**evaluate(oof, held.labels, test_ids, test, hidden), **fold_figures(oof, held.labels, held.folds),
+                             "fold_averaging_gain": fold_averaging_gain(test, tests)}
     flag_regressions(models)
     best = min(models, key=lambda m: models[m]["valid_logloss"])
     figures = {"validation": cfg.split.validation, "n_folds": len(cfg.split.fold_ids), "n_oof": len(held),

@@ -11,7 +11,8 @@
   out-of-fold predictions.
 - ``reports/report.html``: one static page that opens offline (inline CSS, charts as inline SVG drawn by
   matplotlib, thumbnails as base64 JPEG): cross-validation table (each model's out-of-fold log loss
-  beside its hidden-test figures, a chain step that makes CV worse flagged), learning curves with the
+  beside its hidden-test figures, a chain step that makes CV worse flagged, the fold-averaged
+  submission's estimate), learning curves with the
   learning rate, ensemble and calibration verdicts, then on the best out-of-fold predictions
   (calibrate > ensemble > pseudo > finetune > head): calibration curve with bin counts, confusion
   matrix, log loss per class and per group, the course's five views (random correct, random
@@ -224,6 +225,17 @@ def calibrate_flag(figs: dict) -> str:
     return "not applied (it did not lower the nested log loss)"
 
 
+def submission_estimate_row(figs: dict) -> tuple[str, dict, str, str] | None:
+    """The submission averages the K fold models; each OOF row saw one: the CV log loss less the
+    label-free gain of that averaging is the estimate of the submission (None when nothing is averaged)."""
+    gain = figs.get("fold_averaging_gain")
+    if gain is None or figs.get("submission_logloss_estimate") is None:
+        return None
+    row = {"valid_logloss": figs["submission_logloss_estimate"]} | {k: figs[k] for k in ("test_logloss", "test_acc") if k in figs}
+    return ("submission estimate (CV − fold averaging gain)", row, DASH,
+            f"averaging the fold models gains {gain:.4f} on test (label-free)")
+
+
 def cv_section(metrics: dict[str, dict], models: list[str] | None = None) -> str:
     """One row per model (oof.json), then the ensemble and calibrate rows: out-of-fold log loss and
     accuracy, the spread over folds, and the hidden-test figures beside them; then log loss per fold."""
@@ -245,6 +257,8 @@ def cv_section(metrics: dict[str, dict], models: list[str] | None = None) -> str
         rows.append((f"ensemble ({nested})", metrics["ensemble"], DASH, ensemble_verdict(metrics["ensemble"])))
     if metrics.get("calibrate"):
         rows.append((f"calibrate ({nested})", metrics["calibrate"], DASH, calibrate_flag(metrics["calibrate"])))
+        if (averaged := submission_estimate_row(metrics["calibrate"])) is not None:
+            rows.append(averaged)
     has_test = any("test_logloss" in figs for _, figs, _, _ in rows)
     columns = ["stage", f"{est} log loss", f"{est} acc", "fold log loss mean ± std"]
     columns += ["hidden test log loss", "hidden test acc", f"test − {est}"] if has_test else []
@@ -361,6 +375,10 @@ def calibrate_verdict(metrics: dict[str, dict]) -> str:
             + (f"nested {figure(nested)} (each fold calibrated by a fit on the other folds)"
                if nested is not None else "no nested estimate (a single group)")
             + f", in-sample {figure(figs.get('valid_logloss_insample'))} (optimistic): {verdict}.")
+    if figs.get("fold_averaging_gain") is not None:
+        text += (f" The submission averages the fold models, each OOF row saw one: averaging gains "
+                 f"{figure(figs['fold_averaging_gain'])} on the test images (label-free), so the submission's estimate "
+                 f"is {figure(figs.get('submission_logloss_estimate'))}.")
     if "test_logloss" in figs:
         text += (f" Hidden test log loss {figure(figs.get('test_logloss_before'))} before, "
                  f"{figure(figs.get('test_logloss'))} after.")
@@ -682,8 +700,8 @@ def predictions_sections(cfg: Config, preds: OOFPredictions | str) -> str:
 
 def scores(metrics: dict[str, dict], cv: bool) -> dict[str, dict[str, float]]:
     """model (and ensemble, calibrate) -> its compact DVC metrics: ``cv_logloss``, ``cv_logloss_std``
-    (over folds, models only), ``cv_acc`` (``valid_*`` in holdout mode), and ``test_logloss``,
-    ``test_acc`` where hidden labels exist."""
+    (over folds, models only), ``cv_acc`` (``valid_*`` in holdout mode), ``test_logloss``,
+    ``test_acc`` where hidden labels exist, and calibrate's ``submission_estimate`` in cv mode."""
     est = "cv" if cv else "valid"
     rows = dict((metrics.get("oof") or {}).get("models", {}))
     rows |= {stage: metrics[stage] for stage in SCORED_STAGES if metrics.get(stage)}
@@ -693,6 +711,8 @@ def scores(metrics: dict[str, dict], cv: bool) -> dict[str, dict[str, float]]:
         picked = {f"{est}_logloss": figs.get("valid_logloss"), f"{est}_logloss_std": spread,
                   f"{est}_acc": figs.get("valid_acc"), "test_logloss": figs.get("test_logloss"),
                   "test_acc": figs.get("test_acc")}
+        if figs.get("fold_averaging_gain") is not None:  # calibrate: the fold-averaged submission's estimate
+            picked["submission_estimate"] = figs.get("submission_logloss_estimate")
         table[name] = {k: float(v) for k, v in picked.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return table
 
