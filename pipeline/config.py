@@ -373,7 +373,8 @@ class FinetuneConfig(Section):
     schedule: Literal["first_epoch", "onecycle"] = "first_epoch"
     # Batchnorm running statistics stay as the head saw them (eval mode), so fine-tuning starts where
     # the head ended: train-mode statistics of augmented batches shift the features under the head.
-    freeze_bn_stats: bool = False
+    # true: every epoch; first_epoch: the low-learning-rate epoch 0 only, then they follow the data.
+    freeze_bn_stats: bool | Literal["first_epoch"] = False
     optimizer: Optimizer = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

@@ -123,8 +123,9 @@ class TrainSettings:
     # Keep every batchnorm layer's running statistics as they are (eval mode) while training: the
     # network then computes at evaluation what it computed in training, and a fine-tune starts exactly
     # where its head left it (train-mode statistics on augmented batches shift the features the head
-    # was fitted on). The affine weights still train.
-    freeze_bn_stats: bool = False
+    # was fitted on). The affine weights still train. True: every epoch; "first_epoch": epoch 0 only
+    # (the low-learning-rate one), then the statistics follow the training data.
+    freeze_bn_stats: bool | str = False
 
     @classmethod
     def from_section(cls, section: Any, **changes: Any) -> TrainSettings:
@@ -176,6 +177,11 @@ def set_trainable_blocks(blocks: list[list[nn.Module]], count: int) -> None:
             layer.train(trainable)
             for p in layer.parameters():
                 p.requires_grad_(trainable)
+
+
+def batchnorm_frozen(setting: bool | str, epoch: int) -> bool:
+    """Whether ``freeze_bn_stats`` (True, False or "first_epoch") keeps the statistics in ``epoch``."""
+    return setting is True or (setting == "first_epoch" and epoch == 0)
 
 
 def freeze_batchnorm_statistics(network: nn.Module) -> None:
@@ -240,9 +246,10 @@ class ClassifierModule(L.LightningModule):
         return self.network(inputs)
 
     def on_train_epoch_start(self) -> None:
+        self.network.train()  # Lightning restores the last epoch's modes after validation: start afresh
         count = trainable_block_count(self.current_epoch, self.settings, len(self.blocks))
         set_trainable_blocks(self.blocks, count)
-        if self.settings.freeze_bn_stats:
+        if batchnorm_frozen(self.settings.freeze_bn_stats, self.current_epoch):
             freeze_batchnorm_statistics(self.network)
         self.log("train/trainable_blocks", float(count), on_step=False, on_epoch=True, sync_dist=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=False)

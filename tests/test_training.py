@@ -3,6 +3,7 @@ checkpoint format and its errors."""
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from pipeline.errors import StageError
 from pipeline.training import (
     ClassifierModule,
     TrainSettings,
+    batchnorm_frozen,
     create_optimizer,
     first_epoch_schedule,
     load_network_file,
@@ -100,3 +102,40 @@ def test_a_truncated_checkpoint_means_a_fresh_fit_not_a_traceback_on_every_rerun
     atomic_write_json(tmp_path / RUN_FILE, {"fingerprint": "f", "status": "complete"})
     assert plan_run(tmp_path, "f", resume=True) == ("fresh", None)
     assert not (tmp_path / "best.ckpt").exists()  # cleared for the fresh run
+
+
+class RunningMeans(L.Callback):
+    """Each batchnorm layer's running mean after every training epoch."""
+
+    def __init__(self) -> None:
+        self.after_epoch: list[list[torch.Tensor]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.after_epoch.append([m.running_mean.clone() for m in module.modules() if isinstance(m, torch.nn.BatchNorm1d)])
+
+
+@pytest.mark.parametrize(("setting", "moved"), [(False, [True, True]), (True, [False, False]),
+                                                ("first_epoch", [False, True])])
+def test_batchnorm_statistics_freeze_every_epoch_only_the_first_or_never(tmp_path, setting, moved):
+    """With validation between epochs (Lightning restores the modules' modes after it): "first_epoch"
+    keeps the running statistics through epoch 0 and lets them follow the data from epoch 1, in the
+    head (outside the blocks) and in a block alike."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2),
+                                  torch.nn.BatchNorm1d(2))
+    blocks = [[network[0], network[1]]]
+    inputs = torch.randn(32, 3) * 3 + 5  # far from the initial statistics (mean 0, variance 1)
+    rows = [{"input": x, "target": torch.tensor([1.0, 0.0]), "temperature": torch.tensor(1.0), "label": torch.tensor(0)}
+            for x in inputs]
+    loader = torch.utils.data.DataLoader(rows, batch_size=8)
+    settings = TrainSettings(lr=1e-3, freeze_bn_stats=setting)
+    means = RunningMeans()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[means],
+                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+    start = [m.running_mean.clone() for m in network.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    trainer.fit(ClassifierModule(network, settings, blocks), loader, loader)
+    for epoch, before in enumerate([start, means.after_epoch[0]]):
+        changed = [not torch.allclose(a, b) for a, b in zip(before, means.after_epoch[epoch], strict=True)]
+        assert changed == [moved[epoch]] * 2, f"epoch {epoch}"
+    assert batchnorm_frozen("first_epoch", 0) and not batchnorm_frozen("first_epoch", 1)
