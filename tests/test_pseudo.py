@@ -237,7 +237,7 @@ def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # n
     _, other = read_predictions(cfg.paths.fold_predictions("finetune", 0) / "test.csv")
     used = read_predictions(out / "iteration_1" / "half_0" / "pseudo_labels.csv")[1]
     np.testing.assert_allclose(used, teacher[halves == 1], atol=1e-5)
-    assert np.abs(used - other[halves == 1]).max() > 1e-3
+    assert np.abs(used - other[halves == 1]).max() > 1e-4  # 10x the tolerance it matches fold 1's within
     assert (out / "model_half0.pt").exists() and (out / "model_half1.pt").exists() and not (out / "model.pt").exists()
     log = out / "iteration_1" / "half_0" / "logs" / "metrics.csv"
     assert not any(c.startswith("valid/") for c in pd.read_csv(log).columns)
