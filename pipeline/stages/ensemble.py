@@ -223,12 +223,13 @@ def run(cfg: Config) -> dict[str, Any]:
     per_fold_test = fold_tests(models, weights, opts.mean, test_neighbours)
 
     out = cfg.paths.path("predictions") / "ensemble"
+    # An earlier run's per-fold file would describe other predictions: gone first, written last, so a
+    # run killed in between leaves none (calibrate then estimates nothing for averaging).
+    (out / TEST_FOLDS_FILE).unlink(missing_ok=True)
     write_predictions(out / OOF_FILE, held.ids, oof, classes, folds=held.folds)
     write_predictions(out / "test.csv", test_ids, test, classes)
     if per_fold_test is not None:
         write_test_folds(out / TEST_FOLDS_FILE, test_ids, per_fold_test, cfg.split.fold_ids, classes)
-    else:  # an earlier run's would describe other predictions
-        (out / TEST_FOLDS_FILE).unlink(missing_ok=True)
     figures: dict[str, Any] = {
         # valid_* are the nested (honest) OOF figures of what is written
         **evaluate(oof, labels, test_ids, test, hidden),
