@@ -49,7 +49,7 @@ def headline(figures: Mapping[str, Any]) -> str:
             text += f" (acc {sum(accs) / len(accs):.3f})"
         if len(values) > 1:
             text += f", mean of {len(values)}"
-        if top_level and isinstance(figures.get("fold_averaging_gain"), int | float):  # calibrate in cv mode
-            text += f"; the fold-averaged submission's estimate {figures['submission_logloss_estimate']:.4f}"
+        if len(items) == 1 and isinstance(items[0].get("fold_averaging_gain"), int | float):  # calibrate, cv mode
+            text += f"; the fold-averaged submission's estimate {items[0]['submission_logloss_estimate']:.4f}"
         return text
     return ""

@@ -67,6 +67,7 @@ def test_results_table_gives_the_fold_averaged_submissions_estimate_under_the_ta
 def test_headline_of_calibrate_in_cv_mode_adds_the_submissions_estimate():
     figures = {"valid_logloss": 0.52, "valid_acc": 0.77, "fold_averaging_gain": 0.05, "submission_logloss_estimate": 0.47}
     assert headline(figures) == "held-out log loss 0.5200 (acc 0.770); the fold-averaged submission's estimate 0.4700"
+    assert headline({"calibrate": figures}) == headline(figures)  # as the flow's stage line passes it
     assert headline(figures | {"fold_averaging_gain": None}) == "held-out log loss 0.5200 (acc 0.770)"
 
 
