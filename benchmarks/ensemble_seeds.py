@@ -76,7 +76,7 @@ def mode_row(figures: dict[str, Any], drift: float | None = None) -> dict[str, A
     picked = min(models, key=lambda m: models[m]["valid_logloss"])
     best_test = min(m["test_logloss"] for m in models.values())
     # the fold-averaged submission's estimate (cv: the OOF log loss less the label-free averaging gain)
-    estimate = calibrate.get("submission_logloss_estimate", calibrate["valid_logloss"])
+    estimate = calibrate["submission_logloss_estimate"]
     hidden = calibrate["test_logloss"]
     return {
         "models": {m: [f["valid_logloss"], f["test_logloss"]] for m, f in models.items()},
@@ -108,9 +108,8 @@ def print_tables(results: dict[int, dict[str, dict[str, Any]]], modes: list[str]
             row = by_mode[mode]
             pairs = [*row["models"].values(), row["ensemble"], row["submission"]]
             cells = [f"{v:.4f} / {t:.4f}" for v, t in pairs]
-            oof = row.get("submission_oof", row["submission"][0])
             print(f"| {seed} | {mode} | " + " | ".join(cells) + f" | {row['relative_error']:.1%} | "
-                  f"{oof:.4f} ({row.get('relative_error_oof', row['relative_error']):.1%}) |")
+                  f"{row['submission_oof']:.4f} ({row['relative_error_oof']:.1%}) |")
     n = len(results)
     print()
     for mode in modes:
@@ -123,8 +122,7 @@ def print_tables(results: dict[int, dict[str, dict[str, Any]]], modes: list[str]
     if {"cv", "holdout"} <= set(modes):
         closer = sum(r["cv"]["relative_error"] < r["holdout"]["relative_error"] for r in results.values())
         print(f"cv estimate closer to hidden test than holdout's on {closer} of {n} seeds")
-        closer_oof = sum(r["cv"].get("relative_error_oof", r["cv"]["relative_error"]) < r["holdout"]["relative_error"]
-                         for r in results.values())
+        closer_oof = sum(r["cv"]["relative_error_oof"] < r["holdout"]["relative_error"] for r in results.values())
         print(f"(the OOF log loss alone, without the fold averaging gain: closer on {closer_oof} of {n})")
     print_stage_means(results, modes)
     drifts = [r["holdout"]["first_epoch_drift"] for r in results.values() if "holdout" in r]
