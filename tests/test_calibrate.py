@@ -455,7 +455,7 @@ def test_without_fold_models_to_average_the_estimate_is_the_validation_log_loss(
     assert figures["submission_logloss_estimate"] == figures["valid_logloss"]
 
 
-def test_a_bad_test_folds_row_is_refused_and_the_last_output_stays(smoke_cfg, tmp_path):
+def test_a_bad_test_folds_row_is_refused_and_the_last_output_stays(smoke_cfg, tmp_path, capsys):
     write_inputs(tmp_path, n_folds=2)
     write_test_folds(tmp_path, n_folds=2)
     run(smoke_cfg)
@@ -466,4 +466,13 @@ def test_a_bad_test_folds_row_is_refused_and_the_last_output_stays(smoke_cfg, tm
     df.to_csv(path, index=False)
     with pytest.raises(BadInputError, match=r"test_folds.csv, row 202: img_t0.jpg: probabilities must be finite"):
         run(smoke_cfg)
+    assert (tmp_path / "data/predictions/calibrate/test.csv").read_text() == written
+    # the command `dvc repro` and the flow run: exit 2, the file and row named, the output kept
+    from pipeline.cli import main
+    from pipeline.config import write_params
+
+    params = write_params(smoke_cfg, tmp_path / "params.yaml")
+    assert main(["calibrate", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "test_folds.csv, row 202: img_t0.jpg" in err and "previous outputs are left in place" in err
     assert (tmp_path / "data/predictions/calibrate/test.csv").read_text() == written
