@@ -44,11 +44,18 @@ install: $(VENV)/.installed ## create .venv and install exactly requirements.loc
 demo: install ## run the whole pipeline (Prefect flow -> DVC stages) on the synthetic dataset, CPU
 	$(PY) -m flows.pipeline --profile $(PROFILE)
 
-test: install ## run the test suite
-	$(PY) -m pytest
+# Two pytest-xdist workers: alone, the suite keeps one of this machine's two cores busy on average (its
+# Prefect servers, workers and stage subprocesses wait a lot). Whole files per worker (--dist loadfile),
+# so a file's module fixtures (a Prefect server, a fan-out cluster) start once, in the order
+# tests/conftest.py gives (the long end-to-end files first). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+test: install ## run the test suite (TEST_WORKERS=2 xdist workers)
+	$(PYTEST)
 
 test-fast: install ## the test suite without slow-marked tests
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check pipeline flows tests benchmarks

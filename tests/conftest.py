@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,27 @@ from pipeline.config import Config, load_profile
 from pipeline.env import set_offline_env
 
 set_offline_env()
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under pytest-xdist (`make test` runs two workers) each worker gets one thread and its own Prefect home
+# (the ephemeral API's SQLite file): two workers on two cores, no oversubscribed OpenMP, no shared database.
+# (OpenMP threads spin while they wait: two workers of two threads each made in-process training 10x slower.)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:  # set, not defaulted: a worker inherits the controller's environment, this file's default included
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "PREFECT_HOME" in os.environ:
+        os.environ["PREFECT_HOME"] = str(Path(os.environ["PREFECT_HOME"]) / XDIST_WORKER)
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+# The long end-to-end files first, the longest first (xdist hands out whole files in this order, two to a
+# worker to start: the fan-out cluster and the smoke run on one, the deployments on the other), then the
+# rest as collected, filling in. Sorting is stable: within a file the order stays.
+RUN_FIRST = ("test_fanout.py", "test_deployments.py", "test_flow.py", "test_faults.py", "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(RUN_FIRST)))
 
 
 @pytest.fixture
@@ -67,11 +88,25 @@ class SmokeRun:
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> SmokeRun:
-    """One uninterrupted `dvc repro` of the smoke profile on a fresh checkout, made once for the tests that
-    compare against it (fault injection works in its checkout and restores it; fan-out compares with its
-    submission; test_flow works on a copy)."""
+    """One uninterrupted `dvc repro` of the smoke profile on a fresh checkout, made once per session for the
+    tests that compare against it, whichever xdist worker asks first (the others wait on a file lock and
+    read it). Read-only to them: fault injection and test_flow work on copies (``copy_of``); fan-out
+    compares with its submission."""
+    from filelock import FileLock
     from test_flow import fresh_checkout, sh
 
-    root = fresh_checkout(tmp_path_factory.mktemp("smoke-run"), "--profile", "smoke")
-    log = sh([sys.executable, "-m", "dvc", "repro"], root)
-    return SmokeRun(root, output_digests(root), (root / "submissions/submission.csv").read_bytes(), log)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if XDIST_WORKER else base  # the workers' base temps are siblings
+    root, log_file = shared / "smoke-run", shared / "smoke-run.log"
+    with FileLock(str(shared / "smoke-run.lock")):
+        if not log_file.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a failed attempt's leftovers
+            root.mkdir()
+            log_file.write_text(sh([sys.executable, "-m", "dvc", "repro"], fresh_checkout(root, "--profile", "smoke")))
+    return SmokeRun(root, output_digests(root), (root / "submissions/submission.csv").read_bytes(), log_file.read_text())
+
+
+def copy_of(run: SmokeRun, dst: Path) -> SmokeRun:
+    """The smoke run's checkout copied to ``dst`` (a test that edits or kills in a checkout works here)."""
+    shutil.copytree(run.root, dst, symlinks=True)
+    return SmokeRun(dst, run.digests, run.submission, run.log)

@@ -4,7 +4,7 @@ outputs equal an uninterrupted run's byte for byte (features, every prediction f
 no temp folder and no process of the run is left, and no previous good output is lost (kept in place,
 or, for an output DVC deletes before a stage runs, restorable from DVC's cache by `dvc checkout`).
 
-The uninterrupted reference is the session's smoke run (conftest.smoke_run), in whose checkout the kills happen. Each kill is its own
+The uninterrupted reference is the session's smoke run (conftest.smoke_run); the kills happen in a copy of its checkout. Each kill is its own
 test item, so pytest's count is the report: kills made, kills passed."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import SmokeRun, output_digests
+from conftest import SmokeRun, copy_of, output_digests
 from test_flow import sh, tool_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -31,10 +31,10 @@ SEED = 14
 TEMP_SUFFIXES = (".tmp", ".old", ".scratch")
 
 
-@pytest.fixture
-def project(smoke_run) -> SmokeRun:
-    """The uninterrupted smoke run's checkout; each test leaves it as it found it (checked)."""
-    return smoke_run
+@pytest.fixture(scope="module")
+def project(smoke_run, tmp_path_factory) -> SmokeRun:
+    """A copy of the uninterrupted smoke run's checkout; each test leaves it as it found it (checked)."""
+    return copy_of(smoke_run, tmp_path_factory.mktemp("faults") / "repo")
 
 
 def dvc(root: Path, *args: str) -> str:

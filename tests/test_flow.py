@@ -46,9 +46,9 @@ def fresh_checkout(dst: Path, *configure: str) -> Path:
 def clone(smoke_run, tmp_path_factory) -> Path:
     """A copy of the session's smoke run checkout (State Farm layout, every stage run once by `dvc repro`
     from a fresh checkout); the tests here edit and commit it, so not the shared one."""
-    dst = tmp_path_factory.mktemp("clone") / "repo"
-    shutil.copytree(smoke_run.root, dst, symlinks=True)
-    return dst
+    from conftest import copy_of
+
+    return copy_of(smoke_run, tmp_path_factory.mktemp("clone") / "repo").root
 
 
 def assert_submission_matches_the_sample(root: Path, sample: str) -> None:
