@@ -31,6 +31,7 @@ else:
 # worker to start: the fan-out cluster and the smoke run on one, the deployments on the other), then the
 # rest as collected, filling in. Sorting is stable: within a file the order stays.
 RUN_FIRST = ("test_fanout.py", "test_deployments.py", "test_flow.py", "test_faults.py", "test_benchmarks.py")
+assert all((Path(__file__).parent / name).is_file() for name in RUN_FIRST), "RUN_FIRST names a file that is gone"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
