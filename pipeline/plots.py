@@ -93,10 +93,21 @@ def to_svg(fig: Figure, title: str) -> str:
     return text[text.index("<svg"):].replace("<svg ", f"<svg class='chart' role='img' aria-label='{label}' ", 1).strip()
 
 
-def legend_below(ax: Axes, n_entries: int) -> None:
+# A legend column's width at legend.fontsize 9 (DejaVu Sans), measured: the line sample, padding and column
+# spacing, then per character of its label; and a row's height.
+LEGEND_ENTRY_IN, LEGEND_CHAR_IN, LEGEND_ROW_IN = 0.62, 0.062, 0.2
+
+
+def legend_columns(labels: Sequence[str], width_in: float) -> int:
+    """As many legend columns (at most 4) as fit ``width_in`` inches with the longest label."""
+    widest = LEGEND_ENTRY_IN + LEGEND_CHAR_IN * max(map(len, labels), default=0)
+    return max(1, min(len(labels), 4, int(width_in // widest)))
+
+
+def legend_below(ax: Axes, n_entries: int, ncols: int | None = None) -> None:
     """The legend under the axes, never on the curves."""
     if n_entries:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=min(n_entries, 4), frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=ncols or min(n_entries, 4), frameon=False)
 
 
 def plot_series(ax: Axes, curves: dict[str, Series], integer_x: bool = False) -> None:
@@ -121,13 +132,20 @@ def short_number(value: float, _position: int | None = None) -> str:
 
 def learning_curves_chart(model: str, losses: dict[str, Series], rates: dict[str, Series], rate_x: str,
                           loss_x: str = "epoch") -> str:
-    """Loss by epoch beside the learning rate, one line per run (fold, pseudo iteration), legends below."""
+    """Loss by epoch beside the learning rate, one line per run (fold, pseudo iteration), legends below.
+    Long labels (``fold0 iteration_1 half_0``) get fewer legend columns and the figure the rows' height:
+    a legend taller than its room collapses the axes."""
+    width = 6.0 if rates else 3.6
+    panel = width / (2 if rates else 1)  # a legend, centred under its axes, may use its half of the figure
+    legends = [list(losses), *([list(rates)] if rates else [])]
+    columns = [legend_columns(labels, panel) for labels in legends]
+    rows = max(-(-len(labels) // n) for labels, n in zip(legends, columns, strict=True))
     with styled():
-        fig = new_figure(6.0 if rates else 3.6, 3.4)
+        fig = new_figure(width, 3.4 + LEGEND_ROW_IN * max(rows - 1, 0))
         axes = fig.subplots(1, 2 if rates else 1, squeeze=False)[0]
         plot_series(axes[0], losses, integer_x=True)
         axes[0].set(title="Loss", xlabel=loss_x, ylabel="log loss (cross-entropy)")
-        legend_below(axes[0], len(losses))
+        legend_below(axes[0], len(losses), columns[0])
         if rates:
             plot_series(axes[1], rates, integer_x=True)
             values = np.concatenate([np.asarray(y, dtype=float) for _, y in rates.values()])
@@ -138,7 +156,7 @@ def learning_curves_chart(model: str, losses: dict[str, Series], rates: dict[str
                 axes[1].set_ylim(0, positive.max() * 1.5)  # a constant rate: its value, not 1e-05 +- 4%
             axes[1].yaxis.set_major_formatter(short_number)
             axes[1].set(title="Learning rate", xlabel=rate_x, ylabel="learning rate")
-            legend_below(axes[1], len(rates))
+            legend_below(axes[1], len(rates), columns[1])
         fig.suptitle(f"{model}: learning curves", fontweight="bold")
         return to_svg(fig, f"{model}: learning curves")
 
