@@ -22,7 +22,9 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:  # set, not defaulted: a worker inherits the controller's environment, this file's default included
     os.environ["OMP_NUM_THREADS"] = "1"
     if "PREFECT_HOME" in os.environ:
-        os.environ["PREFECT_HOME"] = str(Path(os.environ["PREFECT_HOME"]) / XDIST_WORKER)
+        home = Path(os.environ["PREFECT_HOME"]) / XDIST_WORKER
+        home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level, warning otherwise
+        os.environ["PREFECT_HOME"] = str(home)
 else:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
 
