@@ -7,7 +7,8 @@ there) and pushes outputs and run cache to the shared DVC remote; the coordinato
 level with `dvc repro --pull` instead of running it, and goes on. The engines do the work: Prefect
 deployments, workers and task retries; DVC's remote and run cache.
 
-A stage whose run fails, crashes or exceeds ``fanout.stage_timeout_s`` is submitted again
+A stage whose run fails, crashes, loses its worker (the Prefect server marks a worker offline after
+three missed heartbeats) or exceeds ``fanout.stage_timeout_s`` (a hang guard) is submitted again
 (``fanout.retries``, Prefect task retries), then run here (``fanout.run_locally_after_retries``) or
 the run fails naming the stage and the worker. A worker whose checkout differs fails the run at once.
 """
@@ -114,27 +115,52 @@ def worker_record(flow_run: Any) -> dict[str, Any]:
     return {"worker": f"none (the run was never picked up; state {flow_run.state_name})"}
 
 
-def cancel(flow_run_id: Any) -> None:
+def cancel(flow_run_id: Any, why: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled
 
     with contextlib.suppress(Exception), get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run_id, Cancelled(message="fanout: timed out"), force=True)
+        client.set_flow_run_state(flow_run_id, Cancelled(message=why), force=True)
+
+
+def worker_is_offline(pool: str, name: str) -> bool:
+    """The Prefect server's view: a worker is offline after three heartbeat intervals without one. A
+    name the pool does not know (a worker started without ``--name``) is never called offline."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkerStatus
+
+    with get_client(sync_client=True) as client:
+        workers = client.read_workers_for_work_pool(pool)
+    return any(w.name == name and w.status == WorkerStatus.OFFLINE for w in workers)
 
 
 @task(cache_policy=NO_CACHE)
-def run_on_worker(stage: str, deployment_id: Any, parameters: dict[str, Any], timeout_s: float, poll_s: float) -> dict:
-    """One deployment run of the stages flow for ``stage``; waits at most ``timeout_s``."""
+def run_on_worker(stage: str, deployment_id: Any, parameters: dict[str, Any], fan: FanoutConfig) -> dict:
+    """One deployment run of the stages flow for ``stage``, waited for until it ends, the worker that
+    picked it up goes offline (it died with its machine), or ``fan.stage_timeout_s`` (a hang guard)."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment(deployment_id, parameters=parameters, timeout=timeout_s, poll_interval=poll_s,
-                              flow_run_name=stage, tags=["statefarm-fanout"])
-    state = flow_run.state
+    flow_run = run_deployment(deployment_id, parameters=parameters, timeout=0, flow_run_name=stage,
+                              tags=["statefarm-fanout"])
+    deadline = time.monotonic() + fan.stage_timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(flow_run.id)
+        state = flow_run.state
+        if state is not None and state.is_final():
+            break
+        record = worker_record(flow_run)
+        if "start" in record and worker_is_offline(fan.work_pool, record["worker"]):
+            cancel(flow_run.id, "fanout: its worker went offline")
+            raise RemoteStageFailed(stage, record["worker"], "the worker went offline (no heartbeat) while running "
+                                    "it; the run was cancelled")
+        if time.monotonic() > deadline:
+            cancel(flow_run.id, "fanout: timed out")
+            raise RemoteStageFailed(stage, record["worker"], f"no result within fanout.stage_timeout_s="
+                                    f"{fan.stage_timeout_s:g}s; the run was cancelled")
+        time.sleep(fan.poll_s)
     record = worker_record(flow_run)
-    if state is None or not state.is_final():
-        cancel(flow_run.id)
-        raise RemoteStageFailed(stage, record["worker"], f"no result within fanout.stage_timeout_s={timeout_s:g}s "
-                                "(the worker may have died; the run was cancelled)")
     if not state.is_completed():
         raise RemoteStageFailed(stage, record["worker"], f"{state.name}: {state.message or ''}".strip())
     return {"stage": stage, "flow_run": str(flow_run.id), **record}
@@ -152,7 +178,7 @@ def dispatch(level: list[str], deployment_id: Any, common: dict[str, Any], fan: 
     futures = {
         stage: run_on_worker.with_options(task_run_name=f"{stage} on a worker", retries=fan.retries,
                                           retry_delay_seconds=0, retry_condition_fn=retry_unless_mismatch)
-        .submit(stage, deployment_id, {**common, "targets": [stage]}, fan.stage_timeout_s, fan.poll_s)
+        .submit(stage, deployment_id, {**common, "targets": [stage]}, fan)
         for stage in level
     }
     done, failed = {}, {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from checkout import copy_project
 
 from flows.local import api_url, prefect_cli, start_server, start_worker, stop, wait_for_api
 from pipeline.io import file_sha256
@@ -32,17 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 POOL = "statefarm-pool"
 TIMINGS: dict[str, float] = {}
 STOP_S = 5  # throwaway test servers and workers: no 15 s graceful shutdown
-
-
-def copy_repo(dst: Path) -> Path:
-    """A fresh checkout of the working tree (tracked and untracked-but-not-ignored files)."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    for rel in out.splitlines():
-        if (ROOT / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dst / rel)
-    return dst
 
 
 def free_port() -> int:
@@ -120,7 +109,7 @@ class Stack:
 def stack(tmp_path_factory):
     """Server up, prefect.yaml deployed; the worker starts when a test first needs it."""
     base = tmp_path_factory.mktemp("deploy")
-    repo = copy_repo(base / "repo")
+    repo = copy_project(base / "repo")
     port = free_port()
     url = api_url(port)
     env = server_env(base, url, repo)
@@ -273,7 +262,7 @@ def test_failures_name_the_stage_or_the_key(stack, tmp_path):
     from flows.pipeline import pipeline_flow
     from pipeline.config import ConfigError
 
-    repo = copy_repo(tmp_path / "broken")
+    repo = copy_project(tmp_path / "broken")
     git(["init", "-q"], repo, stack.env)
     with stack.settings():
         try:
@@ -303,7 +292,7 @@ def test_stages_run_by_one_worker_are_restored_not_rerun_by_another(stack, tmp_p
     from flows.stages import stages_flow
 
     remote = tmp_path / "shared-remote"
-    worker, coordinator = (copy_repo(tmp_path / name) for name in ("worker", "coordinator"))
+    worker, coordinator = (copy_project(tmp_path / name) for name in ("worker", "coordinator"))
     targets = ["ingest", "split", "sample", "pretrain", "features", "head@0", "member@0-0"]
     for repo in (worker, coordinator):
         git(["init", "-q"], repo, stack.env)

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_deployments import POOL, STOP_S, copy_repo, free_port, git, run, server_env
+from checkout import copy_project
+from test_deployments import POOL, STOP_S, free_port, git, run, server_env
 
 from flows.local import api_url, prefect_cli, start_server, stop, wait_for_api
 
 ROOT = Path(__file__).resolve().parent.parent
 WALL: dict[str, float] = {}
+# A worker is offline after three heartbeats missed: 30 s here; short enough for a test, long enough that a
+# loaded machine never starves a live worker's heartbeat that long.
+HEARTBEAT_S = 10
 
 
 class Cluster:
@@ -50,7 +54,8 @@ class Cluster:
             ["bash", str(ROOT / "scripts/start_worker.sh"), "--repo", str(self.origin), "--commit", commit,
              "--dir", str(self.base / name), "--remote", str(self.remote), "--pool", POOL, "--name", name,
              "--venv", str(Path(sys.executable).parent.parent)],
-            env=self.env, cwd=self.base, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env={**self.env, "PREFECT_WORKER_HEARTBEAT_SECONDS": str(HEARTBEAT_S)}, cwd=self.base, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self, name: str) -> str:
         return (self.base / f"{name}.log").read_text(errors="replace")
@@ -70,7 +75,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("fanout")
-    origin = copy_repo(base / "origin")
+    origin = copy_project(base / "origin")
     port = free_port()
     url = api_url(port)
     env = server_env(base, url, origin)
@@ -132,10 +137,25 @@ def run_started_by(cluster: Cluster, worker: str, since: float, stage_prefix: st
     raise AssertionError(f"{worker} started no {stage_prefix or 'stage'} run:\n{cluster.log(worker)[-2000:]}")
 
 
+def wait_for_stage_process(checkout: Path, command: str, timeout: float = 600) -> None:
+    """Until a process running ``command`` works in ``checkout`` (the timeout only guards a hang)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if command in " ".join(process.cmdline()) and Path(process.cwd()).is_relative_to(checkout):
+                    return
+        time.sleep(0.1)
+    raise AssertionError(f"no '{command}' process in {checkout} within {timeout}s")
+
+
 def kill_worker_mid_stage(cluster: Cluster, worker: str, since: float, stage_prefix: str) -> None:
-    """SIGKILL the worker and the flow run it started, as when its machine dies: the run stays Running."""
+    """SIGKILL the worker and the flow run it started, as when its machine dies: the run stays Running.
+    The kill comes once the stage's own process runs in the worker's checkout (mid-stage, on any machine)."""
     flow_run = run_started_by(cluster, worker, since, stage_prefix)
-    time.sleep(3)
+    wait_for_stage_process(cluster.base / worker, f"pipeline {stage_prefix.rstrip('@')}")
     with contextlib.suppress(ProcessLookupError):
         os.killpg(cluster.workers[worker].pid, signal.SIGKILL)
     pid = int(str(flow_run.infrastructure_pid or "0").split(":")[-1])
@@ -148,15 +168,16 @@ def kill_worker_mid_stage(cluster: Cluster, worker: str, since: float, stage_pre
 @pytest.mark.slow
 def test_fanned_out_run_survives_a_killed_worker_and_equals_the_single_machine_run(cluster, smoke_run):
     """Both workers run the per-fold stages, level by level, at the same time; w2 dies while running a
-    pseudo stage: that run never finishes; after fanout.stage_timeout_s the coordinator cancels it and
-    submits it again (a Prefect task retry), w1 (or, after the retries, the coordinator) runs it. The
+    pseudo stage: that run never finishes; once the server sees w2 offline (three missed heartbeats) the
+    coordinator cancels it and submits it again (a Prefect task retry), w1 (or, after the retries, the coordinator) runs it. The
     coordinator restores every stage from the run cache, and the submission is the single machine's."""
     import threading
 
     coordinator = cluster.clone("coordinator")
     killer = threading.Thread(target=kill_worker_mid_stage, args=(cluster, "w2", time.time(), "pseudo@"), daemon=True)
     killer.start()
-    overrides = {"fanout.stage_timeout_s": 60, "fanout.retries": 1}  # params the stages do not read
+    # Params the stages do not read. The timeout only guards a hang: the dead worker is found by its heartbeat.
+    overrides = {"fanout.stage_timeout_s": 1800, "fanout.retries": 1}
     state, WALL["fanned out, w2 killed"] = run_coordinator(cluster, coordinator, fanout_pool=POOL, overrides=overrides)
     killer.join(timeout=5)
     assert cluster.workers["w2"].poll() is not None, "w2 was never killed"

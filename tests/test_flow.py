@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkout import copy_project
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def project_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if (ROOT / f).is_file()]
 
 
 def tool_env() -> dict[str, str]:
@@ -34,9 +29,7 @@ def sh(args: list[str], cwd: Path) -> str:
 
 def fresh_checkout(dst: Path, *configure: str) -> Path:
     """A copy of the working tree (what CI and a new user start from), configured."""
-    for rel in project_files():
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
+    copy_project(dst)
     sh(["git", "init", "-q"], dst)
     sh([sys.executable, "-m", "pipeline", "configure", *configure], dst)
     return dst
@@ -82,6 +75,16 @@ def test_dvc_repro_runs_every_stage_then_nothing(clone, smoke_run):
     assert changed_stages(clone) == set()
     assert_submission_matches_the_sample(clone, "sample_submission.csv")
     assert_a_failed_stage_keeps_its_outputs(clone)
+
+
+@pytest.mark.slow
+def test_after_a_run_git_sees_only_dvc_lock(smoke_run):
+    """Every output is git-ignored (and DVC writes no .gitignore files of its own): what is left for
+    `git status` beyond the source is the lock file a user commits."""
+    from checkout import project_files
+
+    seen = sh(["git", "ls-files", "-z", "--others", "--exclude-standard"], smoke_run.root).split("\0")
+    assert set(filter(None, seen)) - set(project_files()) == {"dvc.lock"}
 
 
 def dvc_json(args: list[str], cwd: Path) -> dict:
