@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= demo
 
-# Offline hygiene (design.md section 5); pipeline/env.py sets the same for Python entry points.
+# Offline hygiene (docs/design.md#offline-hygiene); pipeline/env.py sets the same for Python entry points.
 export NO_ALBUMENTATIONS_UPDATE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false

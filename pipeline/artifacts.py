@@ -1,4 +1,4 @@
-"""The user-facing artifacts (design.md section 4): where each one is, for the CLI, flows and README."""
+"""The user-facing artifacts (docs/design.md#the-artifact-contract): where each one is, for the CLI and flows."""
 
 from __future__ import annotations
 

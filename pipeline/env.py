@@ -1,4 +1,4 @@
-"""Offline hygiene for the tools we drive (design.md section 5); set wherever the project runs them."""
+"""Offline hygiene for the tools we drive (docs/design.md#offline-hygiene); set wherever the project runs them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The two floors (design.md section 6): stage modules compose the library and never import each
+"""The two floors (docs/design.md#two-floors): stage modules compose the library and never import each
 other, the library never imports a stage, so an edit to one stage re-runs that stage only."""
 
 import ast

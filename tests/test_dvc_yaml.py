@@ -1,4 +1,4 @@
-"""Keeps dvc.yaml honest (design.md section 6, rule 6): stages match the registry and the flow's
+"""Keeps dvc.yaml honest (docs/design.md#one-dag): stages match the registry and the flow's
 tasks, every pipeline module a stage imports is in its deps, every param exists in the schema."""
 
 import ast

@@ -449,7 +449,7 @@ def test_backoff_doubles_and_honours_retry_after():
 
 
 def test_fresh_process_reaches_the_stub_through_the_environment(project, tmp_path):
-    """design.md's recipe: KAGGLE_API_ENVIRONMENT=LOCALHOST before kaggle is imported, endpoint replaced."""
+    """The stub recipe (docs/design.md#tool-facts): KAGGLE_API_ENVIRONMENT=LOCALHOST before kaggle is imported, endpoint replaced."""
     write_params(make_cfg(project, enabled=True), project / "params.yaml")
     home = tmp_path / "subprocess-home"
     home.mkdir()

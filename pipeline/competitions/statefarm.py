@@ -1,7 +1,7 @@
 """The State Farm adapter: State-Farm-shaped synthetic driver images in the exact Kaggle layout (the
 ``statefarm`` profile's competition spec reads it, and the real data, the same way).
 
-The structure copies what makes the real competition hard (design.md section 2):
+The structure copies what makes the real competition hard (docs/design.md#the-competition-state-farm):
 
 - Each driver has a persistent look (skin, hair, clothes, seat position, body size, car interior,
   window view, lighting, sensor noise), so a random image-level split leaks the driver.
