@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prefect import flow, get_run_logger
+from pydantic import ValidationError
 
 from flows.console import CONSOLE, results_table, use_quiet_console
 from flows.fanout import publish_fanout, run_fanned_out
@@ -33,9 +34,18 @@ from flows.tasks import (
     use_this_python,
 )
 from pipeline.artifacts import artifact_lines
-from pipeline.config import PARAMS_FILE, load_params, overrides_to_delta
+from pipeline.config import PARAMS_FILE, ConfigError, load_params, overrides_to_delta, profile_path
 from pipeline.console import set_verbose
 from pipeline.env import set_offline_env
+from pipeline.machine import check_machine
+from pipeline.registry import PER_FOLD, STAGES
+
+
+def check_runs_here(run: RunParameters) -> None:
+    """``ConfigError`` naming the key when the config does not resolve, or when a stage this machine
+    runs (every one, less the per-fold stages that fan out to workers) asks for a device it lacks."""
+    cfg = run.config()
+    check_machine(cfg, [stage for stage in STAGES if not (cfg.fanout.enabled and stage in PER_FOLD)])
 
 
 def run_locked(run: RunParameters, root: str, force: Iterable[str] = ()) -> tuple[dict[str, list[str]], dict[str, Any]]:
@@ -98,6 +108,7 @@ def pipeline_flow(
     """
     run = RunParameters(profile=profile, overrides=overrides or {}, submit=submit, push=push, pull=pull,
                         fanout_pool=fanout_pool)
+    check_runs_here(run)
     return run_pipeline(run, root)
 
 
@@ -116,12 +127,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="Prefect's and DVC's log lines, every epoch and each stage's figures on the console")
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
+    # The profile, the overrides and this machine's devices are checked before Prefect starts, so that a
+    # mistake is one message (Prefect would add its own tracebacks).
+    try:
+        profile_path(args.profile)  # names the known profiles
+        run = RunParameters(profile=args.profile, overrides=overrides_to_delta(args.overrides), submit=args.submit,
+                            push=args.push, pull=args.pull, fanout_pool=args.fanout_pool)
+        check_runs_here(run)
+    except (ConfigError, ValidationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     use_quiet_console()
     CONSOLE.info("profile %s: every dvc.yaml stage through DVC (only stale ones run)", args.profile)
-    overrides = overrides_to_delta(args.overrides) or None
     bind_ephemeral_server()  # a killed run leaves no Prefect server behind
-    state = pipeline_flow(profile=args.profile, overrides=overrides, submit=args.submit, push=args.push,
-                          pull=args.pull, fanout_pool=args.fanout_pool, root=args.root, return_state=True)
+    state = pipeline_flow(profile=run.profile, overrides=run.overrides or None, submit=run.submit, push=run.push,
+                          pull=run.pull, fanout_pool=run.fanout_pool, root=args.root, return_state=True)
     if not state.is_completed():
         print(f"error: {state.message}", file=sys.stderr)  # names the failed stage (or the bad key)
         return 1

@@ -23,6 +23,7 @@ from pipeline.console import headline, orchestrated, set_verbose, verbose
 from pipeline.env import die_with_parent, set_offline_env
 from pipeline.errors import StageError
 from pipeline.io import exclusive_lock
+from pipeline.machine import check_machine, machine_problems
 from pipeline.registry import PER_FOLD, STAGES, stage_module
 
 
@@ -66,6 +67,7 @@ def stage_lock(cfg: Config, name: str, options: dict) -> Path:
 
 def run_stage(name: str, params: str, **options: object) -> dict:
     cfg = load_params(params)
+    check_machine(cfg, [name])
     start = time.perf_counter()
     with exclusive_lock(stage_lock(cfg, name, options), f"stage {name}'s outputs"):
         figures = stage_module(name).run(cfg, **options) or {}
@@ -74,6 +76,15 @@ def run_stage(name: str, params: str, **options: object) -> dict:
         print(f"[{name}] done in {time.perf_counter() - start:.1f}s" + (f": {shown}" if shown else ""), file=sys.stderr,
               flush=True)
     return figures
+
+
+def note_machine_problems(cfg: Config, path: str) -> None:
+    """A config is written whatever machine it is for (a GPU profile on a CPU laptop, for a GPU worker);
+    the settings that will not run here are said now, and refused when a stage starts here."""
+    problems = machine_problems(cfg, STAGES)
+    if problems:
+        print(f"note: {path} is written, but some of its stages will not start on this machine (fine if it is "
+              "for another one):\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "configure":
             cfg = load_profile(args.profile, args.overrides)
             print(f"wrote {write_params(cfg, args.out)} (profile {cfg.profile})")
+            note_machine_problems(cfg, args.out)
         elif args.command == "show-config":
             print(json.dumps(load_params(args.params).to_params(), indent=2))
         else:

@@ -9,6 +9,7 @@ Unknown keys are errors that name the key.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,11 @@ PROFILES = ("demo", "demo-csv", "cpu", "statefarm", "smoke")
 
 # torch device names this project runs on: auto, cpu, cuda, cuda:N, mps.
 Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
+# Lightning accelerators this project runs on (gpu and cuda alike: CUDA). Whether this machine has
+# one is checked where a stage starts (pipeline/machine.py): a GPU profile is written on CPU machines too.
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
+# Lightning's precisions (auto: this project's choice per accelerator, see TrainerConfig).
+Precision = Literal["auto", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true"]
 
 
 class ConfigError(ValueError):
@@ -39,7 +45,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or nan anywhere: an infinite learning rate or weight decay only fails deep inside training.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def item_stage(stage: str, *items: object) -> str:
@@ -334,7 +341,7 @@ class HeadConfig(Section):
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(5, ge=1)
     seed: int = Field(0, ge=0)
-    accelerator: str = "auto"  # the head is small: cpu is fine; auto takes a GPU when there is one
+    accelerator: Accelerator = "auto"  # the head is small: cpu is fine; auto takes a GPU when there is one
     progress_bar: bool = False
 
 
@@ -342,11 +349,14 @@ class TrainerConfig(Section):
     """Lightning trainer for the end-to-end stages (finetune, pseudo). Multi-GPU/multi-node is
     Lightning DDP: ``devices: 8``, ``num_nodes: 2``, ``strategy: ddp``."""
 
-    accelerator: str = "auto"
+    accelerator: Accelerator = "auto"
+    # Per node: a count, -1 or "auto" (every GPU; one process on CPU), or GPU indices ("0,1").
     devices: int | str = "auto"
     num_nodes: int = Field(1, ge=1)
-    strategy: str = "auto"
-    precision: str = "auto"  # auto: bf16-mixed on GPU (16-mixed where bf16 is missing), 32-true on CPU
+    # auto: one process, or DDP for several; ddp: always DDP. Either way DDP is built with
+    # find_unused_parameters (pipeline/training.py build_strategy), which staged unfreezing needs.
+    strategy: Literal["auto", "ddp"] = "auto"
+    precision: Precision = "auto"  # auto: bf16-mixed on GPU (16-mixed where bf16 is missing), 32-true on CPU
     compile: bool = False  # torch.compile the network (recompiles when staged unfreezing changes)
     # CUDA's adaptive average pooling has no deterministic backward; the conv base pools pool5 to
     # grid x grid adaptively (and timm's VGG head does below 224 px), so "warn" rather than True.
@@ -356,6 +366,15 @@ class TrainerConfig(Section):
     benchmark: bool | None = None
     resume: bool = True  # resume an interrupted run of the same config, inputs and code from last.ckpt
     log_every_n_steps: int = Field(10, ge=1)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices_lightning_takes(cls, value: Any) -> Any:
+        if isinstance(value, int | str) and not isinstance(value, bool):
+            text = str(value).strip()
+            if text == "auto" or re.fullmatch(r"-1|[1-9]\d*", text) or ("," in text and re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text)):
+                return value
+        raise ValueError(f"devices must be a count >= 1, -1 or auto (every GPU), or GPU indices like '0,1'; got {value!r}")
 
 
 class FinetuneConfig(Section):
@@ -580,7 +599,12 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. head.max_epochs=3)")
     dotted, raw = text.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        quoted = raw.replace("'", "''")  # YAML's escape inside single quotes
+        raise ConfigError(f"override {text!r}: the value {raw} is not valid YAML (values are read as YAML: [a, b] is a "
+                          f"list, {{k: v}} a mapping); quote a string: --set \"{dotted}='{quoted}'\"") from None
     for key in reversed(dotted.strip().split(".")):
         value = {key: value}
     return value

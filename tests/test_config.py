@@ -119,7 +119,60 @@ def test_a_binary_params_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("features.seed=-1", "features.seed"), ("split.seed=-1", "split.seed"), ("model.input_size=[0, 0]", "model.input_size"),
     ("features.device=tpu", "features.device"), ("head.widths=[0]", "head.widths"), ("ensemble.members=-1", "ensemble.members"),
+    ("finetune.trainer.devices=0", "finetune.trainer.devices"), ("finetune.trainer.devices=abc", "finetune.trainer.devices"),
+    ("finetune.trainer.devices=true", "finetune.trainer.devices"), ("finetune.trainer.precision=foo", "finetune.trainer.precision"),
+    ("finetune.trainer.strategy=bogus", "finetune.trainer.strategy"), ("finetune.trainer.accelerator=tpu", "finetune.trainer.accelerator"),
+    ("head.accelerator=tpu", "head.accelerator"), ("finetune.lr=inf", "finetune.lr"), ("finetune.lr=.nan", "finetune.lr"),
+    ("finetune.weight_decay=.inf", "finetune.weight_decay"), ("head.first_epoch_lr=inf", "head.first_epoch_lr"),
+    ("pretrain.lr=-.inf", "pretrain.lr"), ("pseudo.lr=inf", "pseudo.lr"), ("head.weight_decay=inf", "head.weight_decay"),
 ])
-def test_values_a_stage_would_crash_on_are_refused_at_configure(override, key):
+def test_values_a_stage_would_crash_on_are_refused_at_configure(override, key, tmp_path, capsys):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_profile("smoke", [override])
+    assert cli_main(["configure", "--profile", "smoke", "--set", override, "--out", str(tmp_path / "p.yaml")]) == 2
+    assert f"  {key}" in capsys.readouterr().err  # the key, on its own line
+    assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.parametrize("devices", ["auto", -1, "-1", 1, 4, "2", "0,1", "1,"])
+def test_every_device_count_lightning_takes_is_accepted(devices):
+    cfg = load_profile("smoke", {"finetune.trainer.accelerator": "gpu", "finetune.trainer.devices": devices})
+    assert cfg.finetune.trainer.devices == devices
+
+
+@pytest.mark.parametrize("override", ["competition.filename={id}.jpg", "head.widths=[64"])
+def test_an_override_that_is_not_yaml_is_an_error_showing_how_to_quote_it(override, tmp_path, capsys):
+    key, value = override.split("=", 1)
+    quoted = f'--set "{key}=\'{value}\'"'
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_profile("smoke", [override])
+    assert repr(override) in str(info.value) and quoted in str(info.value)
+    assert cli_main(["configure", "--profile", "smoke", "--set", override, "--out", str(tmp_path / "p.yaml")]) == 2
+    assert quoted in capsys.readouterr().err
+
+
+def test_the_quoted_override_the_error_suggests_is_taken():
+    assert load_profile("smoke", ["competition.filename='{id}.jpg'"]).competition.filename == "{id}.jpg"
+
+
+def test_configure_writes_a_config_for_a_gpu_machine_and_notes_what_will_not_run_here(tmp_path, capsys, monkeypatch):
+    import pipeline.machine as machine
+
+    monkeypatch.setattr(machine, "this_machine", lambda: machine.Machine(cuda_devices=0, mps=False))
+    out = tmp_path / "p.yaml"
+    assert cli_main(["configure", "--profile", "statefarm", "--out", str(out)]) == 0
+    assert load_params(out).finetune.trainer.accelerator == "gpu"
+    assert "finetune.trainer.accelerator=gpu asks for a GPU, and this machine has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_stage_asking_for_a_gpu_this_machine_lacks_refuses_to_start_naming_key_value_and_machine(tmp_path, capsys,
+                                                                                                    monkeypatch):
+    import pipeline.machine as machine
+
+    monkeypatch.setattr(machine, "this_machine", lambda: machine.Machine(cuda_devices=0, mps=False))
+    params = write_params(load_profile("smoke", ["features.device=cuda"]).at(tmp_path), tmp_path / "params.yaml")
+    assert cli_main(["features", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "error: features.device=cuda asks for a CUDA GPU, and this machine has no CUDA GPU (CPU only)" in err
+    assert "--set features.device=auto" in err
+    assert not (tmp_path / ".locks").exists()  # refused before the stage took its outputs' lock
