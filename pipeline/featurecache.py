@@ -9,6 +9,8 @@ Layout (the DVC out is the whole ``data/features`` folder)::
       {valid,test,train}/
         fingerprint.txt            hash of everything the chunks depend on
         index.csv                  id,row,copy,chunk,offset,label (one line per cached row)
+        chunks.sha256              the writer's record of each chunk's sha256 (``sha256sum`` format),
+                                   updated as each chunk is written: what a rerun may reuse
         chunk_00000.npy ...        float16 (rows, feature_dim), chunk_size rows each
 
 ``meta.json`` lists every chunk's sha256; readers verify it and that every value is finite, so a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +38,15 @@ from torch.utils.data import DataLoader
 
 from pipeline.competition import label_indices
 from pipeline.errors import StageError
-from pipeline.io import atomic_path, file_sha256, read_json
+from pipeline.io import atomic_write_bytes, atomic_write_text, read_json
 
-FORMAT_VERSION = 2  # 2: id/label index columns, chunk checksums
+FORMAT_VERSION = 3  # 2: id/label index columns, chunk checksums; 3: the writer's per-split checksum record
 FP16_MAX = float(np.finfo(np.float16).max)
 META_FILE = "meta.json"
 FINGERPRINT_FILE = "fingerprint.txt"
 INDEX_FILE = "index.csv"
+CHECKSUMS_FILE = "chunks.sha256"
+CHECKSUM_LINE = re.compile(r"([0-9a-f]{64})  chunk_(\d+)\.npy")
 
 
 def chunk_count(n_rows: int, chunk_size: int) -> int:
@@ -65,15 +70,53 @@ def chunk_is_valid(path: Path, n_rows: int, dim: int) -> bool:
     return arr.dtype == np.float16 and arr.shape == (n_rows, dim)
 
 
-def write_chunk(path: Path, features: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, features)
+def chunk_file_bytes(features: np.ndarray) -> bytes:
+    """The exact bytes of a chunk file (``.npy``) holding ``features``."""
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    return buffer.getvalue()
+
+
+def write_chunk(split_dir: Path, j: int, features: np.ndarray, checksums: dict[int, str]) -> None:
+    """Write chunk ``j`` atomically, its sha256 added to ``checksums`` and saved in the split's record
+    first: a kill in between leaves a recorded chunk that is missing or differs (recomputed by the next
+    run), never a chunk on disk that the record does not vouch for."""
+    data = chunk_file_bytes(features)
+    checksums[j] = hashlib.sha256(data).hexdigest()
+    write_chunk_checksums(split_dir, checksums)
+    atomic_write_bytes(chunk_path(split_dir, j), data)
+
+
+def read_chunk_checksums(split_dir: Path) -> dict[int, str]:
+    """The writer's record: chunk number -> sha256 of the bytes it wrote ({} when there is none; a line
+    that does not parse vouches for nothing)."""
+    path = split_dir / CHECKSUMS_FILE
+    if not path.exists():
+        return {}
+    found = (CHECKSUM_LINE.fullmatch(line) for line in path.read_text().splitlines())
+    return {int(match[2]): match[1] for match in found if match}
+
+
+def write_chunk_checksums(split_dir: Path, checksums: dict[int, str]) -> None:
+    lines = (f"{sha}  {chunk_path(split_dir, j).name}\n" for j, sha in sorted(checksums.items()))
+    atomic_write_text(split_dir / CHECKSUMS_FILE, "".join(lines))
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device for ``features.device``; a StageError when it is not available here, so a run
+    that cannot compute fails before it touches the cache."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise StageError(f"features.device is {device} but this machine has {count} CUDA device(s): "
+                             "set features.device to auto or cpu")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise StageError(f"features.device is {device} but MPS is not available on this machine: "
+                         "set features.device to auto or cpu")
+    return resolved
 
 
 @torch.no_grad()
@@ -159,8 +202,8 @@ def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
         data = path.read_bytes()  # read once: hashed and parsed from the same bytes
         expected = info.get("chunk_sha256", [None] * (j + 1))[j]
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-            raise StageError(f"{path}: checksum differs from {META_FILE} (corrupt chunk): delete {features_dir} "
-                             "and rerun the features stage")
+            raise StageError(f"{path}: checksum differs from {META_FILE} (a corrupt chunk, or one a features run "
+                             "has not finished): rerun the features stage, which recomputes it")
         chunk = np.load(io.BytesIO(data))
         if not np.isfinite(chunk).all():
             row = int(np.argwhere(~np.isfinite(chunk))[0][0])
@@ -168,9 +211,3 @@ def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
                              "and rerun the features stage")
         features[lo:hi] = chunk
     return FeatureSplit(split, index, features, int(info["copies"]))
-
-
-def chunk_checksums(split_dir: Path, n_rows: int, chunk_size: int) -> list[str]:
-    """sha256 of every chunk file of a split, in order (recorded in meta.json by the writer)."""
-    return [file_sha256(chunk_path(split_dir, j)) for j in range(chunk_count(n_rows, chunk_size))]
-

@@ -1,8 +1,10 @@
-"""The features stage: cache layout, fp16, index consistency, determinism, resume, stale chunks."""
+"""The features stage: cache layout, fp16, index consistency, determinism, resume, stale and corrupt chunks,
+failed runs."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,7 @@ from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import Config
 from pipeline.data import ImageRowsDataset
 from pipeline.errors import StageError
-from pipeline.io import atomic_write_csv
+from pipeline.io import atomic_write_csv, file_sha256
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
 from pipeline.stages import features
 
@@ -91,6 +93,11 @@ def with_section(cfg: Config, section: str, **values) -> Config:
 
 def cached(cfg: Config) -> dict[str, featurecache.FeatureSplit]:
     return {s: featurecache.load_split(cfg.paths.path("features"), s) for s in features.SPLITS}
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (meta.json, fingerprints, indexes, checksum records, chunks) by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_cache_layout_shapes_dtype_and_index(tiny_cfg):
@@ -186,6 +193,7 @@ def test_resume_after_kill_skips_finished_chunks_and_matches_a_clean_run(tiny_cf
     for name in features.SPLITS:  # same seed, same result, however the run was cut
         assert np.array_equal(resumed[name].features, clean[name].features)
         pd.testing.assert_frame_equal(resumed[name].index, clean[name].index)
+    assert folder_bytes(out) == folder_bytes(clean_cfg.paths.path("features"))  # every file, byte for byte
 
 
 def test_a_complete_cache_is_reused_and_a_changed_config_is_not(tiny_cfg):
@@ -230,11 +238,13 @@ def test_missing_inputs_say_what_to_run(smoke_cfg):
         features.run(smoke_cfg)
 
 
-def test_chunk_writes_are_atomic(tmp_path):
+def test_chunk_writes_are_atomic_and_recorded(tmp_path):
     path = tmp_path / "chunk_00000.npy"
-    featurecache.write_chunk(path, np.ones((3, 4), dtype=np.float16))
+    checksums: dict[int, str] = {}
+    featurecache.write_chunk(tmp_path, 0, np.ones((3, 4), dtype=np.float16), checksums)
     assert featurecache.chunk_is_valid(path, 3, 4) and not featurecache.chunk_is_valid(path, 4, 4)
-    assert [p.name for p in tmp_path.iterdir()] == ["chunk_00000.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_00000.npy", featurecache.CHECKSUMS_FILE]
+    assert featurecache.read_chunk_checksums(tmp_path) == checksums == {0: file_sha256(path)}
     path.write_bytes(path.read_bytes()[:40])  # a torn file (what a non-atomic write could leave)
     assert not featurecache.chunk_is_valid(path, 3, 4)
     assert os.path.getsize(path) == 40
@@ -271,3 +281,67 @@ def test_a_corrupt_chunk_is_refused_naming_the_file(tiny_cfg):
         featurecache.load_split(out, "valid")
     path.write_bytes(original)
     featurecache.load_split(out, "valid")
+
+
+def test_a_chunk_changed_behind_an_intact_header_is_recomputed_not_adopted(tiny_cfg, capsys):
+    """A chunk whose bytes differ from those the stage wrote (same shape and dtype, other values) is
+    recomputed, never adopted into meta.json: the rerun leaves the uninterrupted run's cache."""
+    features.run(tiny_cfg)
+    out = tiny_cfg.paths.path("features")
+    uninterrupted = folder_bytes(out)
+    path = out / "train" / "chunk_00001.npy"
+    chunk = np.load(path)
+    np.save(path, np.ones_like(chunk))
+    assert featurecache.chunk_is_valid(path, *chunk.shape) and path.read_bytes() != uninterrupted["train/chunk_00001.npy"]
+
+    capsys.readouterr()
+    recomputed: list[tuple[str, int]] = []
+    figures = features.run(tiny_cfg, on_chunk_written=lambda s, j: recomputed.append((s, j)))
+    assert recomputed == [("train", 1)]
+    assert figures["chunks_corrupt"] == 1 and figures["chunks_computed"] == 1
+    assert "[features] train: 1 chunk file(s) differ from the checksums recorded" in capsys.readouterr().err
+    assert folder_bytes(out) == uninterrupted
+    featurecache.load_split(out, "train")  # what the head reads
+
+
+def test_a_run_on_an_unavailable_device_fails_before_touching_the_cache(tiny_cfg, monkeypatch):
+    features.run(tiny_cfg)
+    out = tiny_cfg.paths.path("features")
+    before, loaded = folder_bytes(out), cached(tiny_cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(StageError, match="features.device is cuda"):
+        features.run(with_section(tiny_cfg, "features", device="cuda"))
+    assert folder_bytes(out) == before
+    for name, part in cached(tiny_cfg).items():
+        assert np.array_equal(part.features, loaded[name].features)
+
+
+def test_a_run_that_fails_midway_keeps_meta_json_and_the_splits_it_did_not_change(tiny_cfg):
+    """Until a new cache is complete the previous meta.json stays: splits the failed run left alone still
+    load, and a split it had started rebuilding is refused by its fingerprint, never read as the old one."""
+    features.run(tiny_cfg)
+    before = cached(tiny_cfg)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_train(split: str, chunk: int) -> None:
+        if split == "train":
+            raise Killed
+
+    with pytest.raises(Killed):  # augmentation changes the train copies only
+        features.run(with_section(tiny_cfg, "augment", rotate_deg=25.0), on_chunk_written=kill_in_train)
+    out = tiny_cfg.paths.path("features")
+    for name in ("valid", "test"):
+        assert np.array_equal(featurecache.load_split(out, name).features, before[name].features)
+    with pytest.raises(StageError, match="fingerprint"):
+        featurecache.load_split(out, "train")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps"])
+def test_an_unavailable_device_is_a_stage_error(device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(StageError, match=f"features.device is {device}"):
+        featurecache.resolve_device(device)
+    assert featurecache.resolve_device("auto") == torch.device("cpu") == featurecache.resolve_device("cpu")

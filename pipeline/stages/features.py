@@ -16,21 +16,28 @@ augmented). ``index.csv`` maps each row to its image, copy, chunk and offset in 
 
 Streaming and resume. Rows flow through one DataLoader into a single chunk buffer; each full chunk
 is written atomically (temp file, then rename) and the buffer is reused, so memory does not grow
-with the dataset. A rerun skips every chunk already on disk whose folder fingerprint matches; a
-folder with another fingerprint (other model, input size, grid, chunk size, augmentation, seed or
-image list) is wiped first, so stale chunks are never reused. ``meta.json`` is removed when a run
-starts and written only after every split is complete; readers (``load_split``) refuse a cache
-without it.
+with the dataset. Each split folder keeps a record of the sha256 of every chunk this stage wrote
+(``chunks.sha256``, saved before the chunk itself). A rerun reuses a chunk only when its bytes match
+that record; any other chunk file (changed values behind an intact header, a torn or foreign file)
+is recomputed and counted in ``chunks_corrupt``, so ``meta.json`` never vouches for bytes this stage
+did not write. A folder with another fingerprint (other model, input size, grid, chunk size,
+augmentation, seed or image list) is wiped first, so stale chunks are never reused.
+
+Failed runs. The device, the inputs and the weights are checked before anything on disk is touched.
+The previous ``meta.json`` stays until the new one replaces it, once every split is complete: a
+split the failed run did not change still loads, one it had started rebuilding is refused by
+readers (``load_split``) for its fingerprint, and a cache without ``meta.json`` is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,17 +51,17 @@ from tqdm import tqdm
 from pipeline.competition import read_competition
 from pipeline.config import Config
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
+from pipeline.errors import StageError
 from pipeline.featurecache import (
     FINGERPRINT_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
     chunk_bounds,
-    chunk_checksums,
     chunk_count,
-    chunk_is_valid,
     chunk_path,
     embed_batches,
+    read_chunk_checksums,
     resolve_device,
     write_chunk,
 )
@@ -155,13 +162,19 @@ def prepare_split_dir(split_dir: Path, fingerprint: str) -> None:
         atomic_write_text(marker, fingerprint + "\n")
 
 
-def finished_chunks(split_dir: Path, n_rows: int, chunk_size: int, dim: int) -> set[int]:
-    done = set()
-    for j in range(chunk_count(n_rows, chunk_size)):
-        lo, hi = chunk_bounds(j, n_rows, chunk_size)
-        if chunk_is_valid(chunk_path(split_dir, j), hi - lo, dim):
-            done.add(j)
-    return done
+def verified_chunks(split_dir: Path, n_chunks: int, checksums: dict[int, str]) -> tuple[set[int], list[int]]:
+    """The chunks on disk whose bytes are those this stage recorded writing (reusable), and the chunk
+    files whose bytes differ or were never recorded (corrupt: to recompute)."""
+    reusable, corrupt = set(), []
+    for j in range(n_chunks):
+        path = chunk_path(split_dir, j)
+        if not path.exists():
+            continue
+        if checksums.get(j) == file_sha256(path):
+            reusable.add(j)
+        else:
+            corrupt.append(j)
+    return reusable, corrupt
 
 
 # ---------------------------------------------------------------------------- extraction
@@ -173,14 +186,46 @@ def todo_row_indices(todo: list[int], n_rows: int, chunk_size: int) -> np.ndarra
 
 
 def extract_split(cfg: Config, rows: SplitRows, split_dir: Path, conv_base: torch.nn.Module, dim: int,
-                  target_hw: tuple[int, int], device: torch.device, on_chunk_written: ChunkHook | None) -> dict[str, Any]:
-    """Compute and write the chunks of one split that are not on disk yet."""
+                  target_hw: tuple[int, int], device: torch.device,
+                  on_chunk_written: ChunkHook | None) -> tuple[dict[str, Any], list[str]]:
+    """Compute and write the chunks of one split that are not on disk as this stage wrote them; return
+    the figures and every chunk's sha256, in order."""
     n_rows, chunk_size = len(rows.table), cfg.features.chunk_size
-    done = finished_chunks(split_dir, n_rows, chunk_size, dim)
-    todo = [j for j in range(chunk_count(n_rows, chunk_size)) if j not in done]
-    stats = {"chunks_reused": len(done), "chunks_computed": 0, "rows_computed": 0, "seconds": 0.0}
-    if not todo:
-        return stats
+    n_chunks = chunk_count(n_rows, chunk_size)
+    checksums = read_chunk_checksums(split_dir)
+    reusable, corrupt = verified_chunks(split_dir, n_chunks, checksums)
+    if corrupt:
+        names = ", ".join(chunk_path(split_dir, j).name for j in corrupt[:5]) + (", ..." if len(corrupt) > 5 else "")
+        print(f"[features] {rows.name}: {len(corrupt)} chunk file(s) differ from the checksums recorded when this "
+              f"stage wrote them ({names}): recomputing", file=sys.stderr, flush=True)
+    todo = [j for j in range(n_chunks) if j not in reusable]
+    stats = {"chunks_reused": len(reusable), "chunks_computed": 0, "chunks_corrupt": len(corrupt), "rows_computed": 0,
+             "seconds": 0.0}
+    written: set[int] = set()
+    if todo:
+        start = time.perf_counter()
+        # closing: a failing hook ends the loader (and its workers) now, not when the generator is collected
+        with contextlib.closing(compute_chunks(cfg, rows, split_dir, conv_base, dim, target_hw, device, todo,
+                                               checksums)) as computed:
+            for j, filled in computed:
+                written.add(j)
+                stats["chunks_computed"] += 1
+                stats["rows_computed"] += filled
+                if on_chunk_written is not None:
+                    on_chunk_written(rows.name, j)
+        stats["seconds"] = time.perf_counter() - start
+    unwritten = sorted(set(todo) - written)
+    if unwritten:
+        raise StageError(f"{split_dir}: chunks {unwritten[:5]} were not computed (the data loader ended early)")
+    return stats, [checksums[j] for j in range(n_chunks)]
+
+
+def compute_chunks(cfg: Config, rows: SplitRows, split_dir: Path, conv_base: torch.nn.Module, dim: int,
+                   target_hw: tuple[int, int], device: torch.device, todo: list[int],
+                   checksums: dict[int, str]) -> Iterator[tuple[int, int]]:
+    """Compute and write the ``todo`` chunks in order, recording each one's sha256 in ``checksums``;
+    yield (chunk number, rows) after each is written."""
+    n_rows, chunk_size = len(rows.table), cfg.features.chunk_size
     augmentation = build_augmentation(cfg.augment) if rows.copies > 1 else None
     dataset = ImageRowsDataset(rows.table["path"].tolist(), target_hw, labels=None,
                                copies=rows.table["copy"].tolist(), augmentation=augmentation, seed=cfg.features.seed)
@@ -194,7 +239,6 @@ def extract_split(cfg: Config, rows: SplitRows, split_dir: Path, conv_base: torc
     current = next(pending)
     lo, hi = chunk_bounds(current, n_rows, chunk_size)
     filled = 0
-    start = time.perf_counter()
     interactive = sys.stderr.isatty()
     with tqdm(total=len(indices), desc=f"features {rows.name}", unit="img", file=sys.stderr,
               mininterval=0.5 if interactive else 30.0, disable=None if interactive else False) as bar:
@@ -206,18 +250,13 @@ def extract_split(cfg: Config, rows: SplitRows, split_dir: Path, conv_base: torc
                 filled += take
                 pos += take
                 if filled == hi - lo:
-                    write_chunk(chunk_path(split_dir, current), buffer[:filled])
-                    stats["chunks_computed"] += 1
-                    stats["rows_computed"] += filled
-                    if on_chunk_written is not None:
-                        on_chunk_written(rows.name, current)
+                    write_chunk(split_dir, current, buffer[:filled], checksums)
+                    yield current, filled
                     current = next(pending, -1)
                     if current >= 0:
                         lo, hi = chunk_bounds(current, n_rows, chunk_size)
                     filled = 0
             bar.update(len(batch))
-    stats["seconds"] = time.perf_counter() - start
-    return stats
 
 
 # ---------------------------------------------------------------------------- reading the cache
@@ -254,32 +293,32 @@ def build_meta(cfg: Config, data_cfg: dict[str, Any], channels: int, dim: int, s
 def run(cfg: Config, on_chunk_written: ChunkHook | None = None) -> dict[str, Any]:
     """Cache conv features for valid, test and train x copies; return the stage figures."""
     start = time.perf_counter()
-    out_dir = cfg.paths.path("features")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete from here until the end
-    tables = read_image_tables(cfg, cfg.features.use_sample)
+    # What a run can fail on before computing anything (device, inputs, weights) comes before the cache is touched.
     device = resolve_device(cfg.features.device)
+    tables = read_image_tables(cfg, cfg.features.use_sample)
+    classes = read_competition(cfg.paths.path("raw")).classes
     backbone = create_backbone(cfg.model)
     data_cfg = resolve_preprocessing(backbone, cfg.model)
     conv_base = create_conv_base(backbone, data_cfg, cfg.features.grid).to(device)
     channels, dim, target_hw = conv_base.channels, conv_base.out_features, input_hw(data_cfg)
 
+    out_dir = cfg.paths.path("features")
+    out_dir.mkdir(parents=True, exist_ok=True)
     split_info: dict[str, Any] = {}
-    totals = {"chunks_reused": 0, "chunks_computed": 0, "rows_computed": 0, "seconds": 0.0}
+    totals = {"chunks_reused": 0, "chunks_computed": 0, "chunks_corrupt": 0, "rows_computed": 0, "seconds": 0.0}
     for name in SPLITS:
         rows = plan_rows(name, tables[name], cfg.features.copies)
         fingerprint = split_fingerprint(cfg, rows)
         split_dir = out_dir / name
         prepare_split_dir(split_dir, fingerprint)
         atomic_write_csv(split_dir / INDEX_FILE, index_table(rows, cfg.features.chunk_size))
-        stats = extract_split(cfg, rows, split_dir, conv_base, dim, target_hw, device, on_chunk_written)
+        stats, chunk_sha256 = extract_split(cfg, rows, split_dir, conv_base, dim, target_hw, device, on_chunk_written)
         for key in totals:
             totals[key] += stats[key]
         split_info[name] = {"n_images": rows.n_images, "n_rows": len(rows.table), "copies": rows.copies,
-                            "n_chunks": chunk_count(len(rows.table), cfg.features.chunk_size), "fingerprint": fingerprint,
-                            "chunk_sha256": chunk_checksums(split_dir, len(rows.table), cfg.features.chunk_size)}
-    meta = build_meta(cfg, data_cfg, channels, dim, split_info, read_competition(cfg.paths.path("raw")).classes)
-    atomic_write_json(out_dir / META_FILE, meta)
+                            "n_chunks": len(chunk_sha256), "fingerprint": fingerprint, "chunk_sha256": chunk_sha256}
+    # Replaces the previous cache's meta.json only now that every split is complete and every chunk vouched for.
+    atomic_write_json(out_dir / META_FILE, build_meta(cfg, data_cfg, channels, dim, split_info, classes))
 
     figures: dict[str, Any] = {
         **{f"n_{name}_images": info["n_images"] for name, info in split_info.items()},
@@ -291,6 +330,7 @@ def run(cfg: Config, on_chunk_written: ChunkHook | None = None) -> dict[str, Any
         "cache_mb": round(sum(i["n_rows"] for i in split_info.values()) * dim * 2 / 2**20, 2),
         "chunks_computed": totals["chunks_computed"],
         "chunks_reused": totals["chunks_reused"],
+        "chunks_corrupt": totals["chunks_corrupt"],  # on disk but not the bytes this stage wrote: recomputed
         "images_per_s": round(totals["rows_computed"] / totals["seconds"], 1) if totals["seconds"] > 0 else None,
         "device": device.type,
         "seconds": round(time.perf_counter() - start, 3),
