@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.console import CONSOLE, stage_line
-from pipeline.config import PARAMS_FILE, Config, load_params, load_profile, write_params
+from pipeline.config import PARAMS_FILE, Config, ConfigError, load_params, load_profile, write_params
 from pipeline.console import verbose
 from pipeline.io import exclusive_lock
 from pipeline.registry import STAGES
@@ -168,10 +168,21 @@ def run_dvc_stage(stage: str, root: str, force: bool = False, run_cache: bool = 
     changed, or restores its outputs from DVC's run cache when this exact run was made before (with
     ``pull``, also from the remote's run cache: a stage another worker ran and pushed)."""
     start = time.monotonic()
+    require_complete_params(stage, root)
     names, how = reproduce(stage, root, force=force, run_cache=run_cache, pull=pull)
     get_run_logger().info("%s: %s", stage, HOW_TEXT[how])
     CONSOLE.info(stage_line(stage, names, how, time.monotonic() - start, root))
     return names
+
+
+def require_complete_params(stage: str, root: str) -> None:
+    """``StageFailed`` before DVC starts when params.yaml is not a complete, valid resolved config: DVC
+    deletes a per-fold stage's outputs before it notices a params section missing, and its message
+    would not say how to regenerate the file (``load_params``'s does)."""
+    try:
+        load_params(Path(root) / PARAMS_FILE)
+    except ConfigError as err:
+        raise StageFailed(stage, f"{err} (DVC was not started: every output is as it was)") from None
 
 
 HOW_TEXT = {

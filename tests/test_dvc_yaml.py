@@ -148,6 +148,26 @@ def test_fan_out_stages_can_be_restored_from_the_run_cache(stage):
         assert options.get("cache", True), f"{stage}: {out} is not cached"
 
 
+def out_path(out: str | dict) -> str:
+    return out if isinstance(out, str) else next(iter(out))
+
+
+def is_persistent(out: str | dict) -> bool:
+    return isinstance(out, dict) and bool(next(iter(out.values())).get("persist"))
+
+
+@pytest.mark.parametrize("stage", FAN_OUT)
+def test_an_incomplete_params_yaml_stops_dvc_before_a_per_fold_stage(stage):
+    """DVC deletes a per-fold stage's outputs before it notices a params section missing ("Parameters
+    'head' are missing"). So each depends on an output of a guard: a stage that tracks all of params.yaml
+    (DVC re-runs it on any change, before the per-fold stage), whose command refuses an incomplete file
+    (every stage's does), and whose own outputs are persistent (kept when it fails)."""
+    guards = [name for name, spec in DVC.items()
+              if {"params.yaml": None} in spec.get("params", []) and all(map(is_persistent, spec["outs"]))]
+    guard_outputs = {out_path(out) for name in guards for out in DVC[name]["outs"]}
+    assert guard_outputs & set(DVC[stage]["deps"]), f"{stage}: no dependency on a params guard ({guards})"
+
+
 def test_every_artifact_path_comes_from_params():
     """Paths are declared once (PathsConfig): dvc.yaml names no data/models/reports path literally,
     so `configure --set paths.raw=...` moves what DVC tracks instead of silently untracking it."""

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_duplicates import photo
 
 from pipeline import cli
 from pipeline.competition import Competition, read_competition
@@ -424,7 +425,8 @@ def test_image_pool_agrees_with_in_process_check(tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "POOL_MIN_IMAGES", 1)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert list(ingest.inspect_images(paths)) == serial
-    assert [p is None for p in serial] == [True, False] * 3
+    assert [check.problem is None for check in serial] == [True, False] * 3
+    assert [check.fingerprint is not None for check in serial] == [True, False] * 3
 
 
 def test_exif_rotated_images_are_counted_and_announced(comp, capsys):
@@ -439,6 +441,39 @@ def test_exif_rotated_images_are_counted_and_announced(comp, capsys):
     err = capsys.readouterr().err
     assert f"1 of {figures['n_train'] + figures['n_test']} images carry an EXIF orientation (first: {comp.test_image(1)})" in err
     assert "not rotated" in err
+
+
+def test_duplicates_are_counted_not_refused(comp, capsys, caplog):
+    """A test image that is a train image under another id, or a train image repeating one of another
+    group (any other image without groups): counted in the figures and the summary log line, announced,
+    never an error. Exact: the same bytes; near: the same picture re-encoded."""
+    clean = ingest.run(comp.cfg)
+    assert (clean["n_test_dup_exact"], clean["n_test_dup_near"], clean["n_train_dup_exact"], clean["n_train_dup_near"]) == (0, 0, 0, 0)
+
+    shutil.copy(comp.folder / comp.train_image(0), comp.folder / comp.test_image(0))  # exact, train -> test
+    picture = photo(1, (96, 72))
+    picture.save(comp.folder / comp.train_image(1), format="JPEG", quality=95)
+    picture.save(comp.folder / comp.test_image(1), format="JPEG", quality=60)  # near: the same picture, re-encoded
+    # train image 2 repeated by the last one, of another group (State Farm: 10 images per driver)
+    shutil.copy(comp.folder / comp.train_image(2), comp.folder / comp.train_image(len(comp.train_rows()) - 1))
+    within_group = comp.layout == "folder"  # images 3 and 4: one driver; without groups, two images
+    shutil.copy(comp.folder / comp.train_image(3), comp.folder / comp.train_image(4))
+    caplog.set_level("INFO", logger=ingest.__name__)
+    capsys.readouterr()
+    figures = ingest.run(comp.cfg)
+
+    assert (figures["n_test_dup_exact"], figures["n_test_dup_near"]) == (1, 1)
+    assert figures["n_train_dup_exact"] == (2 if within_group else 4)  # both images of each pair
+    assert figures["n_train_dup_near"] == 0
+    assert figures["n_train"] == clean["n_train"] and figures["n_quarantined"] == 0  # nothing left out
+    assert read_json(comp.cfg.paths.stage_metrics_file("ingest")) == figures
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("ingest: "))
+    assert "'n_test_dup_exact': 1" in summary and "'n_test_dup_near': 1" in summary
+    err = capsys.readouterr().err
+    assert f"1 test images are byte-identical to a train image (first: {comp.test_image(0)} ~ {comp.train_image(0)})" in err
+    assert f"1 test images nearly repeat a train image (first: {comp.test_image(1)} ~ {comp.train_image(1)})" in err
+    group = "subject" if within_group else "image"
+    assert f"train images are byte-identical to one of another {group}" in err
 
 
 def assert_workers_end_with_their_killed_parent(command: list[str], started: Callable[[], bool]) -> None:
@@ -680,10 +715,28 @@ def labels_row_with_missing_field(c: Comp) -> Expected:
     return str(c.spec.labels_csv), 4, f"expected {len(header)} fields, got {len(header) - 1}"
 
 
-def labels_not_utf8(c: Comp) -> Expected:
+def labels_in_latin1(c: Comp) -> Expected:
+    """A spreadsheet's Latin-1 export: the first bad byte is named by row and byte offset."""
+    header, rows = c.labels()
+    c.set_labels([[*row, "café" if i == 3 else ""] for i, row in enumerate(rows)], [*header, "note"])
     path = c.folder / str(c.spec.labels_csv)
-    path.write_bytes(path.read_bytes() + b"caf\xe9\n")
-    return str(c.spec.labels_csv), None, "not UTF-8 text"
+    data = path.read_text(encoding="utf-8").encode("latin-1")
+    path.write_bytes(data)
+    offset = data.index("é".encode("latin-1"))
+    return str(c.spec.labels_csv), 5, f"not UTF-8 text: byte 0xe9 at byte offset {offset}"
+
+
+def labels_in_utf16(c: Comp) -> Expected:
+    """Excel's "Unicode Text": UTF-16 with a byte-order mark."""
+    path = c.folder / str(c.spec.labels_csv)
+    path.write_bytes(path.read_text(encoding="utf-8").encode("utf-16"))
+    return str(c.spec.labels_csv), 1, "UTF-16 (little-endian) text, not UTF-8 (it starts with the byte-order mark ff fe)"
+
+
+def submission_in_utf16_without_byte_order_mark(c: Comp) -> Expected:
+    path = c.folder / c.spec.sample_submission
+    path.write_bytes(path.read_text(encoding="utf-8").encode("utf-16-le"))
+    return c.spec.sample_submission, 1, "not text: a NUL byte at byte offset 1 (UTF-16 without a byte-order mark?)"
 
 
 def duplicated_submission_column(c: Comp) -> Expected:
@@ -732,10 +785,11 @@ def duplicate_submission_row(c: Comp) -> Expected:
 
 
 def submission_not_utf8_past_the_header(c: Comp) -> Expected:
-    """A bad byte beyond the first read buffer (blank lines are skipped) must still be reported."""
+    """A bad byte beyond the first read buffer (blank lines are skipped) must still be reported, at its row."""
     path = c.folder / c.spec.sample_submission
-    path.write_bytes(path.read_bytes() + b"\n" * 20_000 + b"caf\xe9,0.1\n")
-    return c.spec.sample_submission, None, "not UTF-8 text"
+    data = path.read_bytes() + b"\n" * 20_000
+    path.write_bytes(data + b"caf\xe9,0.1\n")
+    return c.spec.sample_submission, data.count(b"\n") + 1, f"byte 0xe9 at byte offset {len(data) + 3}"
 
 
 def missing_labels_file(c: Comp) -> Expected:
@@ -857,7 +911,9 @@ BAD_INPUTS: list[tuple[Callable[[Comp], Expected], tuple[str, ...]]] = [
     (duplicate_train_and_test, BOTH),
     (wrong_labels_header, BOTH),
     (labels_row_with_missing_field, BOTH),
-    (labels_not_utf8, BOTH),
+    (labels_in_latin1, BOTH),
+    (labels_in_utf16, BOTH),
+    (submission_in_utf16_without_byte_order_mark, BOTH),
     (duplicated_submission_column, BOTH),
     (submission_column_with_whitespace, BOTH),
     (submission_without_classes, BOTH),
@@ -978,5 +1034,5 @@ def test_an_mpo_jpeg_is_an_image_not_a_corrupt_file(tmp_path):
     frames[0].save(path, format="MPO", save_all=True, append_images=frames[1:])
     with Image.open(path) as im:
         assert im.format == "MPO"
-    assert inspect_image(str(path)) is None
+    assert inspect_image(str(path)).problem is None
 

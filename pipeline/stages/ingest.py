@@ -11,11 +11,18 @@ What is verified follows ``cfg.competition`` (layout ``folder`` or ``csv``; see
 ``pipeline.config.CompetitionConfig``): the class names and their order come from the sample
 submission's header; every image decodes; every train image is labelled exactly once with a known
 class; ids, labels and groups carry no stray whitespace; every class has training images; the sample
-submission lists exactly the test images. data/raw then holds the shipped files plus the normalised
-view every later stage reads (``pipeline.competition``): ``train_index.csv`` (id,path,label,group),
-``test_index.csv`` (id,path), ``competition.json`` and ``quarantine.csv`` (id,path,reason); paths are
-relative to data/raw. A quarantined image is removed and left out of the indexes, while the shipped
-CSVs still list it (so a quarantined test image still needs a row in the submission).
+submission lists exactly the test images; the CSVs are UTF-8 (``pipeline.csvcheck``). data/raw then
+holds the shipped files plus the normalised view every later stage reads (``pipeline.competition``):
+``train_index.csv`` (id,path,label,group), ``test_index.csv`` (id,path), ``competition.json`` and
+``quarantine.csv`` (id,path,reason); paths are relative to data/raw. A quarantined image is removed and
+left out of the indexes, while the shipped CSVs still list it (so a quarantined test image still needs
+a row in the submission). Duplicate images (test repeating train, train repeating another group's) are
+counted in the figures and announced, never refused (``pipeline.duplicates``).
+
+A ``dir`` source is ingest's DVC dependency (``ingest.watch``), and DVC trusts a file's size and
+modification time: an image edited in place keeping both (a tool that restores the mtime, a same-size
+byte patch) is not seen, and `dvc repro` skips ingest. Run ``dvc repro -f ingest`` (or ``touch`` the
+file) after such an edit (tests/test_dir_source_edits.py pins this down).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import io
 import logging
 import os
 import shutil
@@ -52,6 +60,8 @@ from pipeline.competition import (
     write_competition,
 )
 from pipeline.config import CompetitionConfig, Config
+from pipeline.csvcheck import require_utf8
+from pipeline.duplicates import HASHED_SIDE, Duplicates, Fingerprint, find_duplicates, fingerprint
 from pipeline.env import die_with_parent
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import atomic_dir, remove_leftovers
@@ -91,6 +101,20 @@ class Ingested:
     quarantined: list[tuple[str, str, str]]  # (id, path, reason)
     competition: Competition
     rotated: list[str]  # paths of images with an EXIF orientation other than "upright"
+    duplicates: Duplicates  # test images repeating a train image, train images repeating another group's
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    problem: Problem | None  # None: a complete image with nothing to say
+    fingerprint: Fingerprint | None = None  # of an image that decodes, for pipeline.duplicates
+
+
+@dataclass(frozen=True)
+class ImageFindings:
+    quarantined: list[tuple[str, str, str]]  # (file name, path, reason)
+    rotated: list[str]
+    fingerprints: dict[str, Fingerprint]  # path -> fingerprint of every image that decodes
 
 
 # ---------------------------------------------------------------------------- stage
@@ -123,6 +147,7 @@ def summarize(ingested: Ingested, source: str, seconds: float) -> dict[str, Any]
         "n_classes": ingested.competition.n_classes,
         "n_quarantined": len(ingested.quarantined),
         "n_exif_rotated": len(ingested.rotated),
+        **ingested.duplicates.figures(),
     }
     if ingested.competition.has_groups:
         per_group = Counter(row.group for row in ingested.train)
@@ -354,7 +379,7 @@ def verify_and_index(build: Path, origin: Path, spec: CompetitionConfig, on_corr
     """Check the competition folder in ``build`` against ``spec`` (``origin`` names it in errors) and
     write the normalised indexes and competition.json."""
     require_layout(build, origin, spec)
-    strip_csv_byte_order_marks(build, spec)
+    normalise_csv_encodings(build, origin, spec)
     id_column, classes = read_submission_header(build / spec.sample_submission, origin / spec.sample_submission)
     test_files = scan_flat_folder(build, origin, spec.test_dir, spec, "test")
     if spec.layout == "folder":
@@ -366,9 +391,9 @@ def verify_and_index(build: Path, origin: Path, spec: CompetitionConfig, on_corr
     test = check_submission_ids(build / spec.sample_submission, origin / spec.sample_submission, id_column, test_files)
     paths = [row.path for row in train] + [path for _, path in test]
     id_of = {row.path: row.id for row in train} | {path: image_id for image_id, path in test}
-    problems, rotated = verify_images(build, origin, paths, on_corrupt)
-    quarantined = [(id_of[path], path, reason) for _, path, reason in problems]
-    announce_exif_rotation(rotated, len(paths))
+    findings = verify_images(build, origin, paths, on_corrupt)
+    quarantined = [(id_of[path], path, reason) for _, path, reason in findings.quarantined]
+    announce_exif_rotation(findings.rotated, len(paths))
     left_out = {path for _, path, _ in quarantined}
     for path in left_out:
         (build / path).unlink()
@@ -377,13 +402,16 @@ def verify_and_index(build: Path, origin: Path, spec: CompetitionConfig, on_corr
     test = [(image_id, path) for image_id, path in test if path not in left_out]
     if not test:
         raise BadInputError(origin / spec.test_dir, f"no test images left after quarantining {len(left_out)}")
+    duplicates = find_duplicates([(row.path, row.group or row.id) for row in train], [path for _, path in test],
+                                 findings.fingerprints)
+    announce_duplicates(duplicates, spec.group_column or "image")
     write_rows(build / TRAIN_INDEX, TRAIN_INDEX_COLUMNS, ([r.id, r.path, r.label, r.group] for r in train))
     write_rows(build / TEST_INDEX, TEST_INDEX_COLUMNS, ([image_id, path] for image_id, path in test))
     write_rows(build / "quarantine.csv", QUARANTINE_HEADER, (list(q) for q in quarantined))
     competition = Competition(classes=tuple(classes), id_column=id_column, has_groups=spec.group_column is not None,
                               group_name=spec.group_column or "image", layout=spec.layout, source=source)
     write_competition(build, competition)
-    return Ingested(train, [image_id for image_id, _ in test], quarantined, competition, rotated)
+    return Ingested(train, [image_id for image_id, _ in test], quarantined, competition, findings.rotated, duplicates)
 
 
 def write_rows(path: Path, header: list[str], rows: Iterable[list[str]]) -> None:
@@ -404,15 +432,17 @@ def require_layout(build: Path, origin: Path, spec: CompetitionConfig) -> None:
             raise BadInputError(origin / rel, "missing file")
 
 
-def strip_csv_byte_order_marks(build: Path, spec: CompetitionConfig) -> None:
-    """Encodings are handled once, here: a CSV saved with a UTF-8 byte-order mark is rewritten without
-    it, so no later reader (split, submit) sees ``\\ufeffimg`` as a column name. A new file replaces
-    the old, so a hardlinked source file is never modified."""
+def normalise_csv_encodings(build: Path, origin: Path, spec: CompetitionConfig) -> None:
+    """Encodings are handled once, here: a CSV that is not UTF-8 is refused, naming the row and byte
+    offset of its first bad byte (pipeline.csvcheck); one saved with a UTF-8 byte-order mark is
+    rewritten without it, so no later reader (split, submit) sees ``\\ufeffimg`` as a column name. A
+    new file replaces the old, so a hardlinked source file is never modified."""
     for rel in (spec.sample_submission, spec.labels_csv):
         if not rel:
             continue
         path = build / rel
         data = path.read_bytes()
+        require_utf8(data, origin / rel)
         if data.startswith(codecs.BOM_UTF8):
             path.unlink()
             path.write_bytes(data[len(codecs.BOM_UTF8):])
@@ -564,8 +594,9 @@ def read_table(path: Path, label: Path, required: list[str]) -> Iterator[tuple[i
                 if len(fields) != len(header):
                     raise BadInputError(label, f"expected {len(header)} fields, got {len(fields)}", row=reader.line_num)
                 yield reader.line_num, dict(zip(header, fields, strict=True))
-    except UnicodeDecodeError as err:
-        raise BadInputError(label, f"not UTF-8 text ({err.reason})") from None
+    except UnicodeDecodeError:
+        require_utf8(path.read_bytes(), label)  # names the first bad byte's row and offset
+        raise
     except csv.Error as err:
         raise BadInputError(label, f"malformed CSV ({err})") from None
 
@@ -606,8 +637,9 @@ def read_submission_header(path: Path, label: Path) -> tuple[str, list[str]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), None) or []
-    except UnicodeDecodeError as err:
-        raise BadInputError(label, f"not UTF-8 text ({err.reason})") from None
+    except UnicodeDecodeError:
+        require_utf8(path.read_bytes(), label)  # names the first bad byte's row and offset
+        raise
     if len(header) < 3:
         raise BadInputError(label, f"header must be an id column and at least two class columns, got {','.join(header)}",
                             row=1)
@@ -658,23 +690,24 @@ def check_submission_ids(path: Path, label: Path, id_column: str, test_files: di
     return [(image_id, test_files[image_id]) for image_id in sorted(test_files)]
 
 
-def verify_images(build: Path, origin: Path, paths: list[str],
-                  on_corrupt: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+def verify_images(build: Path, origin: Path, paths: list[str], on_corrupt: str) -> ImageFindings:
     """Decode-check every image. A non-JPEG always fails; a corrupt JPEG fails or, with
     ``on_corrupt=quarantine``, is returned as (img, path, reason). Also returns the paths of images
-    with an EXIF rotation."""
-    quarantined, rotated = [], []
-    for path, problem in zip(paths, inspect_images([str(build / p) for p in paths]), strict=True):
-        if problem is None:
+    with an EXIF rotation and the fingerprint of every image that decodes."""
+    findings = ImageFindings([], [], {})
+    for path, check in zip(paths, inspect_images([str(build / p) for p in paths]), strict=True):
+        if check.fingerprint is not None:
+            findings.fingerprints[path] = check.fingerprint
+        if check.problem is None:
             continue
-        kind, reason = problem
+        kind, reason = check.problem
         if kind == "rotated":
-            rotated.append(path)
+            findings.rotated.append(path)
             continue
         if kind == "not_jpeg" or on_corrupt == "error":
             raise BadInputError(origin / path, reason)
-        quarantined.append((PurePosixPath(path).name, path, reason))
-    return quarantined, rotated
+        findings.quarantined.append((PurePosixPath(path).name, path, reason))
+    return findings
 
 
 def announce_exif_rotation(rotated: list[str], n_images: int) -> None:
@@ -687,7 +720,22 @@ def announce_exif_rotation(rotated: list[str], n_images: int) -> None:
               file=sys.stderr, flush=True)
 
 
-def inspect_images(paths: list[str]) -> Iterator[Problem | None]:
+def announce_duplicates(duplicates: Duplicates, group_name: str) -> None:
+    """Information, not an error: a test image that repeats a train image has a known label, and a
+    train image that repeats one of another group leaks across the group split. Said once, with an
+    example of each kind; the counts are also ingest's figures."""
+    kinds = [(duplicates.test_exact, "test images are byte-identical to a train image"),
+             (duplicates.test_near, "test images nearly repeat a train image"),
+             (duplicates.train_exact, f"train images are byte-identical to one of another {group_name}"),
+             (duplicates.train_near, f"train images nearly repeat one of another {group_name}")]
+    for matches, what in kinds:
+        if matches:
+            first = matches[0]
+            print(f"[ingest] notice: {len(matches)} {what} (first: {first.path} ~ {first.other}); "
+                  "counted in the ingest figures, nothing is removed", file=sys.stderr, flush=True)
+
+
+def inspect_images(paths: list[str]) -> Iterator[ImageCheck]:
     """inspect_image over ``paths``, in order; a process pool of cpu_count workers for large sets."""
     workers = os.cpu_count() or 1
     if len(paths) < POOL_MIN_IMAGES or workers < 2:
@@ -706,51 +754,47 @@ def inspect_images(paths: list[str]) -> Iterator[Problem | None]:
 JPEG_NAMES = (".jpg", ".jpeg")
 
 
-def inspect_image(path: str) -> Problem | None:
-    """None for a complete image; else ("not_jpeg" | "corrupt", reason). A file named .jpg must hold
-    JPEG bytes; other extensions the spec allows (e.g. .png) must decode as what they are."""
+def inspect_image(path: str) -> ImageCheck:
+    """A complete image's fingerprint (plus its EXIF rotation notice, if any); else the problem
+    ("not_jpeg" | "corrupt", reason). A file named .jpg must hold JPEG bytes; other extensions the spec
+    allows (e.g. .png) must decode as what they are. The file is read once, for the digest and the decode."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(3)
+        data = Path(path).read_bytes()
     except OSError as err:
-        return "corrupt", f"unreadable ({err.strerror})"
-    if len(head) < 3:
-        return "corrupt", "empty or truncated file"
-    jpeg = head == JPEG_MAGIC
+        return ImageCheck(("corrupt", f"unreadable ({err.strerror})"))
+    if len(data) < 3:
+        return ImageCheck(("corrupt", "empty or truncated file"))
+    jpeg = data.startswith(JPEG_MAGIC)
     if not jpeg and path.lower().endswith(JPEG_NAMES):
-        kind = next((name for magic, name in OTHER_FORMATS.items() if head.startswith(magic)), "unknown")
-        return "not_jpeg", f"not a JPEG file (content: {kind} data, starts with bytes {head.hex()})"
-    return decode_problem(path, jpeg) or rotation_notice(path)
+        kind = next((name for magic, name in OTHER_FORMATS.items() if data.startswith(magic)), "unknown")
+        return ImageCheck(("not_jpeg", f"not a JPEG file (content: {kind} data, starts with bytes {data[:3].hex()})"))
+    try:
+        image = decode(data, jpeg)
+    except Exception as err:  # any failure to decode untrusted bytes means a corrupt file
+        kind = "JPEG" if jpeg else "image"
+        return ImageCheck(("corrupt", f"corrupt {kind}: does not decode ({type(err).__name__}: {err})"))
+    with image:
+        return ImageCheck(rotation_notice(image), fingerprint(data, image))
 
 
-def rotation_notice(path: str) -> Problem | None:
-    with Image.open(path) as im:
-        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+def rotation_notice(image: Image.Image) -> Problem | None:
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     return ("rotated", f"EXIF orientation {orientation}") if orientation not in (0, 1) else None
 
 
-def decode_problem(path: str, jpeg: bool = True) -> Problem | None:
+def decode(data: bytes, jpeg: bool = True) -> Image.Image:
+    """The decoded image. A JPEG is decoded at 1/8 scale (reduced DCT, ~5x faster than a full decode),
+    at most down to HASHED_SIDE pixels a side; that still reads every byte, so truncation and broken
+    headers are caught, and a truncated frame fails instead of decoding with a grey bottom."""
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated frame must fail, not decode with a grey bottom
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
+        image = Image.open(io.BytesIO(data))
         if jpeg:
-            decode_reduced(path)
-        else:
-            with Image.open(path) as im:
-                im.load()
-    except Exception as err:  # any failure to decode untrusted bytes means a corrupt file
-        kind = "JPEG" if jpeg else "image"
-        return "corrupt", f"corrupt {kind}: does not decode ({type(err).__name__}: {err})"
+            if image.format not in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames (phone cameras), decodes as JPEG
+                raise ValueError(f"content is {image.format}, not JPEG")
+            image.draft("RGB", (max(HASHED_SIDE, image.width // 8), max(HASHED_SIDE, image.height // 8)))
+        image.load()
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
-    return None
-
-
-def decode_reduced(path: str) -> None:
-    """Decode at 1/8 scale (reduced DCT, ~5x faster than a full decode); it still reads every byte,
-    so truncation and broken headers are caught."""
-    with Image.open(path) as im:
-        if im.format not in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames (phone cameras), decodes as JPEG
-            raise ValueError(f"content is {im.format}, not JPEG")
-        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-        im.load()
+    return image
