@@ -19,13 +19,18 @@ from pipeline.io import atomic_write_json, read_json
 KAGGLE_EPS = 1e-15
 
 
+def normalise(probs: np.ndarray) -> np.ndarray:
+    """Each row (the last axis) divided by its sum, as Kaggle rescales a submission's rows before scoring."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return probs / probs.sum(axis=-1, keepdims=True)
+
+
 def kaggle_logloss(probs: np.ndarray, labels: np.ndarray, eps: float = KAGGLE_EPS) -> float:
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if probs.ndim != 2 or len(probs) != len(labels):
         raise ValueError(f"probs must be (n, k) with n == len(labels); got {probs.shape} and {labels.shape}")
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    probs = np.clip(probs, eps, 1 - eps)
+    probs = np.clip(normalise(probs), eps, 1 - eps)
     return float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))
 
 
@@ -176,8 +181,7 @@ def keep_tta_if_better(labels: np.ndarray, valid: np.ndarray, test: np.ndarray,
 def row_logloss(probs: np.ndarray, labels: np.ndarray, eps: float = KAGGLE_EPS) -> np.ndarray:
     """Each row's term of Kaggle's log loss (row normalised, then clipped): their mean over any subset
     of rows (a class, a group) is that subset's log loss."""
-    probs = np.asarray(probs, dtype=np.float64)
-    probs = np.clip(probs / probs.sum(axis=1, keepdims=True), eps, 1 - eps)
+    probs = np.clip(normalise(probs), eps, 1 - eps)
     return -np.log(probs[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)])
 
 

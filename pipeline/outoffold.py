@@ -35,6 +35,7 @@ from pipeline.metrics import (
     OOF_FILE,
     accuracy,
     kaggle_logloss,
+    normalise,
     prediction_classes,
     read_oof,
     read_predictions,
@@ -115,7 +116,7 @@ def in_order(path: Path, got: Sequence[str], probs: np.ndarray, ids: Sequence[st
     if bad.any():
         r = int(np.argwhere(bad)[0][0])
         raise BadInputError(path, f"{ids[r]}: probabilities must be finite and >= 0", row=lines[position[ids[r]]])
-    return out / out.sum(axis=1, keepdims=True)
+    return normalise(out)
 
 
 def write_test_folds(path: Path, test_ids: Sequence[str], per_fold: np.ndarray, folds: Sequence[int],
@@ -151,12 +152,10 @@ def fold_averaging_gain(averaged: np.ndarray, per_fold: np.ndarray | Sequence[np
     averaged submission. None with fewer than two folds (nothing is averaged)."""
     if len(per_fold) < 2:
         return None
-    avg = np.clip(np.asarray(averaged, dtype=np.float64), KAGGLE_EPS, 1.0)
-    avg /= avg.sum(axis=1, keepdims=True)
+    avg = normalise(np.clip(np.asarray(averaged, dtype=np.float64), KAGGLE_EPS, 1.0))
     gains = []
     for probs in per_fold:
-        p = np.clip(np.asarray(probs, dtype=np.float64), KAGGLE_EPS, 1.0)
-        p /= p.sum(axis=1, keepdims=True)
+        p = normalise(np.clip(np.asarray(probs, dtype=np.float64), KAGGLE_EPS, 1.0))
         gains.append(float((avg * (np.log(avg) - np.log(p))).sum(axis=1).mean()))
     return float(np.mean(gains))
 

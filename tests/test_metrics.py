@@ -12,6 +12,7 @@ from pipeline.metrics import (
     accuracy,
     evaluate,
     kaggle_logloss,
+    normalise,
     prediction_classes,
     read_hidden_labels,
     read_predictions,
@@ -20,6 +21,14 @@ from pipeline.metrics import (
 )
 
 CLASSES = ("cat", "dog", "fox", "owl")  # any competition's class names, in its sample submission's order
+
+
+def test_normalise_rescales_each_row_over_the_last_axis():
+    rows = normalise(np.array([[2, 1, 1], [0.5, 0.25, 0.25]], dtype=np.float32))
+    assert rows.dtype == np.float64
+    np.testing.assert_array_equal(rows, [[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]])
+    stacked = normalise(np.arange(1, 13, dtype=float).reshape(2, 2, 3))  # (models, rows, classes)
+    np.testing.assert_allclose(stacked.sum(axis=-1), np.ones((2, 2)))
 
 
 def test_kaggle_logloss_matches_a_hand_computed_example():

@@ -46,6 +46,7 @@ from pipeline.metrics import (
     OOF_FILE,
     evaluate,
     kaggle_logloss,
+    normalise,
     prediction_classes,
     read_hidden_labels,
     read_predictions,
@@ -71,11 +72,6 @@ class Calibration:
 
 
 # ---------------------------------------------------------------------------- pure functions
-
-
-def normalise(probs: np.ndarray) -> np.ndarray:
-    probs = np.asarray(probs, dtype=np.float64)
-    return probs / probs.sum(axis=1, keepdims=True)
 
 
 def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:

@@ -39,6 +39,7 @@ from pipeline.metrics import (
     accuracy,
     evaluate,
     kaggle_logloss,
+    normalise,
     read_hidden_labels,
     write_predictions,
     write_stage_metrics,
@@ -57,10 +58,6 @@ Mean = Literal["arithmetic", "geometric"]
 
 
 # ---------------------------------------------------------------------------- combining
-
-
-def normalise(probs: np.ndarray) -> np.ndarray:
-    return probs / probs.sum(axis=-1, keepdims=True)
 
 
 def combine(member_probs: np.ndarray, weights: np.ndarray, mean: Mean = "arithmetic") -> np.ndarray:

@@ -46,6 +46,7 @@ from pipeline.metrics import (
     OOF_FILE,
     collect_stage_metrics,
     expected_calibration_error,
+    normalise,
     prediction_classes,
     read_predictions,
     reliability_bins,
@@ -513,7 +514,7 @@ def find_oof_predictions(cfg: Config) -> OOFPredictions | str:
             return f"{path}: none of its images is in {split_csv}."
         ids_arr = np.asarray(ids)[known]
         labels = index_of.loc[ids_arr].to_numpy(dtype=np.int64)
-        probs = probs[known] / probs[known].sum(axis=1, keepdims=True)
+        probs = normalise(probs[known])
         groups = split.set_index("id").loc[ids_arr, "group"].to_numpy() if "group" in split.columns else None
         return OOFPredictions(source, path, ids_arr, probs, labels, classes, groups)
     looked = ", ".join(str(relative(cfg, path)) for _, path in prediction_files(cfg))
