@@ -186,7 +186,10 @@ def row_logloss(probs: np.ndarray, labels: np.ndarray, eps: float = KAGGLE_EPS) 
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[list[float], list[float], list[int]]:
-    """Per non-empty equal-width bin of top-class probability: mean confidence, accuracy, image count."""
+    """Per non-empty equal-width bin of top-class probability: mean confidence, accuracy, image count
+    (calibrate.json's ``curve``, the report's calibration chart and plots/calibration.csv). A confidence
+    on an edge opens its bin: 0.3 is in [0.3, 0.4). Not sklearn's ``calibration_curve``, which puts an
+    edge in the bin below and returns no counts."""
     probs = np.asarray(probs, dtype=np.float64)
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == np.asarray(labels)

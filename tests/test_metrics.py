@@ -16,6 +16,7 @@ from pipeline.metrics import (
     prediction_classes,
     read_hidden_labels,
     read_predictions,
+    reliability_bins,
     require_finite,
     write_predictions,
 )
@@ -148,3 +149,12 @@ def test_evaluate_refuses_non_finite_figures():
     with pytest.raises(StageError, match="test_logloss is nan"):
         evaluate(good, labels, ["t1", "t2"], inf, {"t1": 0, "t2": 2})
     assert evaluate(good, labels, ["t1", "t2"], good, {"t1": 0, "t2": 2})["test_logloss"] == pytest.approx(np.log(3))
+
+
+def test_reliability_bins_put_a_confidence_on_an_edge_in_the_bin_it_opens():
+    """Top-class confidences 0.7, 0.65, 0.6 and 1.0: 0.6 opens [0.6, 0.7), 0.7 opens [0.7, 0.8), 1.0 is in the last bin."""
+    probs = np.array([[0.3, 0.7], [0.35, 0.65], [0.6, 0.4], [1.0, 0.0]])
+    confidence, accuracy, count = reliability_bins(probs, np.array([1, 0, 0, 0]))
+    assert count == [2, 1, 1]
+    assert confidence == pytest.approx([0.625, 0.7, 1.0])
+    assert accuracy == [0.5, 1.0, 1.0]

@@ -50,6 +50,7 @@ from pipeline.metrics import (
     prediction_classes,
     read_hidden_labels,
     read_predictions,
+    reliability_bins,
     write_predictions,
     write_stage_metrics,
 )
@@ -247,10 +248,6 @@ def run(cfg: Config) -> dict:
 
 
 def reliability_curve(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
-    """Top-class confidence against accuracy in equal-width confidence bins (the OOF calibration curve)."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    return [{"confidence": float(confidence[which == b].mean()), "accuracy": float(correct[which == b].mean()),
-             "n": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+    """The OOF calibration curve as calibrate.json keeps it: ``confidence``, ``accuracy`` and ``n`` of
+    each non-empty bin (``pipeline.metrics.reliability_bins``)."""
+    return [{"confidence": c, "accuracy": a, "n": n} for c, a, n in zip(*reliability_bins(probs, labels, bins), strict=True)]
