@@ -7,12 +7,14 @@ clipped to [1e-15, 1 - 1e-15]. Each stage writes its figures to reports/stages/<
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.config import MODELS
 from pipeline.errors import StageError
 from pipeline.io import atomic_write_json, read_json
 
@@ -155,6 +157,16 @@ def evaluate(valid_probs: np.ndarray, valid_labels: np.ndarray, test_ids: list[s
         if not np.isfinite(value):
             raise StageError(f"{key} is {value}: the predictions hold non-finite values; nothing was written")
     return figures
+
+
+def chain_steps(models: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, bool]]:
+    """``(predecessor, model, worse)`` for each step of the chain head -> finetune -> pseudo
+    (``config.MODELS``: each trains from its predecessor's weights) among ``models`` (name -> figures
+    with ``valid_logloss``); ``worse``: the model's log loss is higher than its predecessor's (a tie is
+    no worse). A chain model absent from ``models`` is skipped: the step is from the nearest one before."""
+    present = [m for m in MODELS if isinstance(models.get(m, {}).get("valid_logloss"), int | float)]
+    return [(predecessor, model, models[model]["valid_logloss"] > models[predecessor]["valid_logloss"])
+            for predecessor, model in itertools.pairwise(present)]
 
 
 def keep_tta_if_better(labels: np.ndarray, valid: np.ndarray, test: np.ndarray,

@@ -10,6 +10,7 @@ import pytest
 from pipeline.errors import BadInputError, StageError
 from pipeline.metrics import (
     accuracy,
+    chain_steps,
     evaluate,
     kaggle_logloss,
     normalise,
@@ -158,3 +159,12 @@ def test_reliability_bins_put_a_confidence_on_an_edge_in_the_bin_it_opens():
     assert count == [2, 1, 1]
     assert confidence == pytest.approx([0.625, 0.7, 1.0])
     assert accuracy == [0.5, 1.0, 1.0]
+
+
+def test_chain_steps_compare_each_chain_model_with_the_nearest_one_before_it():
+    models = {"member0": {"valid_logloss": 0.1}, "pseudo": {"valid_logloss": 0.5}, "head": {"valid_logloss": 0.4},
+              "finetune": {"valid_logloss": 0.4}}
+    assert chain_steps(models) == [("head", "finetune", False), ("finetune", "pseudo", True)]  # a tie is no worse
+    del models["finetune"]
+    assert chain_steps(models) == [("head", "pseudo", True)]
+    assert chain_steps({"head": {}, "pseudo": {"valid_logloss": 0.5}}) == []  # no figure: not a step

@@ -18,7 +18,6 @@ Outputs ``data/predictions/oof/<model>/{oof,test,test_folds}.csv`` (``pipeline.o
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from typing import Any
@@ -29,7 +28,14 @@ from pipeline.competition import read_competition
 from pipeline.config import Config, model_stage
 from pipeline.errors import StageError
 from pipeline.io import atomic_dir
-from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions, write_stage_metrics
+from pipeline.metrics import (
+    OOF_FILE,
+    chain_steps,
+    evaluate,
+    read_hidden_labels,
+    write_predictions,
+    write_stage_metrics,
+)
 from pipeline.outoffold import (
     TEST_FOLDS_FILE,
     HeldOut,
@@ -42,7 +48,6 @@ from pipeline.outoffold import (
 )
 
 STAGE = "oof"
-CHAIN = ("head", "finetune", "pseudo")  # each starts from the one before
 
 
 def gather(cfg: Config, model: str, held: HeldOut, test_ids: list[str], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -64,13 +69,12 @@ def flag_regressions(models: dict[str, dict[str, Any]]) -> None:
     """Each stage of the chain head -> finetune -> pseudo starts from its predecessor: its figures say
     which one and whether it does worse out of fold (also on stderr), so no stage loses silently. The
     ensemble then weighs every model by its OOF evidence instead of trusting the chain's order."""
-    chain = [m for m in CHAIN if m in models]
-    for predecessor, model in itertools.pairwise(chain):
+    for predecessor, model, worse in chain_steps(models):
         figures = models[model]
         figures["predecessor"] = predecessor
         figures["predecessor_valid_logloss"] = models[predecessor]["valid_logloss"]
-        figures["worse_than_predecessor"] = figures["valid_logloss"] > models[predecessor]["valid_logloss"]
-        if figures["worse_than_predecessor"]:
+        figures["worse_than_predecessor"] = worse
+        if worse:
             print(f"[oof] warning: {model} is worse out of fold than {predecessor}, the stage it starts from "
                   f"(log loss {figures['valid_logloss']:.4f} > {models[predecessor]['valid_logloss']:.4f})",
                   file=sys.stderr)

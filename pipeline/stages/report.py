@@ -44,6 +44,7 @@ from pipeline.errors import StageError
 from pipeline.io import atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_text, remove_leftovers
 from pipeline.metrics import (
     OOF_FILE,
+    chain_steps,
     collect_stage_metrics,
     expected_calibration_error,
     normalise,
@@ -75,8 +76,6 @@ from pipeline.plots import (
 from pipeline.registry import PER_FOLD, STAGES
 
 SCORE_KEYS = ("valid_logloss", "valid_acc", "test_logloss", "test_acc")
-# Each model of the chain starts from the one before it: a step that raises the CV log loss is flagged.
-CHAIN = ("head", "finetune", "pseudo")
 PREDICTION_SOURCES = ("calibrate", "ensemble", "pseudo", "finetune", "head")
 # Stages whose out-of-fold rows are data/predictions/<stage>/oof.csv; the models' are data/predictions/oof/<model>/.
 STAGE_SOURCES = ("calibrate", "ensemble")
@@ -184,17 +183,8 @@ def score_table(metrics: dict[str, dict]) -> str:
 
 def chain_flags(models: dict[str, dict]) -> dict[str, str]:
     """model -> its predecessor in the head -> finetune -> pseudo chain, for each model whose CV log
-    loss is worse than that predecessor's (a chain model left out of the candidates is skipped)."""
-    flags: dict[str, str] = {}
-    previous: str | None = None
-    for name in CHAIN:
-        loss = models.get(name, {}).get("valid_logloss")
-        if not isinstance(loss, int | float):
-            continue
-        if previous is not None and loss > models[previous]["valid_logloss"]:
-            flags[name] = previous
-        previous = name
-    return flags
+    loss is worse than that predecessor's (``pipeline.metrics.chain_steps``)."""
+    return {model: predecessor for predecessor, model, worse in chain_steps(models) if worse}
 
 
 def fold_spread(figs: dict) -> str:
