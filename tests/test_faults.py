@@ -154,7 +154,7 @@ def test_killed_features_stage(project, case):
     kill_while([sys.executable, "-m", "dvc", "repro", "-f", "-s", "features"], root, "features",
                delay_for(project, "features", case), victim="stage")
     assert output_digests(root) == project.digests  # persistent, written chunk by chunk: nothing lost
-    dvc(root, "repro", "-f", "-s", "features")  # the re-run computes every chunk again, to the same bytes
+    dvc(root, "repro", "-f", "-s", "features")  # reuses the chunks it can verify, computes the rest: the same bytes
     assert_clean_and_equal(project)
 
 

@@ -98,9 +98,9 @@ def dvc_json(args: list[str], cwd: Path) -> dict:
 
 
 def assert_dvc_views_load_and_are_compact(clone: Path) -> None:
-    """What a Kaggler types after a run, once it is committed (README, "DVC views"): `dvc metrics show` is a
+    """What a Kaggler types after a run, once it is committed (docs/experiments.md, "DVC views"): `dvc metrics show` is a
     model-by-score table that fits a 120-column terminal; `dvc metrics diff` loads the commit's scores (from
-    the DVC cache); `dvc plots show` and `dvc plots diff` load every plot; `dvc exp show` with the README's
+    the DVC cache); `dvc plots show` and `dvc plots diff` load every plot; `dvc exp show` with the docs'
     column selection keeps the submission's CV log loss and the changed params only."""
     from pipeline.config import load_params
 

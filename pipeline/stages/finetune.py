@@ -10,13 +10,15 @@ per rank: ``finetune.trainer.devices/num_nodes/strategy`` scale it out. bf16-mix
 on GPU, fp32 on CPU (``precision: auto``); ``trainer.compile`` turns on torch.compile.
 
 Outputs
-- ``models/finetune/fold<k>/``: ``last.ckpt`` (a killed run resumes from it; ``best.ckpt`` too in
-  holdout mode), ``run.json`` (fingerprint and status), ``model.pt`` (``{"state_dict": ConvNet state,
+- ``models/finetune/fold<k>/``: ``model.pt`` (``{"state_dict": ConvNet state,
   "meta"}``; ``recipes.build_network`` + ``load_state_dict`` rebuilds it), ``logs/metrics.csv``, ``tb/``.
 - ``data/predictions/folds/finetune/<k>/{oof,test}.csv``: with test-time augmentation (``ensemble.tta``
   augmented passes averaged with the plain one, ``recipes.tta_predictions``), like every fine-tuned
   CNN of the chain, so the pseudo stage learns from, and is compared with, the model's best predictions;
   and ``reports/stages/finetune@<k>.json``.
+- Scratch, outside the outputs: ``.checkpoints/models/finetune/fold<k>/`` (``paths.checkpoints``) holds
+  ``last.ckpt`` (a killed run resumes from it; ``best.ckpt`` too in holdout mode) and ``run.json``
+  (fingerprint and status).
 """
 
 from __future__ import annotations
