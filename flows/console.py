@@ -15,12 +15,11 @@ from typing import Any
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.console import ORCHESTRATED_ENV, headline, verbose
 from pipeline.io import read_json
+from pipeline.registry import model_rank
 
 CONSOLE = logging.getLogger("statefarm.console")
 CONSOLE.propagate = False  # no handler unless `python -m flows.pipeline` installs one: Prefect's logs carry the same
 HOW_SHORT = {"skipped": "up to date", "restored": "from run cache", "ran": "ran"}
-SCORE_ORDER = ("head", "finetune", "pseudo")  # then members, then ensemble and calibrate
-FINAL_STAGES = ("ensemble", "calibrate")
 
 
 def use_quiet_console() -> None:
@@ -55,15 +54,9 @@ def stage_line(stage: str, items: list[str], how: str, seconds: float, root: str
 
 
 def score_rows(folder: Path) -> list[tuple[str, dict[str, float]]]:
-    """reports/scores/<model>.json in chain order: head, finetune, pseudo, members, ensemble, calibrate."""
+    """reports/scores/<model>.json in DAG order: head, finetune, pseudo, members, ensemble, calibrate."""
     found = {path.stem: read_json(path) for path in sorted(folder.glob("*.json"))} if folder.exists() else {}
-
-    def rank(name: str) -> tuple[int, str]:
-        if name in SCORE_ORDER:
-            return SCORE_ORDER.index(name), name
-        return (len(SCORE_ORDER) + 1 + FINAL_STAGES.index(name), name) if name in FINAL_STAGES else (len(SCORE_ORDER), name)
-
-    return [(name, found[name]) for name in sorted(found, key=rank)]
+    return [(name, found[name]) for name in sorted(found, key=model_rank)]
 
 
 def results_table(root: str) -> str:

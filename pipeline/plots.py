@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from pipeline.registry import model_rank
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -238,24 +240,12 @@ def timings_chart(stages: Sequence[str], seconds: Sequence[float], title: str) -
 
 LOG_PATTERNS = ("pretrain/logs/metrics.csv", "*/fold*/logs/metrics.csv", "*/fold*/iteration_*/logs/metrics.csv",
                 "*/fold*/iteration_*/half_*/logs/metrics.csv")
-CHAIN = ("head", "finetune", "pseudo")
-
-
-def model_rank(name: str) -> tuple[int, list[Any]]:
-    """Sort key of model names: pretrain, the chain (head, finetune, pseudo), member<m> by m, the rest."""
-    if name == "pretrain":
-        return (0, [])
-    if name in CHAIN:
-        return (1 + CHAIN.index(name), [])
-    if name.startswith("member") and name.removeprefix("member").isdigit():
-        return (1 + len(CHAIN), natural_key(name))
-    return (2 + len(CHAIN), natural_key(name))
 
 
 def training_logs(models_dir: Path) -> dict[str, list[tuple[str, Path]]]:
     """model -> [(run, Lightning metrics.csv)]: pretrain's log, each fold model's (run ``fold<k>``),
-    pseudo's per fold, iteration and student (``fold<k> iteration_<i>[ half_<h>]``); models and runs in
-    natural order."""
+    pseudo's per fold, iteration and student (``fold<k> iteration_<i>[ half_<h>]``); models in DAG
+    order (``registry.model_rank``), runs in natural order."""
     found: dict[str, list[tuple[str, Path]]] = {}
     if not models_dir.is_dir():
         return found

@@ -27,6 +27,17 @@ STAGES: dict[str, str] = {
     "submit": "validated submissions/submission.csv; Kaggle upload or dry run",
     "report": "collect every stage's figures into reports/metrics.json and reports/report.html",
 }
+POSITION = {name: i for i, name in enumerate(STAGES)}
+
+
+def model_rank(name: str) -> tuple[int, int, str]:
+    """Sort key of model names, and of the final stages listed beside them: in the DAG order of the
+    stage that makes each (pretrain, head, finetune, pseudo, member<m> by m, ensemble, calibrate),
+    then any other name."""
+    number = name.removeprefix("member")
+    if name.startswith("member") and number.isdigit():
+        return (POSITION["member"], int(number), name)
+    return (POSITION.get(name, len(STAGES)), 0, name)
 
 
 def stage_module(name: str) -> ModuleType:

@@ -39,7 +39,7 @@ import pandas as pd
 import yaml
 
 from pipeline.competition import TRAIN_INDEX, Competition, label_indices, read_competition
-from pipeline.config import Config, item_stage
+from pipeline.config import MODELS, Config, item_stage
 from pipeline.errors import StageError
 from pipeline.io import atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_text, remove_leftovers
 from pipeline.metrics import (
@@ -64,7 +64,6 @@ from pipeline.plots import (
     learning_tables,
     legend_label,
     loss_columns,
-    model_rank,
     natural_key,
     rate_lines,
     read_log,
@@ -73,14 +72,14 @@ from pipeline.plots import (
     timings_chart,
     training_logs,
 )
-from pipeline.registry import PER_FOLD, STAGES
+from pipeline.registry import PER_FOLD, STAGES, model_rank
 
 SCORE_KEYS = ("valid_logloss", "valid_acc", "test_logloss", "test_acc")
-PREDICTION_SOURCES = ("calibrate", "ensemble", "pseudo", "finetune", "head")
-# Stages whose out-of-fold rows are data/predictions/<stage>/oof.csv; the models' are data/predictions/oof/<model>/.
-STAGE_SOURCES = ("calibrate", "ensemble")
-# The rows of reports/scores/: the final stages after the models (oof.json lists the models).
-SCORED_STAGES = ("ensemble", "calibrate")
+# The stages after the models, in DAG order: their out-of-fold rows are data/predictions/<stage>/oof.csv
+# (the models' are data/predictions/oof/<model>/), their rows of reports/scores/ follow the models' (oof.json).
+FINAL_STAGES = ("ensemble", "calibrate")
+# Whose out-of-fold predictions the report shows: the latest stage that has them.
+PREDICTION_SOURCES = (*reversed(FINAL_STAGES), *reversed(MODELS))
 THUMB_SIZE = (128, 96)
 N_RANDOM = 8
 N_UNCERTAIN = 8
@@ -482,7 +481,7 @@ class OOFPredictions:
 def prediction_files(cfg: Config) -> list[tuple[str, Path]]:
     """(source, out-of-fold file), best first: calibrate and ensemble under data/predictions/<stage>/,
     the models gathered by the oof stage under data/predictions/oof/<model>/."""
-    return [(source, cfg.paths.path("predictions") / source / OOF_FILE if source in STAGE_SOURCES
+    return [(source, cfg.paths.path("predictions") / source / OOF_FILE if source in FINAL_STAGES
              else cfg.paths.oof_predictions(source) / OOF_FILE) for source in PREDICTION_SOURCES]
 
 
@@ -695,7 +694,7 @@ def scores(metrics: dict[str, dict], cv: bool) -> dict[str, dict[str, float]]:
     ``test_acc`` where hidden labels exist, and calibrate's ``submission_estimate`` in cv mode."""
     est = "cv" if cv else "valid"
     rows = dict((metrics.get("oof") or {}).get("models", {}))
-    rows |= {stage: metrics[stage] for stage in SCORED_STAGES if metrics.get(stage)}
+    rows |= {stage: metrics[stage] for stage in FINAL_STAGES if metrics.get(stage)}
     table = {}
     for name, figs in rows.items():
         spread = figs.get("fold_logloss_std") if len(figs.get("folds", {})) >= 2 else None
