@@ -290,6 +290,11 @@ def monitor_lr_columns(columns: Sequence[str]) -> list[str]:
     return [c for c in columns if c.startswith("lr-")]
 
 
+def own_lr_columns(columns: Sequence[str]) -> list[str]:
+    """The module's own per-epoch rates: ``.../lr`` (the first param group's), not the monitor's."""
+    return [c for c in columns if c.rsplit("/", 1)[-1].startswith("lr") and not c.startswith("lr-")]
+
+
 def learning_rates(log: pd.DataFrame) -> tuple[str, dict[str, Series]]:
     """(x axis, group -> series): the ``LearningRateMonitor``'s per-step rates of every param group when
     the log has them, else the module's own per-epoch ``.../lr`` (the first group's)."""
@@ -297,8 +302,7 @@ def learning_rates(log: pd.DataFrame) -> tuple[str, dict[str, Series]]:
     found = series(log, "step", monitored) if monitored else {}
     if found:
         return "step", {column.removeprefix("lr-"): points for column, points in found.items()}
-    own = [c for c in log.columns if c.rsplit("/", 1)[-1].startswith("lr") and not c.startswith("lr-")]
-    return "epoch", series(log, "epoch", own)
+    return "epoch", series(log, "epoch", own_lr_columns(log.columns))
 
 
 def without_duplicates(curves: dict[str, Series]) -> dict[str, Series]:
@@ -392,8 +396,7 @@ def top_group_rate(log: pd.DataFrame) -> Series | None:
     monitored = series(log, "step", monitor_lr_columns(log.columns))
     if monitored:
         return max(monitored.values(), key=lambda points: max(points[1]))
-    own = [c for c in log.columns if c.rsplit("/", 1)[-1].startswith("lr") and not c.startswith("lr-")]
-    return next(iter(series(log, "step", own[:1]).values()), None)
+    return next(iter(series(log, "step", own_lr_columns(log.columns)[:1]).values()), None)
 
 
 def confusion_rows(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
