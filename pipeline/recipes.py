@@ -80,8 +80,9 @@ def head_trainer_config(cfg: Config) -> TrainerConfig:
 
 def monitors_held_out(cfg: Config) -> bool:
     """Whether training may watch its held-out rows (early stopping, best checkpoint): in holdout mode
-    yes (the validation split, as the course does); in cv mode never, so out-of-fold predictions stay
-    honest: fold models train exactly ``max_epochs`` and keep the last weights."""
+    yes (the validation split, as fast.ai's Practical Deep Learning for Coders, part 1 (2017), watches
+    it); in cv mode never, so out-of-fold predictions stay honest: fold models train exactly
+    ``max_epochs`` and keep the last weights."""
     return cfg.split.validation == "holdout"
 
 

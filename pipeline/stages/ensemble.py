@@ -134,8 +134,8 @@ def smooth_within_folds(probs: np.ndarray, features: np.ndarray, folds: np.ndarr
 def smoothing_decision(oof: np.ndarray, labels: np.ndarray, features: np.ndarray, folds: np.ndarray,
                        max_k: int) -> tuple[int, dict[int, float]]:
     """(k, OOF log loss by k): the neighbour count that lowers the OOF log loss most; 0 (off) when
-    none lowers it. k is chosen, not fixed, because the right k is about the number of frames a group
-    has per class (real data: ~80, the 1st place used 10; the demo: ~10)."""
+    none lowers it. k is chosen, not fixed, because the right k follows the number of frames a group has
+    per class, which differs between competitions and between real and synthetic data."""
     by_k = {k: kaggle_logloss(smooth_within_folds(oof, features, folds, k), labels) for k in candidate_ks(max_k)}
     if not by_k:
         return 0, by_k

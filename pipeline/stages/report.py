@@ -15,8 +15,9 @@
   submission's estimate), learning curves with the
   learning rate, ensemble and calibration verdicts, then on the best out-of-fold predictions
   (calibrate > ensemble > pseudo > finetune > head): calibration curve with bin counts, confusion
-  matrix, log loss per class and per group, the course's five views (random correct, random
-  incorrect, most correct per class, most incorrect per class, most uncertain); stage timings, the
+  matrix, log loss per class and per group, the five views of fast.ai's Practical Deep Learning for
+  Coders, part 1 (2017), lesson 2 (random correct, random incorrect, most correct per class, most
+  incorrect per class, most uncertain); stage timings, the
   run's config and git revision, and every raw figure (collapsed).
 
 Every section says what it is waiting for when its inputs are absent (the stage can run right after
@@ -571,8 +572,8 @@ def breakdown_section(preds: OOFPredictions, competition: Competition | None) ->
 
 
 def five_views(preds: OOFPredictions, seed: int = 0) -> dict[str, list[int]]:
-    """Row numbers for the course's five views. "Per class" is per predicted class, as in the course
-    notebooks (most correct c: predicted c and right, highest p(c); most incorrect c: predicted c and
+    """Row numbers for the five views (the module docstring names their source). "Per class" is per
+    predicted class, as in that lesson's notebook (most correct c: predicted c and right, highest p(c); most incorrect c: predicted c and
     wrong, highest p(c)). With ten classes "uncertain" is the smallest top-two margin."""
     rng = np.random.default_rng(seed)
     predicted, probs = preds.predicted, preds.probs
