@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.competition import Competition, write_competition
 from pipeline.competitions.statefarm import CLASSES
-from pipeline.config import load_profile
+from pipeline.config import MODELS, load_profile
 from pipeline.errors import BadInputError, StageError
 from pipeline.metrics import write_predictions, write_stage_metrics
 from pipeline.stages import report
@@ -53,7 +53,7 @@ def test_report_collects_stage_figures_in_dag_order(smoke_cfg):
 
 def test_stage_order_puts_every_fold_item_after_its_stage():
     order = report.stage_order([0, 1, 2], [0, 5])
-    for stage in ("head", "finetune", "pseudo"):
+    for stage in MODELS:  # the chain: one item per fold each
         at = order.index(stage)
         assert order[at:at + 4] == [stage, f"{stage}@0", f"{stage}@1", f"{stage}@2"]
     at = order.index("member")
