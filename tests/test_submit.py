@@ -22,7 +22,8 @@ from pipeline.errors import BadInputError, StageError
 from pipeline.io import file_sha256
 from pipeline.kaggle_client import SubmitError, retry_delay, with_retries
 from pipeline.metrics import write_predictions
-from pipeline.stages.submit import build_submission, code_revision, run, submit_command, validate_submission
+from pipeline.stages.submit import code_revision, run, submit_command
+from pipeline.submission import build_submission, validate_submission
 
 IDS = [f"img_{i}.jpg" for i in range(1, 7)]
 HEADER = "img," + ",".join(CLASSES)  # State Farm's sample submission
