@@ -149,6 +149,10 @@ class CompetitionConfig(Section):
     filename: str = "{id}"  # an image's file name from its id, in train_dir and test_dir
     extensions: list[str] = [".jpg", ".jpeg"]  # image file extensions (case-insensitive)
     sample_submission: str = "sample_submission.csv"
+    # file: the test images are public and submit uploads submissions/submission.csv. code: Kaggle hides
+    # them; a notebook run on Kaggle without internet writes the scored submission.csv, so submit uploads
+    # the chain's models and pushes that notebook (pipeline/kernel/). Only submit reads this.
+    submission: Literal["file", "code"] = "file"
 
     @model_validator(mode="after")
     def _check(self) -> CompetitionConfig:
@@ -523,6 +527,11 @@ class CalibrateConfig(Section):
     seed: int = Field(0, ge=0)
 
 
+# Kaggle's dataset and notebook slugs (6-50 lower-case letters, digits and hyphens) and usernames.
+KAGGLE_SLUG = re.compile(r"[a-z0-9][a-z0-9-]{4,48}[a-z0-9]")
+KAGGLE_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}")
+
+
 class SubmitConfig(Section):
     enabled: bool = False  # upload; otherwise a dry run that prints the exact command
     message: str = "statefarm-pipeline"
@@ -530,6 +539,40 @@ class SubmitConfig(Section):
     backoff_s: float = Field(2.0, ge=0)  # first retry delay; doubles each retry
     # After a successful upload, poll the submission list this long for the public score (0: look once).
     score_wait_s: float = Field(0, ge=0)
+    # Code competitions (competition.submission: code). The models go up as a private Kaggle dataset and
+    # the inference script as a private notebook that reads it and the competition; both belong to
+    # `owner` (None: the account the credentials name). Slugs: None derives them from ingest.competition.
+    owner: str | None = None
+    dataset: str | None = None  # the models' dataset (default <competition>-models)
+    kernel: str | None = None  # the notebook (default <competition>-inference)
+    accelerator: Literal["gpu", "none"] = "gpu"  # what the notebook runs on
+    kernel_wait_s: float = Field(9 * 3600, gt=0)  # the longest wait for the dataset to be ready and the notebook to run
+    poll_s: float = Field(30.0, gt=0)  # between status queries while waiting
+
+    @field_validator("owner")
+    @classmethod
+    def _kaggle_username(cls, value: str | None) -> str | None:
+        if value is not None and not KAGGLE_USERNAME.fullmatch(value):
+            raise ValueError(f"a Kaggle username is letters, digits, hyphens and underscores, got {value!r}")
+        return value
+
+    @field_validator("dataset", "kernel")
+    @classmethod
+    def _kaggle_slug(cls, value: str | None) -> str | None:
+        if value is not None and not KAGGLE_SLUG.fullmatch(value):
+            raise ValueError(f"a Kaggle slug is 6-50 lower-case letters, digits and hyphens, got {value!r}")
+        return value
+
+    def dataset_slug(self, competition: str) -> str:
+        return self.dataset or derived_slug(competition, "-models")
+
+    def kernel_slug(self, competition: str) -> str:
+        return self.kernel or derived_slug(competition, "-inference")
+
+
+def derived_slug(competition: str, suffix: str) -> str:
+    """``<competition><suffix>``, the competition part cut so the whole fits Kaggle's 50 characters."""
+    return competition[:50 - len(suffix)].rstrip("-") + suffix
 
 
 class FanoutConfig(Section):
