@@ -1,5 +1,5 @@
 """Model factories: the batchnorm-VGG backbone (timm), its preprocessing, the frozen conv base that
-produces cached features, the dense batchnorm head trained on them, and the course's trick of
+produces cached features, the dense batchnorm head trained on them, and the fast.ai course's trick of
 inserting batchnorm into a plain pretrained VGG without changing what it computes.
 
 Shapes and conventions
@@ -12,7 +12,7 @@ Shapes and conventions
   22k images).
 - The dense head is ``BatchNorm1d -> [Dropout -> Linear -> ReLU -> BatchNorm1d] * len(widths) ->
   Dropout -> Linear(num_classes)`` and outputs logits. Its first batchnorm normalises the cached
-  features (the course's "batchnorm on the first layer").
+  features (the fast.ai course's "batchnorm on the first layer").
 - ``ConvNet(conv_base, head)`` is the whole network for end-to-end training (finetune stage): the
   same conv base (trainable) in front of a head loaded from ``models/head/fold<k>/head.pt``.
 """

@@ -1,5 +1,5 @@
 """``features`` stage: the frozen conv base run once over valid, test, and train x N augmented copies,
-cached as fp16 so the dense head trains in seconds per epoch (the course's fast inner loop).
+cached as fp16 so the dense head trains in seconds per epoch (the fast.ai course's fast inner loop).
 
 The cache's format (folders, ``index.csv``, checksummed fp16 chunks, ``meta.json`` written last) is
 ``pipeline.featurecache``'s; this stage is its only writer.

@@ -4,7 +4,7 @@ fold (``head@<fold>``, a DVC ``foreach`` over ``split.fold_ids``).
 Fold model k trains on every labelled image outside fold k (cv) or on the train split (holdout), and
 predicts the rows it never saw: its out-of-fold rows. Each epoch sees every train image once, as one
 of its cached copies drawn at random (copy 0 is the plain image, 1.. augmented), so ten precomputed
-copies give augmentation at cached speed. The first epoch runs at ``head.first_epoch_lr`` (the course:
+copies give augmentation at cached speed. The first epoch runs at ``head.first_epoch_lr`` (the fast.ai course:
 a low learning rate first, or the net can lock onto one class), then ``head.lr``. In holdout mode
 early stopping and the best checkpoint follow ``valid/logloss``; in cv mode the fold's rows are never
 looked at during training: exactly ``head.max_epochs``, the last weights.

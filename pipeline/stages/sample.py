@@ -1,10 +1,10 @@
 """``sample`` stage: a small mirror of the split for fast iteration (checking learning rates,
 trying augmentations) before paying for a full run.
 
-The course convention is ~1,500 train and 1,000 valid images; both are capped by what the split
+The fast.ai course's convention is ~1,500 train and 1,000 valid images; both are capped by what the split
 holds. Train images come only from train drivers and valid images only from valid drivers (in cv
 mode: fold 0's drivers), so the sample keeps drivers apart exactly as the full split does. Images are hard-linked (copied across
-filesystems) into ``data/sample/{train,valid}/<class>/``, the Keras-style folder layout the course used,
+filesystems) into ``data/sample/{train,valid}/<class>/``, the Keras-style folder layout the fast.ai course used,
 next to ``data/sample/split.csv`` (the split's rows plus each image's path in the mirror).
 """
 
