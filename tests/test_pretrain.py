@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from pipeline.competition import label_indices
-from pipeline.competitions.statefarm import CLASSES, plan_dataset
+from pipeline.competitions.statefarm import plan_dataset
 from pipeline.config import Config, load_profile
-from pipeline.data import ImageRowsDataset
 from pipeline.errors import StageError
-from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
+from pipeline.models import create_backbone
+from pipeline.probe import labelled_train_rows, transfer_probe
 from pipeline.stages import ingest, pretrain
+
+# Margins that every measured run clears with room (benchmarks/pretrain_transfer.py on the smoke profile,
+# 8 pretraining seeds x 2 float paths; docs/results.md "The pretrain stand-in"): the probe's gain over a
+# random init was at least 0.44 and the domain's held-out accuracy at least 0.51.
+TRANSFER_MARGIN = 0.25
+HOLDOUT_ACC_FLOOR = 0.3
 
 
 def pretrain_cfg(root, overrides: list[str] | None = None) -> Config:
@@ -49,7 +52,7 @@ def test_writes_a_backbone_that_create_backbone_loads(pretrained):
     written = json.loads(cfg.paths.stage_metrics_file("pretrain").read_text())
     assert written == figures and figures["skipped"] is False
     assert figures["n_train_drivers"] == cfg.pretrain.n_drivers and figures["n_holdout_drivers"] == cfg.pretrain.n_holdout_drivers
-    assert figures["holdout_acc"] > 0.2  # well above chance (0.1) on unseen drivers of its own domain
+    assert figures["holdout_acc"] > HOLDOUT_ACC_FLOOR  # well above chance (0.1) on unseen drivers of its own domain
     assert figures["seconds"] > 0  # recorded; how fast is benchmarks/' business, not a timed test's
 
 
@@ -94,38 +97,11 @@ def test_the_backbone_file_follows_the_root_and_is_no_param(tmp_path):
         create_backbone(cfg.model)
 
 
-def leave_one_driver_out_accuracy(features: np.ndarray, labels: np.ndarray, drivers: np.ndarray) -> float:
-    """Nearest class centroid on standardised features, each driver predicted from the others."""
-    correct = 0
-    for driver in np.unique(drivers):
-        train, test = drivers != driver, drivers == driver
-        mean, std = features[train].mean(0), features[train].std(0) + 1e-6
-        z = (features - mean) / std
-        classes = np.unique(labels[train])
-        centroids = np.stack([z[train & (labels == k)].mean(0) for k in classes])
-        distances = ((z[test][:, None, :] - centroids[None]) ** 2).sum(-1)
-        correct += int((classes[distances.argmin(1)] == labels[test]).sum())
-    return correct / len(labels)
-
-
 def test_pretrained_features_separate_the_competition_classes_better(pretrained, tmp_path):
     cfg, _ = pretrained  # cfg.model loads the fixture's backbone
     competition = cfg.at(tmp_path)
     ingest.run(competition)  # the competition's (smoke) drivers, seen only now, after pretraining
-    raw = competition.paths.path("raw")
-    table = pd.read_csv(raw / "driver_imgs_list.csv", dtype=str)
-    paths = [raw / "imgs" / "train" / c / i for c, i in zip(table["classname"], table["img"], strict=True)]
-    labels, drivers = label_indices(table["classname"].tolist(), CLASSES), table["subject"].to_numpy()
-
-    def probe(weights: str) -> float:
-        model_cfg = cfg.model.model_copy(update={"weights": weights})
-        backbone = create_backbone(model_cfg)
-        data_cfg = resolve_preprocessing(backbone, model_cfg)
-        conv_base = create_conv_base(backbone, data_cfg, cfg.features.grid)
-        images = ImageRowsDataset(paths, input_hw(data_cfg), labels=labels)
-        with torch.no_grad():
-            features = conv_base(torch.stack([images[i][0] for i in range(len(images))])).numpy()
-        return leave_one_driver_out_accuracy(features, labels, drivers)
-
-    random_acc, pretrained_acc = probe("none"), probe("pretrain")
-    assert pretrained_acc > random_acc + 0.15, (pretrained_acc, random_acc)  # measured: 0.51 vs 0.17
+    paths, labels, groups = labelled_train_rows(competition.paths.path("raw"))
+    random_acc = transfer_probe(cfg.model.model_copy(update={"weights": "none"}), cfg.features.grid, paths, labels, groups)
+    pretrained_acc = transfer_probe(cfg.model, cfg.features.grid, paths, labels, groups)
+    assert pretrained_acc > random_acc + TRANSFER_MARGIN, (pretrained_acc, random_acc)
