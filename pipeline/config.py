@@ -546,8 +546,6 @@ class SubmitConfig(Section):
     dataset: str | None = None  # the models' dataset (default <competition>-models)
     kernel: str | None = None  # the notebook (default <competition>-inference)
     accelerator: Literal["gpu", "none"] = "gpu"  # what the notebook runs on
-    # Where submit writes the dataset (upload/) and the notebook (kernel/) folders, relative to the root.
-    code_dir: str = "submissions/kaggle"
     kernel_wait_s: float = Field(9 * 3600, gt=0)  # the longest wait for the dataset to be ready and the notebook to run
     poll_s: float = Field(30.0, gt=0)  # between status queries while waiting
 

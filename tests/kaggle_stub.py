@@ -1,16 +1,33 @@
 """A local stand-in for Kaggle's API, driven through the official ``kaggle`` client in tests.
 
-What the installed client (kaggle 2.x / kagglesdk) does for ``competition_submit``, and so what the
-stub serves on 127.0.0.1 (a free port, a daemon thread):
+What the installed client (kaggle 2.x / kagglesdk) sends, and so what the stub serves on 127.0.0.1 (a
+free port, a daemon thread). Every API call is a POST of JSON to ``/api/v1/<service>/<Method>`` with
+HTTP basic auth (username:key); ``calls(<Method>)`` returns them.
 
-1. POST ``/api/v1/competitions.CompetitionApiService/StartSubmissionUpload`` with JSON
-   ``competitionName, fileName, contentLength, lastModifiedEpochSeconds`` and HTTP basic auth
-   (username:key); reply ``{"token", "createUrl"}``.
-2. PUT the file's bytes to ``createUrl`` (a signed storage URL in production: no auth header);
-   any status but 200/201 makes the client return ``"Could not submit to competition"`` instead of
-   raising.
-3. POST ``.../CreateSubmission`` with ``competitionName, blobFileTokens, submissionDescription``;
-   reply ``{"message", "ref"}``.
+File competitions, ``competition_submit``:
+
+1. ``competitions.CompetitionApiService/StartSubmissionUpload`` with ``competitionName, fileName,
+   contentLength, lastModifiedEpochSeconds``; reply ``{"token", "createUrl"}``.
+2. PUT the file's bytes to ``createUrl`` (a signed storage URL in production: no auth header); any
+   status but 200/201 makes the client return ``"Could not submit to competition"`` instead of raising.
+3. ``.../CreateSubmission`` with ``competitionName, blobFileTokens, submissionDescription``; reply
+   ``{"message", "ref"}``.
+
+Code competitions:
+
+- ``datasets create``/``version`` (``dataset_create_new``/``dataset_create_version``):
+  ``datasets.DatasetApiService/GetDatasetStatus`` (404 for an unknown dataset), then per file
+  ``blobs.BlobApiService/StartBlobUpload`` (``type, name, contentLength``) and its PUT, then
+  ``.../CreateDataset`` (``ownerSlug, slug, title, files: [{token}], isPrivate``) or
+  ``.../CreateDatasetVersion`` (``ownerSlug, datasetSlug, body: {versionNotes, files}``); reply
+  ``{"ref", "url", "status": "ok"}`` or ``{"error"}``. ``dataset_states`` are what GetDatasetStatus
+  answers for an existing dataset, one per call, the last one repeated.
+- ``kernels push``: ``kernels.KernelsApiService/SaveKernel`` (``slug, text, language, kernelType,
+  enableInternet, datasetDataSources, competitionDataSources, ...``); reply ``{"ref", "url",
+  "versionNumber"}``. ``kernels status``: ``.../GetKernelSessionStatus`` (``userName, kernelSlug``)
+  answers ``kernel_states`` in turn (``failureMessage`` with ``kernel_failure``).
+- ``competitions submit -k -v``: ``competitions.CompetitionApiService/CreateCodeSubmission``
+  (``competitionName, kernelOwner, kernelSlug, kernelVersion, fileName, submissionDescription``).
 
 ``.../ListSubmissions`` answers with the created submissions (status and public score settable).
 Errors are JSON ``{"code", "message"}``, which the client turns into ``requests.HTTPError``.
@@ -24,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import json
+import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-API_PREFIX = "/api/v1/competitions.CompetitionApiService/"
+API_PREFIX = "/api/v1/"
 UPLOAD_PREFIX = "/upload/"
 STUB_USERNAME = "stub-user"
 STUB_KEY = "stub-secret-key-0123456789abcdef"
@@ -67,6 +85,14 @@ class KaggleStub:
     requests: list[Recorded] = field(default_factory=list)
     uploads: dict[str, bytes] = field(default_factory=dict)
     submissions: list[dict[str, Any]] = field(default_factory=list)
+    # Code competitions: dataset ref -> its versions (file name -> bytes); notebook ref -> its versions
+    # (the SaveKernel request); what GetDatasetStatus and GetKernelSessionStatus answer, in turn.
+    datasets: dict[str, list[dict[str, bytes]]] = field(default_factory=dict)
+    kernels: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    dataset_states: list[str] = field(default_factory=lambda: ["READY"])
+    kernel_states: list[str] = field(default_factory=lambda: ["RUNNING", "COMPLETE"])
+    kernel_failure: str = ""
+    blob_names: dict[str, str] = field(default_factory=dict)  # upload token -> file name
     _failures: dict[str, deque[Failure]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -126,7 +152,8 @@ class KaggleStub:
         return headers.get("Authorization") == expected
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-        endpoint = path[len(API_PREFIX):] if path.startswith(API_PREFIX) else "upload" if path.startswith(UPLOAD_PREFIX) else path
+        endpoint = (path.rsplit("/", 1)[-1] if path.startswith(API_PREFIX) else "upload" if path.startswith(UPLOAD_PREFIX)
+                    else path)
         with self._lock:
             self.requests.append(Recorded(method, path, endpoint, headers, body))
         if failure := self.injected_failure(endpoint):
@@ -140,7 +167,10 @@ class KaggleStub:
             return error(401, "stub: unauthenticated")
         request = json.loads(body or b"{}")
         routes = {"StartSubmissionUpload": self.start_upload, "CreateSubmission": self.create_submission,
-                  "ListSubmissions": self.list_submissions}
+                  "ListSubmissions": self.list_submissions, "StartBlobUpload": self.start_blob_upload,
+                  "GetDatasetStatus": self.dataset_status, "CreateDataset": self.create_dataset,
+                  "CreateDatasetVersion": self.create_dataset_version, "SaveKernel": self.save_kernel,
+                  "GetKernelSessionStatus": self.kernel_status, "CreateCodeSubmission": self.create_code_submission}
         if endpoint not in routes:
             return error(404, f"stub: no route {endpoint}")
         return routes[endpoint](request)
@@ -155,6 +185,75 @@ class KaggleStub:
         with self._lock:
             self.uploads[token] = body
         return 200, {}, b""
+
+    # -------------------------------------------------------------- code competitions
+
+    def start_blob_upload(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        if not request.get("name"):
+            return error(400, "stub: name is required")
+        token = f"blob-{len(self.calls('StartBlobUpload'))}"
+        self.blob_names[token] = request["name"]
+        return ok({"token": token, "createUrl": f"{self.url}{UPLOAD_PREFIX}{token}"})
+
+    def uploaded_files(self, files: list[dict[str, Any]]) -> dict[str, bytes] | None:
+        tokens = [f.get("token", "") for f in files]
+        if not all(t in self.uploads for t in tokens):
+            return None
+        return {self.blob_names[t]: self.uploads[t] for t in tokens}
+
+    def dataset_status(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        ref = f"{request.get('ownerSlug')}/{request.get('datasetSlug')}"
+        if ref not in self.datasets:
+            return error(404, f"stub: no dataset {ref}")
+        with self._lock:
+            state = self.dataset_states.pop(0) if len(self.dataset_states) > 1 else self.dataset_states[0]
+        return ok({"status": state})
+
+    def add_dataset_version(self, ref: str, files: list[dict[str, Any]]) -> tuple[int, dict[str, str], bytes]:
+        uploaded = self.uploaded_files(files)
+        if not uploaded:
+            return error(400, f"stub: files of {ref} not uploaded")
+        self.datasets.setdefault(ref, []).append(uploaded)
+        return ok({"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"})
+
+    def create_dataset(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        ref = f"{request.get('ownerSlug')}/{request.get('slug')}"
+        if ref in self.datasets:
+            return ok({"status": "error", "error": f"stub: {ref} exists"})
+        return self.add_dataset_version(ref, request.get("files", []))
+
+    def create_dataset_version(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        ref = f"{request.get('ownerSlug')}/{request.get('datasetSlug')}"
+        if ref not in self.datasets:
+            return error(404, f"stub: no dataset {ref}")
+        return self.add_dataset_version(ref, request.get("body", {}).get("files", []))
+
+    def save_kernel(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        ref = request.get("slug") or ""
+        if ref.count("/") != 1 or not request.get("text"):
+            return error(400, "stub: slug owner/name and text are required")
+        versions = self.kernels.setdefault(ref, [])
+        versions.append(request)
+        return ok({"ref": ref, "url": f"https://www.kaggle.com/code/{ref}", "versionNumber": len(versions)})
+
+    def kernel_status(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        ref, label = f"{request.get('userName')}/{request.get('kernelSlug')}", request.get("versionLabel")
+        if ref not in self.kernels or (label and label != f"v{len(self.kernels[ref])}"):
+            return error(404, f"stub: no notebook {ref} {label or ''}")
+        with self._lock:
+            state = self.kernel_states.pop(0) if len(self.kernel_states) > 1 else self.kernel_states[0]
+        return ok({"status": state, **({"failureMessage": self.kernel_failure} if self.kernel_failure else {})})
+
+    def create_code_submission(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        kernel = f"{request.get('kernelOwner')}/{request.get('kernelSlug')}"
+        version = int(request.get("kernelVersion") or 0)
+        if not 1 <= version <= len(self.kernels.get(kernel, [])):
+            return error(400, f"stub: no version {version} of notebook {kernel}")
+        ref = 40_000 + len(self.submissions) + 1
+        self.submissions.append({"ref": ref, "description": request.get("submissionDescription", ""),
+                                 "competition": request.get("competitionName"), "kernel": kernel, "version": version,
+                                 "file_name": request.get("fileName")})
+        return ok({"message": f"Successfully submitted to {request.get('competitionName')}", "ref": ref})
 
     def create_submission(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         token = request.get("blobFileTokens", "")
@@ -239,3 +338,6 @@ def use_stub(monkeypatch: Any, stub: KaggleStub, home: Path) -> None:
     monkeypatch.setattr(KaggleApi, "args", ["--local"])
     monkeypatch.setattr(KaggleApi, "config_dir", str(home / ".kaggle"))
     monkeypatch.setattr(KaggleApi, "config", str(home / ".kaggle" / "kaggle.json"))
+    # The client keeps resumable-upload state in the temp folder; each test gets its own.
+    (home / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(home / "tmp"))

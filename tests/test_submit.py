@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from kaggle_stub import STUB_KEY, KaggleStub, use_stub
+from kaggle_stub import STUB_KEY, STUB_USERNAME, KaggleStub, use_stub
 
-from pipeline.competition import Competition, write_competition
+from pipeline.competition import Competition, read_competition, write_competition
 from pipeline.competitions.statefarm import CLASSES
-from pipeline.config import load_profile, write_params
+from pipeline.config import Config, load_profile, write_params
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import file_sha256
 from pipeline.kaggle_client import SubmitError, retry_delay, with_retries
+from pipeline.kernel.export import code_folder
 from pipeline.metrics import write_predictions
 from pipeline.stages.submit import code_revision, run, submit_command
 from pipeline.submission import build_submission, validate_submission
@@ -326,6 +327,8 @@ def test_dry_run_prints_the_exact_command_and_records_it(project, capsys):
     assert figures == {"n_rows": len(IDS), "dry_run": True, "reference": None}
     record = json.loads((project / "reports/submission.json").read_text())
     assert record["command"] == command and record["dry_run"] and record["reference"] is None
+    assert record["kind"] == "file" and record["commands"] == [command]
+    assert list(code_folder(cfg).iterdir()) == [], "a file competition has no dataset or notebook"
     assert json.loads(cfg.paths.stage_metrics_file("submit").read_text()) == figures
     validate_submission(path, project / "data/raw/sample_submission.csv")
     # Unnormalised predictions (rows summing to 2) are renormalised on write.
@@ -472,3 +475,138 @@ def test_fresh_process_reaches_the_stub_through_the_environment(project, tmp_pat
         assert [s["bytes"] for s in server.submissions] == [(project / "submissions/submission.csv").read_bytes()]
     assert "'reference': 40001" in proc.stdout
     assert STUB_KEY not in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------- code competitions
+
+
+def code_cfg(root: Path, **submit) -> Config:
+    """The smoke profile as a code competition, polling without delay."""
+    overrides = {f"submit.{key}": value for key, value in {"backoff_s": 0.001, "poll_s": 0.001, **submit}.items()}
+    return load_profile("smoke", {"ingest.competition": COMPETITION, "competition.submission": "code",
+                                  **overrides}).at(root)
+
+
+@pytest.fixture
+def chain(smoke_run, tmp_path):
+    """A copy of the session's smoke run (every stage's outputs), its data taken for real files
+    (competition.json's source ``dir``) so that uploads are allowed."""
+    from conftest import copy_of
+
+    root = copy_of(smoke_run, tmp_path / "repo").root
+    competition = read_competition(root / "data/raw")
+    write_raw_competition(root, classes=competition.classes, id_column=competition.id_column)
+    return root
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "dataset-metadata.json"}
+
+
+@pytest.mark.slow
+def test_code_competition_dry_run_prints_the_four_commands_and_writes_both_folders(chain, stub, capsys):
+    cfg = code_cfg(chain, enabled=False, owner="alice")
+    run(cfg)
+    out = capsys.readouterr().out.splitlines()
+    record = json.loads((chain / "reports/submission.json").read_text())
+    upload, kernel = code_folder(cfg) / "upload", code_folder(cfg) / "kernel"
+    message = record["message"]
+    expected = [
+        f'kaggle datasets version -p {upload} -m "{message}"  # the first time: kaggle datasets create -p {upload}',
+        f"kaggle kernels push -p {kernel}",
+        f"kaggle kernels status alice/{COMPETITION}-inference",
+        f'kaggle competitions submit -c {COMPETITION} -k alice/{COMPETITION}-inference -v VERSION -f submission.csv '
+        f'-m "{message}"',
+    ]
+    assert out[out.index("dry run (submit.enabled is false); to upload:") + 1:][:4] == expected
+    assert record["kind"] == "code" and record["commands"] == expected and record["dry_run"]
+    assert record["dataset"] == f"alice/{COMPETITION}-models" and record["kernel"] == f"alice/{COMPETITION}-inference"
+    assert {"pipeline-kernel.json", "pipeline.zip", "dataset-metadata.json", "backbone.pt"} <= {p.name for p in upload.iterdir()}
+    assert sorted(p.name for p in kernel.iterdir()) == ["inference.py", "kernel-metadata.json"]
+    assert stub.requests == []
+    validate_submission(chain / "submissions/submission.csv", chain / "data/raw/sample_submission.csv")
+
+
+@pytest.mark.slow
+def test_code_competition_end_to_end_through_the_stub(chain, stub, capsys, caplog):
+    """Dataset created (then versioned), notebook pushed and run, its submission.csv submitted, the score
+    read back; the owner comes from the credentials; no secret in any output."""
+    caplog.set_level(logging.DEBUG)
+    stub.dataset_states = ["BLOBS_RECEIVED", "READY"]
+    cfg = code_cfg(chain, enabled=True, message="notebook v1")
+    figures = run(cfg)
+    upload, kernel = code_folder(cfg) / "upload", code_folder(cfg) / "kernel"
+    dataset, notebook = f"{STUB_USERNAME}/{COMPETITION}-models", f"{STUB_USERNAME}/{COMPETITION}-inference"
+
+    assert figures["dry_run"] is False and figures["reference"] == 40_001 and figures["public_score"] == 0.534
+    assert stub.datasets[dataset] == [files_of(upload)]
+    [pushed] = stub.kernels[notebook]
+    assert pushed["text"] == (kernel / "inference.py").read_text()
+    assert pushed["enableInternet"] is False and pushed["isPrivate"] is True and pushed["enableGpu"] is True
+    assert pushed["datasetDataSources"] == [dataset] and pushed["competitionDataSources"] == [COMPETITION]
+    [submitted] = stub.calls("CreateCodeSubmission")
+    assert submitted.json() | {"submissionDescription": None} == {
+        "competitionName": COMPETITION, "kernelOwner": STUB_USERNAME, "kernelSlug": f"{COMPETITION}-inference",
+        "kernelVersion": 1, "fileName": "submission.csv", "submissionDescription": None}
+    assert submitted.json()["submissionDescription"].startswith("notebook v1 | code ")
+    assert len(stub.calls("GetKernelSessionStatus")) == 2  # RUNNING, then COMPLETE
+    record = json.loads((chain / "reports/submission.json").read_text())
+    assert record["kind"] == "code" and record["dataset_upload"] == "created" and record["kernel_version"] == 1
+    assert record["status"] == "COMPLETE" and record["kernel_status"] == "COMPLETE"
+    assert record["commands"][0] == f"kaggle datasets create -p {upload}"
+    assert record["command"].startswith(f"kaggle competitions submit -c {COMPETITION} -k {notebook} -v 1 -f submission.csv")
+
+    stub.kernel_states = ["QUEUED", "RUNNING", "COMPLETE"]
+    assert run(code_cfg(chain, enabled=True, message="notebook v2"))["reference"] == 40_002
+    record = json.loads((chain / "reports/submission.json").read_text())
+    assert record["dataset_upload"] == "versioned" and record["kernel_version"] == 2 and len(stub.datasets[dataset]) == 2
+    assert stub.calls("CreateCodeSubmission")[-1].json()["kernelVersion"] == 2
+
+    captured = capsys.readouterr()
+    artifacts = [p.read_bytes() for folder in ("data", "reports", "submissions") for p in (chain / folder).rglob("*")
+                 if p.is_file() and p.suffix in (".json", ".csv", ".py")]
+    for text in [captured.out.encode(), captured.err.encode(), caplog.text.encode(), *artifacts]:
+        assert STUB_KEY.encode() not in text
+
+
+@pytest.mark.slow
+def test_code_competition_retries_each_request_on_its_own(chain, stub, caplog):
+    """A failed push or status query is retried by the retry helper without uploading the dataset again."""
+    stub.fail("SaveKernel", 503, times=2)
+    stub.fail("GetKernelSessionStatus", 429, times=1, retry_after="0")
+    stub.fail("CreateCodeSubmission", 500, times=1)
+    figures = run(code_cfg(chain, enabled=True, max_retries=3))
+    assert figures["reference"] == 40_001
+    assert len(stub.calls("CreateDataset")) == 1 and len(stub.calls("SaveKernel")) == 3
+    assert len(stub.calls("CreateCodeSubmission")) == 2
+    record = json.loads((chain / "reports/submission.json").read_text())
+    assert record["attempts"] == {"dataset": 1, "kernel": 3, "submission": 2}
+    assert f"the notebook {STUB_USERNAME}/{COMPETITION}-inference: attempt 1/4 failed (HTTP 503" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_failed_notebook_run_is_reported_and_nothing_submitted(chain, stub):
+    stub.kernel_states = ["RUNNING", "ERROR"]
+    stub.kernel_failure = "CUDA out of memory"
+    record = (chain / "reports/submission.json").read_bytes()  # the smoke run's dry run
+    with pytest.raises(SubmitError, match="version 1 ended ERROR: CUDA out of memory; its log: kaggle kernels logs"):
+        run(code_cfg(chain, enabled=True))
+    assert stub.calls("CreateCodeSubmission") == []
+    assert (chain / "reports/submission.json").read_bytes() == record
+
+
+@pytest.mark.slow
+def test_a_notebook_that_never_finishes_is_given_up_on(chain, stub):
+    stub.kernel_states = ["RUNNING"]
+    with pytest.raises(SubmitError, match="gave up waiting for the notebook .* after 0.05 s"):
+        run(code_cfg(chain, enabled=True, kernel_wait_s=0.05, poll_s=0.01))
+    assert stub.calls("CreateCodeSubmission") == []
+
+
+@pytest.mark.slow
+def test_code_competition_on_synthetic_data_is_refused_before_anything_is_uploaded(chain, stub):
+    write_raw_competition(chain, source="synthetic")
+    cfg = code_cfg(chain, enabled=True)
+    with pytest.raises(SubmitError, match="refusing to upload: .*synthetic data"):
+        run(cfg)
+    assert stub.requests == [] and not (code_folder(cfg) / "upload").exists()

@@ -45,7 +45,7 @@ DATASET_METADATA = "dataset-metadata.json"  # the kaggle client's names
 KERNEL_METADATA = "kernel-metadata.json"
 CODE_FILE = "inference.py"
 BACKBONE_FILE = "backbone.pt"
-UPLOAD, KERNEL = "upload", "kernel"
+FOLDER, UPLOAD, KERNEL = "kaggle", "upload", "kernel"  # <paths.reports>/kaggle/{upload,kernel}
 UNKNOWN_OWNER = "your-kaggle-username"  # a dry run without submit.owner or credentials
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so equal sources give equal bytes (DVC hashes them)
 
@@ -239,11 +239,17 @@ def kernel_metadata(cfg: Config, owner: str) -> dict[str, Any]:
     }
 
 
+def code_folder(cfg: Config) -> Path:
+    """Where the submit stage writes a code competition's ``upload/`` and ``kernel/``, next to its record
+    of the submission (``reports/submission.json``)."""
+    return cfg.paths.path("reports") / FOLDER
+
+
 def write_code_submission(cfg: Config, owner: str | None) -> dict[str, Any]:
-    """``submit.code_dir`` with ``upload/`` and ``kernel/``, built in a temp sibling and swapped in whole;
+    """``code_folder`` with ``upload/`` and ``kernel/``, built in a temp sibling and swapped in whole;
     returns the folders, the notebook's and the dataset's references and the manifest."""
     owner = owner or UNKNOWN_OWNER
-    out = cfg.paths.root / cfg.submit.code_dir
+    out = code_folder(cfg)
     with atomic_dir(out) as tmp:
         (tmp / UPLOAD).mkdir()
         (tmp / KERNEL).mkdir()
