@@ -586,3 +586,12 @@ def test_revision_of_a_git_checkout_names_the_files_changed_since(tmp_path):
     assert report.git_revision(tmp_path) == f"<code>{sha}</code>"
     (tmp_path / "params.yaml").write_text("a: 2\n")  # what `dvc exp run -S` does
     assert report.git_revision(tmp_path) == f"<code>{sha}</code> with uncommitted changes to params.yaml"
+
+
+def test_the_header_says_which_kind_of_submission_was_made():
+    from pipeline.stages.report import submission_line
+
+    code = submission_line({"kind": "code", "dry_run": False, "kernel": "me/comp-inference", "kernel_version": 3})
+    assert "code competition" in code and "https://www.kaggle.com/code/me/comp-inference" in code and "version 3" in code
+    assert "dry run" in submission_line({"kind": "file", "dry_run": True}) and "submission.csv" in submission_line({"kind": "file"})
+    assert submission_line({}) == ""

@@ -762,6 +762,21 @@ def run_section(cfg: Config, revision: str) -> str:
             + collapsed("Config of this run (params.yaml)", f"<pre>{html.escape(params)}</pre>"))
 
 
+def submission_line(submit: dict[str, Any]) -> str:
+    """Which kind of submission the submit stage made (a CSV upload, or a code competition's notebook,
+    linked to its version on Kaggle) and whether it was a dry run."""
+    if not submit:
+        return ""
+    if submit.get("kind") == "code":
+        kernel = submit.get("kernel")
+        what = "a code competition's notebook" + (
+            f" (<a href='https://www.kaggle.com/code/{html.escape(kernel)}'>{html.escape(kernel)}</a>, version "
+            f"{html.escape(str(submit.get('kernel_version')))})" if kernel else "")
+    else:
+        what = "the file submissions/submission.csv"
+    return f"Submission: {what}{', dry run: nothing uploaded' if submit.get('dry_run') else ', uploaded'}."
+
+
 def render_html(cfg: Config, metrics: dict[str, dict], preds: OOFPredictions | str) -> str:
     """The page: scores first, then training, the final stages, the out-of-fold views, and the raw
     material (timings, per stage run, config, figures) last."""
@@ -774,7 +789,8 @@ def render_html(cfg: Config, metrics: dict[str, dict], preds: OOFPredictions | s
             f"<style>{STYLE}</style></head><body><h1>Pipeline report</h1>"
             f"<p class='meta'>profile: <b>{html.escape(cfg.profile)}</b>. Validation: {html.escape(validation_kind(cfg))}. "
             f"Revision: {revision}. Out-of-fold figures score every labelled image by a model that "
-            f"never trained on it; test figures exist only where hidden labels do (synthetic data).</p><nav>{nav}</nav>"
+            f"never trained on it; test figures exist only where hidden labels do (synthetic data). "
+            f"{submission_line(metrics.get('submit', {}))}</p><nav>{nav}</nav>"
             f"{heading('cv')}{cv_section(metrics, models)}"
             f"{heading('learning')}{learning_curves_section(cfg.paths.path('models'), cv)}"
             f"{heading('ensemble')}{ensemble_section(metrics, models)}"

@@ -191,7 +191,8 @@ def run(cfg: Config) -> dict:
         **result,
     }
     atomic_write_json(cfg.paths.path("reports") / "submission.json", record)
-    figures = {"n_rows": n_rows, "dry_run": reason is not None, "reference": record["reference"]}
+    figures = {"kind": record["kind"], "n_rows": n_rows, "dry_run": reason is not None, "reference": record["reference"],
+               **{key: record[key] for key in ("kernel", "kernel_version") if record.get(key) is not None}}
     if record.get("public_score") is not None:
         figures["public_score"] = record["public_score"]
     write_stage_metrics(cfg.paths.stage_metrics_file("submit"), figures)
