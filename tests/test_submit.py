@@ -324,7 +324,7 @@ def test_dry_run_prints_the_exact_command_and_records_it(project, capsys):
     message = f"fold-avg v2 | code {code_revision()} | data {file_sha256(path)[:12]}"
     command = f'kaggle competitions submit -c {COMPETITION} -f {path} -m "{message}"'
     assert command in out.splitlines()
-    assert figures == {"n_rows": len(IDS), "dry_run": True, "reference": None}
+    assert figures == {"kind": "file", "n_rows": len(IDS), "dry_run": True, "reference": None}
     record = json.loads((project / "reports/submission.json").read_text())
     assert record["command"] == command and record["dry_run"] and record["reference"] is None
     assert record["kind"] == "file" and record["commands"] == [command]
