@@ -1,11 +1,10 @@
 """The finetune stage: starts from the head stage's weights, staged unfreezing with layer-wise
-learning rates, resumes a killed run to the same step count, trains under 2-process CPU DDP."""
+learning rates, trains under 2-process CPU DDP. (A killed finetune resuming: tests/test_resume.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
 from pipeline.competitions.statefarm import CLASSES
@@ -100,21 +98,6 @@ def link_inputs(prepared: Path, root: Path) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(prepared / rel)
     return root
-
-
-class SimulatedKill(RuntimeError):
-    pass
-
-
-class KillAfterSteps(Callback):
-    """Raises after ``steps`` optimiser steps, like a killed process (no checkpoint on the way out)."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.steps:
-            raise SimulatedKill(f"killed after {trainer.global_step} steps")
 
 
 # ---------------------------------------------------------------------------- unit
@@ -213,34 +196,6 @@ def test_cv_fold_model_trains_on_the_other_folds_and_never_validates_on_its_own(
     ckpts = cfg.paths.checkpoints_for(out)
     assert not (ckpts / "best.ckpt").exists() and (ckpts / "last.ckpt").exists()
     assert not any(c.startswith("valid/") for c in pd.read_csv(out / "logs" / "metrics.csv").columns)
-
-
-def test_killed_finetune_resumes_to_the_same_predictions(prepared, tmp_path):
-    """Killed mid-way through its second of three epochs, the re-run resumes from the last epoch boundary
-    and ends where an uninterrupted run ends: same steps, the same prediction files byte for byte
-    (sampling is seeded by (seed, epoch), augmentation by (seed, copy, image), dropout by (seed, epoch,
-    batch))."""
-    overrides = {"finetune.max_epochs": 3, "finetune.patience": 5, "finetune.batch_size": 2}  # the issue's case
-    steps_per_epoch = 15  # 30 train images
-    a = tiny_cfg(link_inputs(prepared, tmp_path / "a"), **overrides)
-    uninterrupted = finetune.run(a, fold=0)
-    assert uninterrupted["global_step"] == 3 * steps_per_epoch
-
-    cfg = tiny_cfg(link_inputs(prepared, tmp_path / "b"), **overrides)
-    with pytest.raises(SimulatedKill):
-        finetune.run(cfg, fold=0, callbacks=[KillAfterSteps(steps_per_epoch + steps_per_epoch // 2)])
-    out = cfg.paths.fold_models("finetune", 0)
-    ckpts = cfg.paths.checkpoints_for(out)
-    assert (ckpts / "last.ckpt").exists() and not (out / "model.pt").exists()
-    assert read_json(ckpts / "run.json")["status"] == "running"
-    shutil.rmtree(out)  # what DVC does to a non-persistent output before it re-runs the stage
-
-    resumed = finetune.run(cfg, fold=0)
-    assert resumed["resumed"] is True
-    assert resumed["global_step"] == uninterrupted["global_step"]
-    for name in ("oof.csv", "test.csv"):
-        made = cfg.paths.fold_predictions("finetune", 0) / name
-        assert made.read_bytes() == (a.paths.fold_predictions("finetune", 0) / name).read_bytes(), name
 
 
 DDP_SCRIPT = """
