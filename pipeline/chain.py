@@ -2,10 +2,9 @@
 weighted mean (``ensemble``), the fitted calibration (``calibrate``) and the test halves of cross
 pseudo-labelling (``pseudo``).
 
-The stage modules define the same functions, and the library may not import a stage
-(docs/design.md#two-floors), so the code-competition notebook (``pipeline.kernel``), which must apply
-exactly what the stages applied, takes them from here; tests/test_kernel.py checks both agree on the
-same inputs. The stages can import them from here instead of defining their own.
+The ensemble and calibrate stages import them from here, and so does the code-competition notebook
+(``pipeline.kernel``), which must apply exactly what the stages applied; tests/test_kernel.py checks
+the notebook against the stages' outputs.
 """
 
 from __future__ import annotations

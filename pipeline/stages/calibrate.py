@@ -31,23 +31,22 @@ Reads ``data/predictions/ensemble/{oof,test,test_folds}.csv`` and ``data/split.c
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from pipeline.chain import Calibration, apply_calibration, clip_probs, temperature_scale
 from pipeline.competition import read_competition
 from pipeline.config import Config
 from pipeline.errors import BadInputError, StageError
 from pipeline.folds import nested_folds
 from pipeline.metrics import (
     ID_COLUMN,
-    KAGGLE_EPS,
     OOF_FILE,
     evaluate,
     kaggle_logloss,
-    normalise,
     prediction_classes,
     read_hidden_labels,
     read_predictions,
@@ -64,29 +63,7 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 CLIP_GRID = np.unique(np.concatenate([np.linspace(0.5, 0.99, 50), 1 - np.logspace(-2, -6, 17)]))
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """A fitted calibration; the identity is ``Calibration()``."""
-
-    temperature: float = 1.0
-    clip_lo: float = 0.0
-    clip_hi: float = 1.0
-
-
 # ---------------------------------------------------------------------------- pure functions
-
-
-def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(log p / T)``, computed on log-probabilities floored at Kaggle's epsilon."""
-    logits = np.log(np.clip(normalise(probs), KAGGLE_EPS, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)  # stable softmax
-    return normalise(np.exp(logits))
-
-
-def clip_probs(probs: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Clip to [lo, hi], then renormalise rows (Kaggle would renormalise anyway; doing it here makes
-    the file equal what is scored)."""
-    return normalise(np.clip(normalise(probs), lo, hi))
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
@@ -119,15 +96,6 @@ def fit_calibration(probs: np.ndarray, labels: np.ndarray, temperature: bool = T
     scaled = temperature_scale(probs, t) if t != 1.0 else probs
     lo, hi = fit_clip(scaled, labels) if clip else (0.0, 1.0)
     return Calibration(temperature=t, clip_lo=lo, clip_hi=hi)
-
-
-def apply_calibration(probs: np.ndarray, calibration: Calibration) -> np.ndarray:
-    out = normalise(probs)
-    if calibration.temperature != 1.0:
-        out = temperature_scale(out, calibration.temperature)
-    if calibration.clip_hi < 1.0:
-        out = clip_probs(out, calibration.clip_lo, calibration.clip_hi)
-    return out
 
 
 def cross_fitted_probs(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray | None, temperature: bool = True,

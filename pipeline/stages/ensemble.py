@@ -23,23 +23,22 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pipeline.chain import Mean, combine
 from pipeline.competition import read_competition
 from pipeline.config import Config
 from pipeline.errors import StageError
 from pipeline.featurecache import load_split
 from pipeline.folds import nested_folds
 from pipeline.metrics import (
-    KAGGLE_EPS,
     OOF_FILE,
     accuracy,
     evaluate,
     kaggle_logloss,
-    normalise,
     read_hidden_labels,
     write_predictions,
     write_stage_metrics,
@@ -54,23 +53,7 @@ from pipeline.outoffold import (
     write_test_folds,
 )
 
-Mean = Literal["arithmetic", "geometric"]
-
-
 # ---------------------------------------------------------------------------- combining
-
-
-def combine(member_probs: np.ndarray, weights: np.ndarray, mean: Mean = "arithmetic") -> np.ndarray:
-    """Weighted mean of ``(models, n, classes)`` probabilities, rows renormalised."""
-    member_probs = np.asarray(member_probs, dtype=np.float64)
-    weights = np.asarray(weights, dtype=np.float64)
-    weights = weights / weights.sum()
-    if mean == "geometric":
-        # A log-linear pool: one model's confident "no" vetoes a class; floored at Kaggle's epsilon.
-        logp = np.log(np.clip(normalise(member_probs), KAGGLE_EPS, 1.0))
-        logits = np.tensordot(weights, logp, axes=1)
-        return normalise(np.exp(logits - logits.max(axis=1, keepdims=True)))
-    return normalise(np.tensordot(weights, normalise(member_probs), axes=1))
 
 
 def hill_climb(member_probs: np.ndarray, labels: np.ndarray, steps: int, mean: Mean = "arithmetic") -> np.ndarray:
