@@ -1,7 +1,6 @@
 """Keeps dvc.yaml honest (docs/design.md#one-dag): stages match the registry and the flow's
 tasks, every pipeline module a stage imports is in its deps, every param exists in the schema."""
 
-import ast
 import re
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import yaml
 
 from pipeline.config import Config
+from pipeline.kernel.export import imported_project_modules
 from pipeline.registry import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,17 +40,7 @@ def module_file(module: str) -> Path:
 
 def pipeline_imports(module: str) -> set[str]:
     """pipeline.* modules imported anywhere in ``module``'s source (lazy imports included)."""
-    tree = ast.parse(module_file(module).read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("pipeline.")}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "pipeline":
-                found |= {f"pipeline.{a.name}" for a in node.names}
-            elif node.module.startswith("pipeline."):
-                found.add(node.module)
-    return found - LAUNCHER
+    return imported_project_modules(module_file(module)) - LAUNCHER
 
 
 def transitive_imports(module: str) -> set[str]:
