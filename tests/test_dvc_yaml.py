@@ -73,13 +73,20 @@ def test_command_runs_the_stage(stage):
     assert DVC[stage]["cmd"].startswith(f"python -m pipeline {base_name(stage)}")
 
 
+def package_data(module: Path) -> set[str]:
+    """The files of a ``templates/`` folder beside ``module``: read at run time, so deps like the module."""
+    folder = module.parent / "templates"
+    return {str(p.relative_to(ROOT)) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+
+
 @pytest.mark.parametrize("stage", list(DVC))
 def test_every_imported_module_is_a_dep_and_no_dep_is_stale(stage):
     deps = set(DVC[stage].get("deps", []))
-    needed = {str(module_file(m).relative_to(ROOT)) for m in transitive_imports(f"pipeline.stages.{base_name(stage)}")}
+    files = {module_file(m) for m in transitive_imports(f"pipeline.stages.{base_name(stage)}")}
+    needed = {str(f.relative_to(ROOT)) for f in files} | {d for f in files for d in package_data(f)}
     assert needed - deps == set(), f"{stage}: imports missing from deps"
-    declared_modules = {d for d in deps if d.startswith("pipeline/") and d.endswith(".py")}
-    assert declared_modules - needed == set(), f"{stage}: deps list modules it does not import"
+    declared = {d for d in deps if d.startswith("pipeline/")}
+    assert declared - needed == set(), f"{stage}: deps list modules (or templates) it does not import"
     for dep in deps:
         assert (ROOT / dep).exists() or dep.split("/")[0] in OUTPUT_ROOTS, f"{stage}: {dep} missing"
 

@@ -1,8 +1,8 @@
-"""pipeline/plots.py: the report's charts keep their axes whatever the legend holds."""
+"""pipeline/report/plots.py: the report's charts keep their axes whatever the legend holds."""
 
 import warnings
 
-from pipeline.plots import learning_curves_chart, legend_columns
+from pipeline.report.plots import learning_curves_chart, legend_columns
 
 
 def test_learning_curves_with_long_run_labels_keep_their_axes():
