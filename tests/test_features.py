@@ -3,7 +3,6 @@ failed runs."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +12,15 @@ import torch
 from conftest import with_validation
 from PIL import Image, ImageDraw
 
-from pipeline import featurecache
 from pipeline.competition import Competition, write_competition
-from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import Config
 from pipeline.data import ImageRowsDataset
 from pipeline.errors import StageError
-from pipeline.io import atomic_write_csv, file_sha256
+from pipeline.features import cache as featurecache
+from pipeline.io import atomic_write_csv
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
 from pipeline.stages import features
+from pipeline.synthetic.drivers import CLASSES
 
 # Class colours and positions of the "hand" blob: easy enough that random conv features separate them.
 CLASS_COLOURS = [(230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 40), (230, 40, 230),
@@ -238,18 +237,6 @@ def test_missing_inputs_say_what_to_run(smoke_cfg):
         features.run(smoke_cfg)
 
 
-def test_chunk_writes_are_atomic_and_recorded(tmp_path):
-    path = tmp_path / "chunk_00000.npy"
-    checksums: dict[int, str] = {}
-    featurecache.write_chunk(tmp_path, 0, np.ones((3, 4), dtype=np.float16), checksums)
-    assert featurecache.chunk_is_valid(path, 3, 4) and not featurecache.chunk_is_valid(path, 4, 4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_00000.npy", featurecache.CHECKSUMS_FILE]
-    assert featurecache.read_chunk_checksums(tmp_path) == checksums == {0: file_sha256(path)}
-    path.write_bytes(path.read_bytes()[:40])  # a torn file (what a non-atomic write could leave)
-    assert not featurecache.chunk_is_valid(path, 3, 4)
-    assert os.path.getsize(path) == 40
-
-
 def test_use_sample_caches_the_sample_mirror(tiny_cfg):
     from pipeline.stages import sample
 
@@ -336,12 +323,3 @@ def test_a_run_that_fails_midway_keeps_meta_json_and_the_splits_it_did_not_chang
         assert np.array_equal(featurecache.load_split(out, name).features, before[name].features)
     with pytest.raises(StageError, match="fingerprint"):
         featurecache.load_split(out, "train")
-
-
-@pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps"])
-def test_an_unavailable_device_is_a_stage_error(device, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(StageError, match=f"features.device is {device}"):
-        featurecache.resolve_device(device)
-    assert featurecache.resolve_device("auto") == torch.device("cpu") == featurecache.resolve_device("cpu")

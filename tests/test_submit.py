@@ -16,15 +16,16 @@ import pytest
 from kaggle_stub import STUB_KEY, STUB_USERNAME, KaggleStub, use_stub
 
 from pipeline.competition import Competition, read_competition, write_competition
-from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import Config, load_profile, write_params
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import file_sha256
 from pipeline.kaggle_client import SubmitError, retry_delay, with_retries
 from pipeline.kernel.export import code_folder
 from pipeline.metrics import write_predictions
-from pipeline.stages.submit import code_revision, run, submit_command
-from pipeline.submission import build_submission, validate_submission
+from pipeline.stages.submit import run
+from pipeline.submission.build import build_submission, validate_submission
+from pipeline.submission.upload import code_revision, submit_command
+from pipeline.synthetic.drivers import CLASSES
 
 IDS = [f"img_{i}.jpg" for i in range(1, 7)]
 HEADER = "img," + ",".join(CLASSES)  # State Farm's sample submission

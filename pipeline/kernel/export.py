@@ -36,7 +36,7 @@ import pipeline
 from pipeline.competition import read_competition
 from pipeline.config import Config, model_stage
 from pipeline.errors import StageError
-from pipeline.featurecache import load_meta
+from pipeline.features.cache import load_meta
 from pipeline.io import atomic_dir, atomic_write_bytes, file_sha256, read_json
 from pipeline.kernel import predict, script
 from pipeline.models import create_backbone
@@ -83,8 +83,8 @@ def prediction_sources(package_dir: Path = Path(pipeline.__file__).parent) -> li
         if module not in seen:
             seen.add(module)
             todo.extend(imported_project_modules(module_path(module, package_dir)))
-    files = {module_path(m, package_dir) for m in seen} | {package_dir / "__init__.py", package_dir / "kernel" / "__init__.py"}
-    return sorted(files)
+    packages = {package_dir.joinpath(*m.split(".")[1:i], "__init__.py") for m in seen for i in range(1, m.count(".") + 1)}
+    return sorted({module_path(m, package_dir) for m in seen} | packages)
 
 
 def package_zip(package_dir: Path = Path(pipeline.__file__).parent) -> bytes:

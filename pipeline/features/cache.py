@@ -1,5 +1,5 @@
-"""The conv-feature cache format, shared by its writer (the ``features`` stage) and its readers
-(``head``, ``ensemble``, members).
+"""The conv-feature cache format, shared by its writer (``pipeline.features.extract``, run by the
+``features`` stage) and its readers (``head``, ``ensemble``, members).
 
 Layout (the DVC out is the whole ``data/features`` folder)::
 
@@ -26,22 +26,19 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
 from pipeline.competition import label_indices
 from pipeline.errors import StageError
 from pipeline.io import atomic_write_bytes, atomic_write_text, read_json
 
 FORMAT_VERSION = 3  # 2: id/label index columns, chunk checksums; 3: the writer's per-split checksum record
-FP16_MAX = float(np.finfo(np.float16).max)
 META_FILE = "meta.json"
 FINGERPRINT_FILE = "fingerprint.txt"
 INDEX_FILE = "index.csv"
@@ -100,34 +97,6 @@ def read_chunk_checksums(split_dir: Path) -> dict[int, str]:
 def write_chunk_checksums(split_dir: Path, checksums: dict[int, str]) -> None:
     lines = (f"{sha}  {chunk_path(split_dir, j).name}\n" for j, sha in sorted(checksums.items()))
     atomic_write_text(split_dir / CHECKSUMS_FILE, "".join(lines))
-
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device for ``features.device``; a StageError when it is not available here, so a run
-    that cannot compute fails before it touches the cache."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (resolved.index or 0) >= count:
-            raise StageError(f"features.device is {device} but this machine has {count} CUDA device(s): "
-                             "set features.device to auto or cpu")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise StageError(f"features.device is {device} but MPS is not available on this machine: "
-                         "set features.device to auto or cpu")
-    return resolved
-
-
-@torch.no_grad()
-def embed_batches(conv_base: torch.nn.Module, loader: DataLoader, device: torch.device) -> Iterator[np.ndarray]:
-    """fp16 features per batch (autocast fp16 on CUDA, fp32 on CPU), clipped to the fp16 range."""
-    use_cuda = device.type == "cuda"
-    for images, _labels in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_cuda):
-            out = conv_base(images)
-        yield out.float().clamp_(-FP16_MAX, FP16_MAX).to(torch.float16).cpu().numpy()
 
 
 @dataclass

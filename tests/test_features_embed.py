@@ -1,0 +1,19 @@
+"""The conv base's forward pass (pipeline/features/embed.py): a device this machine lacks is refused
+before anything is computed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import StageError
+from pipeline.features.embed import resolve_device
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps"])
+def test_an_unavailable_device_is_a_stage_error(device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(StageError, match=f"features.device is {device}"):
+        resolve_device(device)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
