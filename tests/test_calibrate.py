@@ -11,24 +11,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.chain import Calibration, apply_calibration, clip_probs, temperature_scale
 from pipeline.competition import Competition, write_competition
-from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import load_profile
-from pipeline.errors import BadInputError, StageError
-from pipeline.folds import group_folds, nested_folds
-from pipeline.metrics import kaggle_logloss, read_oof, read_predictions, write_predictions
-from pipeline.stages.calibrate import (
-    Calibration,
-    apply_calibration,
-    clip_probs,
+from pipeline.ensembling.calibration import (
     cross_fitted_probs,
     fit_calibration,
     fit_clip,
     fit_temperature,
     reliability_curve,
-    run,
-    temperature_scale,
 )
+from pipeline.errors import BadInputError, StageError
+from pipeline.folds import group_folds, nested_folds
+from pipeline.metrics import kaggle_logloss, read_oof, read_predictions, write_predictions
+from pipeline.stages.calibrate import run
+from pipeline.synthetic.drivers import CLASSES
 
 
 def model_outputs(n: int, sharpness: float, seed: int = 0, accuracy: float = 0.7,

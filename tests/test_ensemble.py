@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 from pipeline.metrics import kaggle_logloss
-from pipeline.neighbours import drop_self, nearest_neighbours, neighbour_smoothing
-from pipeline.stages.ensemble import (
-    combine,
-    hill_climb,
-    nested_combination,
+from pipeline.chain import combine
+from pipeline.ensembling.selection import hill_climb, nested_combination
+from pipeline.ensembling.smoothing import (
+    drop_self,
+    nearest_neighbours,
+    neighbour_smoothing,
     smooth_within_folds,
     smoothing_decision,
 )

@@ -5,9 +5,9 @@ the ensemble's weights, smoothed over each image's nearest test neighbours and c
 ``oof``, ``ensemble`` and ``calibrate`` stages did; ``pipeline.submission`` writes the file.
 
 It builds on what the stages build on (``pipeline.models`` factories, ``pipeline.data`` decoding and
-augmentation, ``pipeline.featurecache.embed_batches``, ``pipeline.neighbours``, ``pipeline.chain``) and
+augmentation, ``pipeline.features.embed.embed_batches``, ``pipeline.ensembling.smoothing``, ``pipeline.chain``) and
 imports nothing that needs Lightning, Prefect or DVC, which Kaggle's image lacks: the two forward
-passes below follow ``pipeline.training.predict_rows`` and ``predict_features`` (which live beside the
+passes below follow ``pipeline.training.prediction.predict_rows`` and ``predict_features`` (which live beside the
 Lightning training code) batch for batch.
 
 The manifest (``pipeline-kernel.json`` in the dataset, written by ``pipeline.kernel.export``) names
@@ -34,17 +34,17 @@ from torch.utils.data import DataLoader
 from pipeline.chain import Calibration, apply_calibration, combine, image_halves
 from pipeline.config import AugmentConfig, ModelConfig
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
+from pipeline.ensembling.smoothing import nearest_neighbours, smooth_with_neighbours
 from pipeline.errors import StageError
-from pipeline.featurecache import embed_batches, resolve_device
+from pipeline.features.embed import embed_batches, resolve_device
 from pipeline.io import file_sha256, read_json
 from pipeline.metrics import normalise
 from pipeline.models import ConvBase, ConvNet, create_backbone, create_conv_base, create_dense_head
-from pipeline.neighbours import nearest_neighbours, smooth_with_neighbours
-from pipeline.submission import read_sample, write_submission
+from pipeline.submission.build import read_sample, write_submission
 
 MANIFEST_FORMAT = 1
 Kind = Literal["cnn", "head"]  # a whole fine-tuned network on images, or a dense head on conv features
-HEAD_BATCH = 1024  # pipeline.training.predict_features' batch
+HEAD_BATCH = 1024  # pipeline.training.prediction.predict_features' batch
 
 
 # ---------------------------------------------------------------------------- the manifest
@@ -227,7 +227,7 @@ def fine_tuned(manifest: Manifest, blob: dict[str, Any]) -> ConvNet:
 def predict_images(network: nn.Module, paths: list[str], target_hw: tuple[int, int], batch_size: int, workers: int,
                    device: torch.device, copy: int = 0, augment: AugmentConfig | None = None, seed: int = 0) -> np.ndarray:
     """Softmax probabilities of the images, bf16 autocast and channels-last on CUDA; copy ``k >= 1``
-    augmented as the features stage's copy k (``pipeline.training.predict_rows``)."""
+    augmented as the features stage's copy k (``pipeline.training.prediction.predict_rows``)."""
     network = network.to(device).eval()
     cuda = device.type == "cuda"
     augmentation = build_augmentation(augment) if copy > 0 and augment is not None else None
@@ -248,7 +248,7 @@ def predict_images(network: nn.Module, paths: list[str], target_hw: tuple[int, i
 @torch.no_grad()
 def predict_features(head: nn.Module, features: np.ndarray) -> np.ndarray:
     """Softmax probabilities of a dense head on feature rows, on the CPU where the head stage ran it
-    (``pipeline.training.predict_features``)."""
+    (``pipeline.training.prediction.predict_features``)."""
     out = [F.softmax(head(torch.as_tensor(features[i:i + HEAD_BATCH]).float()), dim=1)
            for i in range(0, len(features), HEAD_BATCH)]
     return torch.cat(out).double().numpy()
@@ -266,7 +266,7 @@ def conv_features(manifest: Manifest, upload: Path, paths: list[str], device: to
 
 def with_tta(network: nn.Module, paths: list[str], manifest: Manifest, passes: int, device: torch.device,
              workers: int) -> np.ndarray:
-    """The plain pass, or its mean with ``passes`` augmented ones (``pipeline.recipes.tta_predictions``)."""
+    """The plain pass, or its mean with ``passes`` augmented ones (``pipeline.training.prediction.tta_predictions``)."""
     batch = manifest.cnn_batch
     plain = predict_images(network, paths, manifest.input_size, batch, workers, device)
     augmented = [predict_images(network, paths, manifest.input_size, batch, workers, device, k, manifest.augment,

@@ -12,7 +12,7 @@
    validation groups): ``valid_logloss`` is that nested figure and ``oof.csv`` holds those rows, so
    calibration downstream is fitted on honest inputs. When the nested ensemble is worse than the best
    single model, the best single model is used instead and the figures say so (``fallback``).
-4. **Test-neighbour smoothing** (``pipeline.neighbours``): each prediction averaged with its k nearest
+4. **Test-neighbour smoothing** (``pipeline.ensembling.smoothing``): each prediction averaged with its k nearest
    neighbours (cosine, cached conv features). k is chosen among 1, 2, 3, 5, 10 ... up to
    ``ensemble.neighbours`` on OOF log loss, each fold's rows smoothed among that fold's own images as
    test images are smoothed among test images, and applied only when it lowers the OOF log loss.
@@ -28,11 +28,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.chain import Mean, combine
+from pipeline.chain import combine
 from pipeline.competition import read_competition
 from pipeline.config import Config
+from pipeline.ensembling.selection import fit_weights, fold_tests, nested_combination
+from pipeline.ensembling.smoothing import (
+    nearest_neighbours,
+    smooth_with_neighbours,
+    smooth_within_folds,
+    smoothing_decision,
+)
 from pipeline.errors import StageError
-from pipeline.featurecache import load_split
+from pipeline.features.cache import load_split
 from pipeline.folds import nested_folds
 from pipeline.metrics import (
     OOF_FILE,
@@ -43,7 +50,6 @@ from pipeline.metrics import (
     write_predictions,
     write_stage_metrics,
 )
-from pipeline.neighbours import nearest_neighbours, smooth_with_neighbours
 from pipeline.outoffold import (
     TEST_FOLDS_FILE,
     ModelOOF,
@@ -52,78 +58,6 @@ from pipeline.outoffold import (
     read_test_ids,
     write_test_folds,
 )
-
-# ---------------------------------------------------------------------------- combining
-
-
-def hill_climb(member_probs: np.ndarray, labels: np.ndarray, steps: int, mean: Mean = "arithmetic") -> np.ndarray:
-    """Ensemble selection with replacement (Caruana et al. 2004): start from the best single model,
-    add whichever model (again, possibly) lowers the log loss of the mean most, ``steps`` times; the
-    weights are the pick counts of the best-scoring prefix, normalised (non-negative, sum 1)."""
-    n_models = len(member_probs)
-    singles = [kaggle_logloss(member_probs[m], labels) for m in range(n_models)]
-    counts = np.zeros(n_models)
-    counts[int(np.argmin(singles))] = 1
-    best_counts, best_loss = counts.copy(), min(singles)
-    for _ in range(steps - 1):
-        trials = [kaggle_logloss(combine(member_probs, counts + np.eye(n_models)[m], mean), labels) for m in range(n_models)]
-        pick = int(np.argmin(trials))
-        counts[pick] += 1
-        if trials[pick] < best_loss - 1e-12:
-            best_counts, best_loss = counts.copy(), trials[pick]
-    return best_counts / best_counts.sum()
-
-
-def fit_weights(member_probs: np.ndarray, labels: np.ndarray, method: str, steps: int, mean: Mean) -> np.ndarray:
-    if method == "equal":
-        return np.full(len(member_probs), 1.0 / len(member_probs))
-    return hill_climb(member_probs, labels, steps, mean)
-
-
-def nested_combination(member_probs: np.ndarray, labels: np.ndarray, folds: np.ndarray | None, method: str,
-                       steps: int, mean: Mean) -> tuple[np.ndarray, list[list[float]]]:
-    """Every OOF row combined with weights fitted on the other folds' rows (the honest estimate), and
-    each fold's weights. Without folds to nest over (a single validation group) the full-fit weights."""
-    if folds is None:
-        weights = fit_weights(member_probs, labels, method, steps, mean)
-        return combine(member_probs, weights, mean), [weights.tolist()]
-    out = np.empty(member_probs.shape[1:], dtype=np.float64)
-    per_fold = []
-    for fold in np.unique(folds):
-        held = folds == fold
-        weights = fit_weights(member_probs[:, ~held], labels[~held], method, steps, mean)
-        out[held] = combine(member_probs[:, held], weights, mean)
-        per_fold.append(weights.tolist())
-    return out, per_fold
-
-
-# ---------------------------------------------------------------------------- smoothing
-
-
-def candidate_ks(max_k: int) -> list[int]:
-    """Neighbour counts tried: 1, 2, 3, 5, 10, 20, 50 up to ``max_k``, and ``max_k``."""
-    return sorted({k for k in (1, 2, 3, 5, 10, 20, 50) if k < max_k} | ({max_k} if max_k > 0 else set()))
-
-
-def smooth_within_folds(probs: np.ndarray, features: np.ndarray, folds: np.ndarray, k: int) -> np.ndarray:
-    """Each row averaged with its k nearest rows of the same fold (as test rows among test rows)."""
-    out = np.asarray(probs, dtype=np.float64).copy()
-    for fold in np.unique(folds):
-        rows = np.flatnonzero(folds == fold)
-        out[rows] = smooth_with_neighbours(probs[rows], nearest_neighbours(features[rows], k))
-    return out
-
-
-def smoothing_decision(oof: np.ndarray, labels: np.ndarray, features: np.ndarray, folds: np.ndarray,
-                       max_k: int) -> tuple[int, dict[int, float]]:
-    """(k, OOF log loss by k): the neighbour count that lowers the OOF log loss most; 0 (off) when
-    none lowers it. k is chosen, not fixed, because the right k follows the number of frames a group has
-    per class, which differs between competitions and between real and synthetic data."""
-    by_k = {k: kaggle_logloss(smooth_within_folds(oof, features, folds, k), labels) for k in candidate_ks(max_k)}
-    if not by_k:
-        return 0, by_k
-    k = min(by_k, key=by_k.get)
-    return (k if by_k[k] < kaggle_logloss(oof, labels) else 0), by_k
 
 
 def plain_features(cfg: Config, ids: list[str], split_names: tuple[str, ...]) -> np.ndarray:
@@ -138,15 +72,6 @@ def plain_features(cfg: Config, ids: list[str], split_names: tuple[str, ...]) ->
     if missing:
         raise StageError(f"{cfg.paths.path('features')}: no cached features for {missing[0]!r}: rerun the features stage")
     return table.loc[ids].to_numpy()
-
-
-def fold_tests(models: list[ModelOOF], weights: np.ndarray, mean: Mean, neighbours: np.ndarray | None) -> np.ndarray | None:
-    """(folds, test images, classes): the ensemble of each fold's models alone, smoothed like the
-    submitted test predictions; None unless every model has the same number of per-fold predictions."""
-    if any(m.test_folds is None for m in models) or len({len(m.test_folds) for m in models}) != 1:
-        return None
-    combined = [combine(np.stack([m.test_folds[k] for m in models]), weights, mean) for k in range(len(models[0].test_folds))]
-    return np.stack([probs if neighbours is None else smooth_with_neighbours(probs, neighbours) for probs in combined])
 
 
 # ---------------------------------------------------------------------------- stage

@@ -5,13 +5,16 @@ Frames are video frames: an image's nearest neighbour is the same driver almost 
 class 99.5% of the time, so pooling a frame's prediction with its neighbours' removes much of the
 per-frame noise (the 1st-place State Farm solution gained 0.10-0.12 log loss with k = 10 on VGG
 pool5 features). It needs no labels, so it works on test images among themselves; its effect is
-measured the same way among the validation images before it is trusted (see ``pipeline.ensemble``).
+measured the same way among the validation images before it is trusted: ``smoothing_decision`` picks
+k on OOF rows, each fold's rows smoothed among that fold's own images.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
+
+from pipeline.metrics import kaggle_logloss
 
 
 def nearest_neighbours(features: np.ndarray, k: int) -> np.ndarray:
@@ -49,3 +52,29 @@ def neighbour_smoothing(probs: np.ndarray, features: np.ndarray, k: int) -> np.n
     if k <= 0:
         return np.asarray(probs, dtype=np.float64).copy()
     return smooth_with_neighbours(probs, nearest_neighbours(features, k))
+
+
+def candidate_ks(max_k: int) -> list[int]:
+    """Neighbour counts tried: 1, 2, 3, 5, 10, 20, 50 up to ``max_k``, and ``max_k``."""
+    return sorted({k for k in (1, 2, 3, 5, 10, 20, 50) if k < max_k} | ({max_k} if max_k > 0 else set()))
+
+
+def smooth_within_folds(probs: np.ndarray, features: np.ndarray, folds: np.ndarray, k: int) -> np.ndarray:
+    """Each row averaged with its k nearest rows of the same fold (as test rows among test rows)."""
+    out = np.asarray(probs, dtype=np.float64).copy()
+    for fold in np.unique(folds):
+        rows = np.flatnonzero(folds == fold)
+        out[rows] = smooth_with_neighbours(probs[rows], nearest_neighbours(features[rows], k))
+    return out
+
+
+def smoothing_decision(oof: np.ndarray, labels: np.ndarray, features: np.ndarray, folds: np.ndarray,
+                       max_k: int) -> tuple[int, dict[int, float]]:
+    """(k, OOF log loss by k): the neighbour count that lowers the OOF log loss most; 0 (off) when
+    none lowers it. k is chosen, not fixed, because the right k follows the number of frames a group has
+    per class, which differs between competitions and between real and synthetic data."""
+    by_k = {k: kaggle_logloss(smooth_within_folds(oof, features, folds, k), labels) for k in candidate_ks(max_k)}
+    if not by_k:
+        return 0, by_k
+    k = min(by_k, key=by_k.get)
+    return (k if by_k[k] < kaggle_logloss(oof, labels) else 0), by_k

@@ -1,0 +1,1 @@
+"""Combining the models after training: ensemble selection, test-neighbour smoothing, calibration and the submission estimate."""
