@@ -23,8 +23,8 @@ from sklearn.model_selection import GroupKFold, KFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.competitions.statefarm import CLASSES, generate, preset_config
 from pipeline.metrics import accuracy, kaggle_logloss
+from pipeline.synthetic.drivers import CLASSES, generate, preset_config
 
 N_FOLDS = 4  # 12 demo drivers -> 3 held out per fold, like split.valid_groups in the demo profile
 Fit = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (x_train, y_train, x_eval) -> probs

@@ -14,8 +14,8 @@ import resource
 import tempfile
 from pathlib import Path
 
-from pipeline.competitions.statefarm import generate, preset_config, worker_count
 from pipeline.config import SyntheticConfig
+from pipeline.synthetic.drivers import generate, preset_config, worker_count
 
 REAL_SIZE_IMAGES = 22_424 + 79_726
 

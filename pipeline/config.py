@@ -107,7 +107,7 @@ class PathsConfig(Section):
 
 
 class SyntheticConfig(Section):
-    """The embedded State-Farm-shaped dataset (pipeline/competitions/statefarm.py)."""
+    """The embedded State-Farm-shaped dataset (pipeline/synthetic/drivers.py)."""
 
     n_train_drivers: int = Field(26, ge=2)
     n_test_drivers: int = Field(8, ge=1)
@@ -168,7 +168,7 @@ class CompetitionConfig(Section):
 
 
 class ShapesConfig(Section):
-    """The embedded tiny dataset in the CSV layout (pipeline/competitions/shapes.py): a labels file and
+    """The embedded tiny dataset in the CSV layout (pipeline/synthetic/shapes.py): a labels file and
     flat image folders, string class names, no groups."""
 
     n_classes: int = Field(5, ge=2, le=8)

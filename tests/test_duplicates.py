@@ -1,4 +1,4 @@
-"""pipeline.duplicates: what counts as an exact or a near duplicate between train and test and across
+"""pipeline.ingest.duplicates: what counts as an exact or a near duplicate between train and test and across
 training groups (ingest reports the counts; tests/test_ingest.py checks them end to end)."""
 
 from __future__ import annotations
@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from pipeline import duplicates
-from pipeline.duplicates import NEAR_BITS, Fingerprint, difference_hash, find_duplicates, nearest_hashes
+from pipeline.ingest import duplicates
+from pipeline.ingest.duplicates import (
+    NEAR_BITS,
+    Fingerprint,
+    difference_hash,
+    find_duplicates,
+    nearest_hashes,
+)
 
 
 def photo(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:

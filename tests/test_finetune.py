@@ -16,7 +16,6 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import Config, TrainerConfig, load_profile
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
@@ -31,6 +30,7 @@ from pipeline.models import (
 from pipeline.recipes import HEAD_FILE, FineTuned, build_network, head_meta, load_head, tta_predictions
 from pipeline.stages import finetune, ingest, split
 from pipeline.stages.features import build_meta
+from pipeline.synthetic.drivers import CLASSES
 from pipeline.tables import read_tables
 from pipeline.training import (
     MODEL_FILE,

@@ -12,13 +12,13 @@ from conftest import with_validation
 from test_features import write_tiny_dataset
 
 from pipeline import featurecache
-from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import Config
 from pipeline.errors import StageError
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
 from pipeline.recipes import load_head
 from pipeline.stages import features, head
+from pipeline.synthetic.drivers import CLASSES
 from pipeline.training import predict_features
 
 

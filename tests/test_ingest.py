@@ -28,12 +28,13 @@ from test_duplicates import photo
 
 from pipeline import cli
 from pipeline.competition import Competition, read_competition
-from pipeline.competitions import shapes
-from pipeline.competitions.statefarm import CLASSES as STATEFARM_CLASSES
 from pipeline.config import CompetitionConfig, Config, load_profile, write_params
 from pipeline.errors import BadInputError, StageError
+from pipeline.ingest import archive, images
 from pipeline.io import read_json
 from pipeline.stages import ingest
+from pipeline.synthetic import shapes
+from pipeline.synthetic.drivers import CLASSES as STATEFARM_CLASSES
 
 N_DRIVERS, N_TEST = 3, 5
 LAYOUTS = ("folder", "csv")
@@ -328,7 +329,7 @@ def test_broken_link_does_not_switch_hardlinking_to_copying(tmp_path):
     """One broken link is an error naming it; it must not first turn the remaining ~4 GB of
     hardlinks into copies."""
     os.symlink("nowhere.jpg", tmp_path / "broken.jpg")
-    link = ingest.LinkOrCopy()
+    link = archive.LinkOrCopy()
     with pytest.raises(BadInputError, match="does not resolve") as err:
         link(tmp_path / "broken.jpg", tmp_path / "copy.jpg")
     assert err.value.file == tmp_path / "broken.jpg" and link.can_link
@@ -421,10 +422,10 @@ def test_image_pool_agrees_with_in_process_check(tmp_path, monkeypatch):
     bad.write_bytes(jpeg_bytes(2, (64, 48)))
     truncate(bad)
     paths = [str(good), str(bad)] * 3
-    serial = list(ingest.inspect_images(paths))
-    monkeypatch.setattr(ingest, "POOL_MIN_IMAGES", 1)
+    serial = list(images.inspect_images(paths))
+    monkeypatch.setattr(images, "POOL_MIN_IMAGES", 1)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert list(ingest.inspect_images(paths)) == serial
+    assert list(images.inspect_images(paths)) == serial
     assert [check.problem is None for check in serial] == [True, False] * 3
     assert [check.fingerprint is not None for check in serial] == [True, False] * 3
 
@@ -434,7 +435,7 @@ def test_exif_rotated_images_are_counted_and_announced(comp, capsys):
     says so instead of training silently on sideways images."""
     image = Image.open(io.BytesIO(jpeg_bytes(7)))
     exif = Image.Exif()
-    exif[ingest.EXIF_ORIENTATION] = 6  # "rotate 90 CW to display"
+    exif[images.EXIF_ORIENTATION] = 6  # "rotate 90 CW to display"
     image.save(comp.folder / comp.test_image(1), format="JPEG", exif=exif)
     figures = ingest.run(comp.cfg)
     assert figures["n_exif_rotated"] == 1
@@ -523,7 +524,7 @@ def test_synthetic_renderers_end_with_a_killed_ingest(tmp_path):
     on to the end of their job, orphaned, 40 s and more at full size)."""
     out = tmp_path / "out"
     assert_workers_end_with_their_killed_parent(
-        [sys.executable, "-m", "pipeline.competitions.statefarm", str(out), str(tmp_path / "hidden"), "--preset", "full"],
+        [sys.executable, "-m", "pipeline.synthetic.drivers", str(out), str(tmp_path / "hidden"), "--preset", "full"],
         started=lambda: any((out / "imgs/test").glob("*.jpg")))
 
 
@@ -532,9 +533,9 @@ def test_image_check_workers_end_with_a_killed_ingest(tmp_path):
     image = tmp_path / "big.jpg"
     Image.frombytes("RGB", (640, 480), random.Random(0).randbytes(640 * 480 * 3)).save(image, quality=95)
     script, marker = tmp_path / "pool.py", tmp_path / "started"
-    script.write_text("import os, sys\nfrom pipeline.stages import ingest\nos.cpu_count = lambda: 2\n"
+    script.write_text("import os, sys\nfrom pipeline.ingest import images\nos.cpu_count = lambda: 2\n"
                       "if __name__ == '__main__':  # spawned workers import this file too\n"
-                      "    for n, _ in enumerate(ingest.inspect_images([sys.argv[1]] * 200_000)):\n"
+                      "    for n, _ in enumerate(images.inspect_images([sys.argv[1]] * 200_000)):\n"
                       f"        n == 1000 and open({str(marker)!r}, 'w').close()\n")
     assert_workers_end_with_their_killed_parent([sys.executable, str(script), str(image)], started=marker.exists)
 
@@ -628,7 +629,7 @@ def truncate(path: Path, keep: float = 0.8) -> None:
 
 def garble(path: Path) -> None:
     """Keep the JPEG signature, replace the rest with junk."""
-    path.write_bytes(ingest.JPEG_MAGIC + b"\x00junk" * 50)
+    path.write_bytes(images.JPEG_MAGIC + b"\x00junk" * 50)
 
 
 def as_png(path: Path) -> None:
@@ -1027,7 +1028,7 @@ def test_an_mpo_jpeg_is_an_image_not_a_corrupt_file(tmp_path):
     """Phone cameras write MPO (a JPEG with extra frames); it decodes as a JPEG and must not be refused."""
     from PIL import Image
 
-    from pipeline.stages.ingest import inspect_image
+    from pipeline.ingest.images import inspect_image
 
     path = tmp_path / "img_1.jpg"
     frames = [Image.new("RGB", (32, 24), (200, 30, 30)), Image.new("RGB", (32, 24), (30, 200, 30))]

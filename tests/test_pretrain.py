@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from pipeline.competitions.statefarm import plan_dataset
 from pipeline.config import Config, load_profile
 from pipeline.errors import StageError
 from pipeline.models import create_backbone
 from pipeline.probe import labelled_train_rows, transfer_probe
 from pipeline.stages import ingest, pretrain
+from pipeline.synthetic.drivers import plan_dataset
 
 # Margins that every measured run clears with room (benchmarks/pretrain_transfer.py on the smoke profile,
 # 8 pretraining seeds x 2 float paths; docs/results.md "The pretrain stand-in"): the probe's gain over a

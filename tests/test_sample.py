@@ -3,12 +3,12 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import SplitConfig, load_profile
 from pipeline.errors import StageError
 from pipeline.io import atomic_write_csv
 from pipeline.stages.sample import make_sample, run
 from pipeline.stages.split import make_split
+from pipeline.synthetic.drivers import CLASSES
 
 
 def write_split_dataset(cfg, n_drivers=6, per_class=2):

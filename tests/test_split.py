@@ -4,11 +4,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.competition import Competition, write_competition
-from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import SplitConfig, load_profile
 from pipeline.errors import BadInputError, StageError
 from pipeline.io import atomic_write_csv
 from pipeline.stages.split import SPLIT_COLUMNS, make_split, run
+from pipeline.synthetic.drivers import CLASSES
 
 
 @st.composite

@@ -7,7 +7,7 @@ this stage trains the narrow VGG classifier on a separate synthetic dataset and 
 ``pipeline.models.create_backbone`` then loads them through the same local-file path as
 ``model.weights=file``.
 
-Honesty. The pretraining dataset is rendered by ``pipeline.competitions.statefarm.generate`` from its own seed
+Honesty. The pretraining dataset is rendered by ``pipeline.synthetic.drivers.generate`` from its own seed
 (``pretrain.seed``, which must differ from ``ingest.synthetic.seed``): fresh drivers, looks and
 frames, in a temp folder that is deleted afterwards. The stage never reads the competition's files
 (``data/raw``, ``data/hidden``, the split or the sample), so no competition image or driver, valid
@@ -46,7 +46,6 @@ import torch
 from torch import nn
 
 from pipeline.competition import label_indices
-from pipeline.competitions.statefarm import CLASSES, generate
 from pipeline.config import Config, SyntheticConfig, TrainerConfig, pretrain_backbone_file
 from pipeline.datamodules import ImageDataModule
 from pipeline.errors import StageError
@@ -61,6 +60,7 @@ from pipeline.models import (
     input_hw,
     resolve_preprocessing,
 )
+from pipeline.synthetic.drivers import CLASSES, generate
 from pipeline.tables import ImageTable
 from pipeline.training import (
     ClassifierModule,

@@ -1,4 +1,4 @@
-"""The second embedded competition: coloured shapes on noisy backgrounds, Kaggle's CSV layout without groups.
+"""A synthetic competition in Kaggle's CSV layout without groups: coloured shapes on noisy backgrounds.
 
 State Farm ships class folders (``imgs/train/c0..c9``), a driver list that groups images, and ``c<N>``
 class names. Many other Kaggle image competitions look like this instead, and the pipeline must handle
@@ -323,7 +323,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.competitions.shapes", description=__doc__.splitlines()[0]
+        prog="python -m pipeline.synthetic.shapes", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "out_dir", type=Path, help="competition folder to write (train.csv, train_images/, ...)"

@@ -1,5 +1,8 @@
-"""The State Farm adapter: State-Farm-shaped synthetic driver images in the exact Kaggle layout (the
-``statefarm`` profile's competition spec reads it, and the real data, the same way).
+"""A synthetic State-Farm-shaped driver dataset: rendered driver images in State Farm's exact Kaggle layout.
+
+It is a generator, not the State Farm adapter: the adapter is the competition spec in
+configs/statefarm.yaml, which reads this dataset (``ingest.source: synthetic``) and the real data the
+same way.
 
 The structure copies what makes the real competition hard (docs/design.md#the-competition-state-farm):
 
@@ -659,7 +662,7 @@ def preset_config(preset: str) -> SyntheticConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.competitions.statefarm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic.drivers", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="competition folder to write (Kaggle layout)")
     parser.add_argument("hidden_dir", type=Path, help="folder for test_labels.csv, outside out_dir")
     parser.add_argument("--preset", choices=("demo", "smoke", "full"), default="demo")

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.competitions import shapes
+from pipeline.synthetic import shapes
 
 SMALL = {"n_classes": 3, "n_train": 12, "n_test": 4, "width": 24, "height": 24}
 

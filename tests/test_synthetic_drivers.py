@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.competitions import statefarm as synthetic
-from pipeline.competitions.statefarm import CLASSES
 from pipeline.config import SyntheticConfig, load_profile
 from pipeline.io import file_sha256
+from pipeline.synthetic import drivers as synthetic
+from pipeline.synthetic.drivers import CLASSES
 
 HEADER_DRIVERS = "subject,classname,img"
 HEADER_SUBMISSION = "img," + ",".join(CLASSES)
