@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline.config import Config, load_profile
 from pipeline.registry import stage_module
-from pipeline.training import MONITOR
+from pipeline.training.classifier import MONITOR
 
 SHARED = ("ingest", "split", "pretrain", "features")
 PER_SEED = ("split", "head", "finetune", "pseudo", "member", "oof", "ensemble", "calibrate")

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.config import HeadConfig, ModelConfig
-from pipeline.datamodules import FeatureBatches, RandomCopyBatches
 from pipeline.models import (
     ConvNet,
     create_backbone,
@@ -32,7 +31,8 @@ from pipeline.models import (
     create_dense_head,
     resolve_preprocessing,
 )
-from pipeline.training import TrainSettings, create_optimizer
+from pipeline.training.datamodules import FeatureBatches, RandomCopyBatches
+from pipeline.training.optim import TrainSettings, create_optimizer
 
 
 def sync(device: torch.device) -> None:

@@ -4,7 +4,7 @@ same batch dicts the image data modules give (so one LightningModule trains both
 import numpy as np
 import torch
 
-from pipeline.datamodules import FeatureBatches, RandomCopyBatches
+from pipeline.training.datamodules import FeatureBatches, RandomCopyBatches
 
 
 def test_one_random_copy_per_image_per_epoch():

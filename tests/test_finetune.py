@@ -27,25 +27,18 @@ from pipeline.models import (
     input_hw,
     resolve_preprocessing,
 )
-from pipeline.recipes import HEAD_FILE, FineTuned, build_network, head_meta, load_head, tta_predictions
 from pipeline.stages import finetune, ingest, split
 from pipeline.stages.features import build_meta
 from pipeline.synthetic.drivers import CLASSES
-from pipeline.tables import read_tables
-from pipeline.training import (
-    MODEL_FILE,
-    ClassifierModule,
-    FitOutcome,
-    TrainSettings,
-    build_strategy,
-    layer_param_groups,
-    load_network_state,
-    predict_probs,
-    resolve_precision,
-    set_trainable_blocks,
-    trainable_block_count,
-)
-from pipeline.training import save_network as save_head
+from pipeline.training.checkpoint import MODEL_FILE, load_network_state
+from pipeline.training.checkpoint import save_network as save_head
+from pipeline.training.classifier import ClassifierModule, set_trainable_blocks, trainable_block_count
+from pipeline.training.fine_tuning import build_network
+from pipeline.training.head import HEAD_FILE, head_meta, load_head
+from pipeline.training.optim import TrainSettings, layer_param_groups
+from pipeline.training.prediction import FineTuned, predict_probs, tta_predictions
+from pipeline.training.tables import read_tables
+from pipeline.training.trainer import FitOutcome, build_strategy, resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 # Smaller than the smoke profile's dataset: 5 drivers x 10 frames (2 held out), 16 test frames.

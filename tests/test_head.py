@@ -11,15 +11,15 @@ import pytest
 from conftest import with_validation
 from test_features import write_tiny_dataset
 
-from pipeline import featurecache
 from pipeline.config import Config
 from pipeline.errors import StageError
+from pipeline.features import cache as featurecache
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
-from pipeline.recipes import load_head
 from pipeline.stages import features, head
 from pipeline.synthetic.drivers import CLASSES
-from pipeline.training import predict_features
+from pipeline.training.head import load_head
+from pipeline.training.prediction import predict_features
 
 
 def configured(smoke_cfg: Config, validation: str = "holdout", **head_values) -> Config:

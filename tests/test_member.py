@@ -1,14 +1,14 @@
 """Member stage pieces on constructed inputs: the train rows a member keeps and the TTA decision
-(``recipes.tta_predictions``, which every fine-tuned CNN of the chain predicts with).
+(``pipeline.training.prediction.tta_predictions``, which every fine-tuned CNN of the chain predicts with).
 (The members trained end to end are in tests/test_ensemble.py.)"""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.recipes import tta_predictions
-from pipeline.stages.member import bagged_fold, kept_train_ids, member_seed
-from pipeline.tables import ImageTable
+from pipeline.training.members import bagged_fold, kept_train_ids, member_seed
+from pipeline.training.prediction import tta_predictions
+from pipeline.training.tables import ImageTable
 
 
 def write_split(cfg, folds: list[int], splits: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ from pipeline.models import create_backbone
 from pipeline.probe import labelled_train_rows, transfer_probe
 from pipeline.stages import ingest, pretrain
 from pipeline.synthetic.drivers import plan_dataset
+from pipeline.training.pretrain import pretrain_synthetic_config
 
 # Margins that every measured run clears with room (benchmarks/pretrain_transfer.py on the smoke profile,
 # 8 pretraining seeds x 2 float paths; docs/results.md "The pretrain stand-in"): the probe's gain over a
@@ -62,7 +63,7 @@ def test_never_touches_the_competition_data(pretrained):
         assert not cfg.paths.path(name).exists(), name
     assert figures["seed"] == cfg.pretrain.seed != cfg.ingest.synthetic.seed == figures["competition_seed"]
     # Fresh drivers: no pretraining driver shares a look (background, noise, body) with a competition one.
-    domain = plan_dataset(pretrain.pretrain_synthetic_config(cfg))
+    domain = plan_dataset(pretrain_synthetic_config(cfg))
     competition = plan_dataset(cfg.ingest.synthetic)
     assert not {look.seed for look in domain.looks.values()} & {look.seed for look in competition.looks.values()}
 

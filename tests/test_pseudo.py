@@ -11,15 +11,20 @@ import torch.nn.functional as F
 from test_finetune import link_inputs, prepared, tiny_cfg  # noqa: F401  (prepared is a fixture)
 
 from pipeline.config import ConfigError, PseudoConfig, load_profile
-from pipeline.datamodules import ImageDataModule, MixedBatchSampler, PseudoSet, pseudo_per_batch
 from pipeline.errors import StageError
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions, write_predictions
 from pipeline.models import input_hw
-from pipeline.recipes import FineTuned, build_network, head_file, tta_predictions
 from pipeline.stages import finetune, pseudo
-from pipeline.tables import ImageTable, read_tables
-from pipeline.training import FitOutcome, load_network_state, soft_target_loss
+from pipeline.training import pseudo as pseudo_labels
+from pipeline.training.checkpoint import load_network_state
+from pipeline.training.classifier import soft_target_loss
+from pipeline.training.datamodules import ImageDataModule, MixedBatchSampler, PseudoSet, pseudo_per_batch
+from pipeline.training.fine_tuning import build_network
+from pipeline.training.head import head_file
+from pipeline.training.prediction import FineTuned, tta_predictions
+from pipeline.training.tables import ImageTable, read_tables
+from pipeline.training.trainer import FitOutcome
 
 # ---------------------------------------------------------------------------- batch composition
 
@@ -102,10 +107,10 @@ def tables_for(valid: list[str], test: list[str]) -> dict[str, ImageTable]:
 def test_students_train_with_finetunes_settings_and_pseudos_own_epochs_seed_and_learning_rate():
     cfg = load_profile("smoke", ["finetune.schedule=onecycle", "finetune.lr=3e-3", "pseudo.max_epochs=2",
                                  "pseudo.seed=5"])
-    inherited = pseudo.student_settings(cfg)
+    inherited = pseudo_labels.student_settings(cfg)
     assert (inherited.schedule, inherited.lr, inherited.seed) == ("onecycle", 3e-3, 5)
     assert inherited.layer_lr_decay == cfg.finetune.layer_lr_decay
-    own = pseudo.student_settings(cfg.model_copy(update={"pseudo": cfg.pseudo.model_copy(update={"lr": 3e-4})}))
+    own = pseudo_labels.student_settings(cfg.model_copy(update={"pseudo": cfg.pseudo.model_copy(update={"lr": 3e-4})}))
     assert (own.schedule, own.lr) == ("onecycle", 3e-4)
     with pytest.raises(ConfigError, match="pseudo.lr"):
         load_profile("smoke", ["pseudo.lr=0"])
@@ -114,15 +119,15 @@ def test_students_train_with_finetunes_settings_and_pseudos_own_epochs_seed_and_
 def test_validation_images_never_reach_the_pseudo_set():
     tables = tables_for(valid=["v1.jpg", "v2.jpg"], test=["x1.jpg", "x2.jpg"])
     probs = np.full((2, 10), 0.1)
-    ok = pseudo.make_pseudo_set(tables["test"], probs, PseudoConfig())
-    pseudo.check_test_only(ok, tables)  # test images only: fine
+    ok = pseudo_labels.make_pseudo_set(tables["test"], probs, PseudoConfig())
+    pseudo_labels.check_test_only(ok, tables)  # test images only: fine
 
     smuggled = ImageTable(["x1.jpg", "v2.jpg"], ["/x/x1.jpg", "/x/v2.jpg"], np.array([-1, -1]))
     with pytest.raises(StageError, match="validation image.*never be pseudo-labels"):
-        pseudo.check_test_only(PseudoSet(smuggled, probs.astype(np.float32), 0.25), tables)
+        pseudo_labels.check_test_only(PseudoSet(smuggled, probs.astype(np.float32), 0.25), tables)
     labelled = ImageTable(["x1.jpg", "x2.jpg"], ["/x/x1.jpg", "/x/x2.jpg"], np.array([-1, 4]))
     with pytest.raises(StageError, match="carry true labels"):
-        pseudo.check_test_only(PseudoSet(labelled, probs.astype(np.float32), 0.25), tables)
+        pseudo_labels.check_test_only(PseudoSet(labelled, probs.astype(np.float32), 0.25), tables)
 
 
 def test_teacher_predictions_with_validation_rows_are_refused(tmp_path):
@@ -130,25 +135,25 @@ def test_teacher_predictions_with_validation_rows_are_refused(tmp_path):
     path = tmp_path / "test.csv"
     write_predictions(path, ["x1.jpg", "x2.jpg", "v1.jpg"], np.full((3, 10), 0.1), [f"c{i}" for i in range(10)])
     with pytest.raises(StageError, match="exactly the 2 test images"):
-        pseudo.teacher_test_probs(path, tables["test"])
+        pseudo_labels.teacher_test_probs(path, tables["test"])
 
 
 def test_hard_labels_keep_confident_test_images_only():
     tables = tables_for(valid=["v1.jpg"], test=["x1.jpg", "x2.jpg", "x3.jpg"])
     probs = np.full((3, 10), 0.05)
     probs[0, 2], probs[1, 7], probs[2, 1] = 0.55, 0.3, 0.95
-    chosen = pseudo.make_pseudo_set(tables["test"], probs, PseudoConfig(labels="hard", threshold=0.5))
+    chosen = pseudo_labels.make_pseudo_set(tables["test"], probs, PseudoConfig(labels="hard", threshold=0.5))
     assert chosen.table.ids == ["x1.jpg", "x3.jpg"]
     assert chosen.targets.argmax(1).tolist() == [2, 1] and (chosen.targets.sum(1) == 1).all()
     with pytest.raises(StageError, match="no test image reaches"):
-        pseudo.make_pseudo_set(tables["test"], probs, PseudoConfig(labels="hard", threshold=0.99))
+        pseudo_labels.make_pseudo_set(tables["test"], probs, PseudoConfig(labels="hard", threshold=0.99))
 
 
 def test_distillation_targets_and_loss():
     probs = np.array([[0.7, 0.2, 0.1] + [0.0] * 7])
-    soft = pseudo.temper(probs, 2.0)
+    soft = pseudo_labels.temper(probs, 2.0)
     assert soft.sum() == pytest.approx(1) and soft[0, 0] < 0.7 and soft[0, 1] > 0.2  # softer
-    np.testing.assert_allclose(pseudo.temper(probs, 1.0)[0, :3], probs[0, :3], rtol=1e-5)
+    np.testing.assert_allclose(pseudo_labels.temper(probs, 1.0)[0, :3], probs[0, :3], rtol=1e-5)
 
     logits = torch.randn(5, 10)
     labels = torch.tensor([0, 3, 9, 2, 2])
@@ -165,38 +170,38 @@ def test_distillation_targets_and_loss():
 
 def test_image_halves_are_balanced_and_fixed_by_the_ids_not_their_order():
     ids = [f"img_{i}.jpg" for i in range(101)]
-    halves = pseudo.image_halves(ids)
+    halves = pseudo_labels.image_halves(ids)
     assert set(halves.tolist()) == {0, 1} and abs(int(halves.sum()) - 50) <= 1
     shuffled = list(reversed(ids))
-    again = dict(zip(shuffled, pseudo.image_halves(shuffled), strict=True))
+    again = dict(zip(shuffled, pseudo_labels.image_halves(shuffled), strict=True))
     assert all(again[i] == h for i, h in zip(ids, halves, strict=True))
-    assert pseudo.image_halves(["a.jpg"]).tolist() == [0] and len(pseudo.image_halves([])) == 0
+    assert pseudo_labels.image_halves(["a.jpg"]).tolist() == [0] and len(pseudo_labels.image_halves([])) == 0
 
 
 def test_each_student_learns_one_half_and_predicts_the_other():
     halves = np.array([0, 1, 1, 0, 1])
-    assert pseudo.rows_of(halves, 0, taught=True).tolist() == [1, 2, 4]
-    assert pseudo.rows_of(halves, 0, taught=False).tolist() == [0, 3]
-    assert pseudo.rows_of(halves, None, taught=True).tolist() == pseudo.rows_of(halves, None, taught=False).tolist() == [0, 1, 2, 3, 4]
-    assert pseudo.students(PseudoConfig()) == [0, 1] and pseudo.students(PseudoConfig(cross=False)) == [None]
+    assert pseudo_labels.rows_of(halves, 0, taught=True).tolist() == [1, 2, 4]
+    assert pseudo_labels.rows_of(halves, 0, taught=False).tolist() == [0, 3]
+    assert pseudo_labels.rows_of(halves, None, taught=True).tolist() == pseudo_labels.rows_of(halves, None, taught=False).tolist() == [0, 1, 2, 3, 4]
+    assert pseudo_labels.students(PseudoConfig()) == [0, 1] and pseudo_labels.students(PseudoConfig(cross=False)) == [None]
 
 
 def test_a_student_never_predicts_an_image_it_was_taught():
     tables = tables_for(valid=["v1.jpg"], test=["x1.jpg", "x2.jpg", "x3.jpg"])
     probs = np.full((3, 10), 0.1)
-    taught = pseudo.make_pseudo_set(tables["test"].subset(np.array([0, 1])), probs[:2], PseudoConfig())
-    pseudo.check_never_taught(taught, tables["test"].subset(np.array([2])))
+    taught = pseudo_labels.make_pseudo_set(tables["test"].subset(np.array([0, 1])), probs[:2], PseudoConfig())
+    pseudo_labels.check_never_taught(taught, tables["test"].subset(np.array([2])))
     with pytest.raises(StageError, match=r"1 test image\(s\) \(e\.g\. x2\.jpg\) would be predicted by the student"):
-        pseudo.check_never_taught(taught, tables["test"].subset(np.array([1, 2])))
+        pseudo_labels.check_never_taught(taught, tables["test"].subset(np.array([1, 2])))
 
 
 def test_cross_pseudo_labelling_refuses_halves_it_cannot_fill():
     """Fewer than 2 test images or held-out rows: a clear error naming the switch, before any training."""
     tiny = tables_for(valid=["v1.jpg"], test=["x1.jpg", "x2.jpg"])
     with pytest.raises(StageError, match=r"held-out rows \(1\).*at least 2 of each; set pseudo\.cross=false"):
-        pseudo.check_halves([0, 1], tiny)
-    pseudo.check_halves([None], tiny)  # one student needs no halves
-    pseudo.check_halves([0, 1], tables_for(valid=["v1.jpg", "v2.jpg"], test=["x1.jpg", "x2.jpg"]))
+        pseudo_labels.check_halves([0, 1], tiny)
+    pseudo_labels.check_halves([None], tiny)  # one student needs no halves
+    pseudo_labels.check_halves([0, 1], tables_for(valid=["v1.jpg", "v2.jpg"], test=["x1.jpg", "x2.jpg"]))
 
 
 # ---------------------------------------------------------------------------- stage
@@ -221,7 +226,7 @@ def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # n
     fold_imgs = set(split_df.loc[split_df["fold"] == 1, "id"])
     assert tuned["finetune@1"]["n_train_images"] == len(split_df) - len(fold_imgs)  # the teacher never saw fold 1
     test_imgs = pd.read_csv(cfg.paths.path("raw") / "test_index.csv")["id"].tolist()
-    halves = pseudo.image_halves(test_imgs)
+    halves = pseudo_labels.image_halves(test_imgs)
     out = cfg.paths.fold_models("pseudo", 1)
     for iteration in (1, 2):
         taught_by_half = []
@@ -248,7 +253,7 @@ def test_pseudo_stage_end_to_end_uses_test_images_only(prepared, tmp_path):  # n
     # every test and held-out row is predicted by the student of its own half, which never learned it
     tables = read_tables(cfg, False, 1)
     _, oof_probs = read_predictions(cfg.paths.fold_predictions("pseudo", 1) / "oof.csv")
-    valid_halves = pseudo.image_halves(tables["valid"].ids)
+    valid_halves = pseudo_labels.image_halves(tables["valid"].ids)
     for half in (0, 1):
         network, data_cfg, _ = build_network(cfg, head_file(cfg, 1))
         network.load_state_dict(load_network_state(out / f"model_half{half}.pt"))

@@ -33,24 +33,20 @@ import pytest
 import torch
 from test_finetune import ROOT, TINY, link_inputs, prepared, tiny_cfg  # noqa: F401  (prepared is a fixture)
 
-from pipeline import training
 from pipeline.config import load_profile
 from pipeline.console import VERBOSE_ENV
-from pipeline.datamodules import CachedFeaturesDataModule, ImageDataModule, PseudoSet
-from pipeline.featurecache import FeatureSplit
+from pipeline.features.cache import FeatureSplit
 from pipeline.io import atomic_write_json, read_json
 from pipeline.models import create_dense_head
 from pipeline.stages import finetune
-from pipeline.tables import read_tables
-from pipeline.training import (
-    LAST_FILE,
-    RUN_FILE,
-    ClassifierModule,
-    TrainSettings,
-    checkpoint_problem,
-    fit_or_resume,
-    plan_run,
-)
+from pipeline.training import checkpoint, resume
+from pipeline.training.checkpoint import LAST_FILE, checkpoint_problem
+from pipeline.training.classifier import ClassifierModule
+from pipeline.training.datamodules import CachedFeaturesDataModule, ImageDataModule, PseudoSet
+from pipeline.training.optim import TrainSettings
+from pipeline.training.resume import RUN_FILE, plan_run
+from pipeline.training.tables import read_tables
+from pipeline.training.trainer import fit_or_resume
 
 CLASSES = ["a", "b", "c"]
 MAX_EPOCHS = 4
@@ -173,7 +169,7 @@ def dense_uninterrupted(tmp_path_factory):
 def test_a_killed_fit_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
         tmp_path, dense_uninterrupted, monkeypatch, capfd, settings, monitor, kill_epoch, kill_batch, every_s):
     whole_root, whole = dense_uninterrupted(settings, monitor)
-    monkeypatch.setattr(training, "CHECKPOINT_EVERY_S", every_s)
+    monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", every_s)
     with pytest.raises(SimulatedKill):
         dense_fit(tmp_path, settings, monitor, [KillAt(kill_epoch, kill_batch)])
     assert read_json(tmp_path / "ckpt" / RUN_FILE)["status"] == "running"
@@ -288,7 +284,7 @@ def test_checkpoint_writes_are_atomic(tmp_path):
     """A write that dies midway leaves the previous checkpoint and no temp file; a later plan clears the
     temp files of writes that a kill cut short."""
     path = tmp_path / LAST_FILE
-    io = training.AtomicCheckpointIO()
+    io = checkpoint.AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     with pytest.raises(RuntimeError, match="dies here"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "extra": Unpicklable()}, path)
@@ -340,7 +336,7 @@ def test_an_image_fit_with_pseudo_rows_and_loader_workers_resumes_within_an_epoc
     """With workers a loader draws its batch order when its iterator is created, which Lightning does
     for a resumed run before setting the epoch: the resumed epoch must still get its own order."""
     whole = image_fit(prepared, tmp_path / "whole", settings)
-    monkeypatch.setattr(training, "CHECKPOINT_EVERY_S", 0.0)
+    monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)
     with pytest.raises(SimulatedKill):
         image_fit(prepared, tmp_path / "killed", settings, [KillAt(1, 6)])
     trained = TrainedBatches()
@@ -358,9 +354,9 @@ import io, json, sys, time
 import lightning as L
 import torch
 from pathlib import Path
-from pipeline import training
 from pipeline.config import load_profile
 from pipeline.stages import finetune
+from pipeline.training import resume, trainer
 
 
 def hold(marker):
@@ -398,19 +394,19 @@ def holding_in_write(n, marker):
 
 if __name__ == "__main__":
     root, overrides, every_s, where, marker = sys.argv[1:]
-    training.CHECKPOINT_EVERY_S = float(every_s)
+    resume.CHECKPOINT_EVERY_S = float(every_s)
     where = json.loads(where)
     callbacks = []
     if "write" in where:
         torch.save = holding_in_write(where["write"], marker)
     elif "line" in where:  # right after the log's line for that epoch (1-based), as the issue's kill
-        show = training.EpochSummary.show
+        show = trainer.EpochSummary.show
 
         def show_then_hold(self, trainer):
             show(self, trainer)
             if trainer.current_epoch + 1 == where["line"]:
                 hold(marker)
-        training.EpochSummary.show = show_then_hold
+        trainer.EpochSummary.show = show_then_hold
     else:
         callbacks.append(HoldAt(where["epoch"], where["batch"], marker))
     cfg = load_profile("smoke", json.loads(overrides)).at(root)

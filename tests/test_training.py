@@ -9,15 +9,9 @@ import torch
 
 from pipeline.config import FinetuneConfig, HeadConfig
 from pipeline.errors import StageError
-from pipeline.training import (
-    ClassifierModule,
-    TrainSettings,
-    batchnorm_frozen,
-    create_optimizer,
-    first_epoch_schedule,
-    load_network_file,
-    save_network,
-)
+from pipeline.training.checkpoint import load_network_file, save_network
+from pipeline.training.classifier import ClassifierModule, batchnorm_frozen
+from pipeline.training.optim import TrainSettings, create_optimizer, first_epoch_schedule
 
 
 @pytest.mark.parametrize("name, cls, extra", [
@@ -93,7 +87,7 @@ def test_checkpoint_round_trip_and_a_truncated_file_names_itself(tmp_path):
 def test_a_truncated_checkpoint_means_a_fresh_fit_not_a_traceback_on_every_rerun(tmp_path):
     """A best.ckpt/last.ckpt cut short (a kill mid-write, a full disk) is not trusted for reuse or resume."""
     from pipeline.io import atomic_write_json
-    from pipeline.training import RUN_FILE, plan_run
+    from pipeline.training.resume import RUN_FILE, plan_run
 
     torch.save({"state_dict": {}}, tmp_path / "best.ckpt")
     atomic_write_json(tmp_path / RUN_FILE, {"fingerprint": "f", "status": "complete"})

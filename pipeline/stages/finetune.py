@@ -1,6 +1,6 @@
 """``finetune`` stage: the batchnorm-VGG trained end to end (Lightning), once per fold
 (``finetune@<fold>``), starting from that fold's head on top of the same conv base, with staged
-unfreezing, lower learning rates for earlier blocks and a low first epoch (see pipeline/training.py
+unfreezing, lower learning rates for earlier blocks and a low first epoch (see pipeline/training/
 for the mechanics). Fold model k trains on the rows outside fold k and predicts fold k (out of fold)
 and the test set; in cv mode fold k's rows never steer training (exactly ``finetune.max_epochs``, the
 last weights), in holdout mode early stopping and the best checkpoint follow the validation split.
@@ -11,9 +11,9 @@ on GPU, fp32 on CPU (``precision: auto``); ``trainer.compile`` turns on torch.co
 
 Outputs
 - ``models/finetune/fold<k>/``: ``model.pt`` (``{"state_dict": ConvNet state,
-  "meta"}``; ``recipes.build_network`` + ``load_state_dict`` rebuilds it), ``logs/metrics.csv``, ``tb/``.
+  "meta"}``; ``pipeline.training.fine_tuning.build_network`` + ``load_state_dict`` rebuilds it), ``logs/metrics.csv``, ``tb/``.
 - ``data/predictions/folds/finetune/<k>/{oof,test}.csv``: with test-time augmentation (``ensemble.tta``
-  augmented passes averaged with the plain one, ``recipes.tta_predictions``), like every fine-tuned
+  augmented passes averaged with the plain one, ``pipeline.training.prediction.tta_predictions``), like every fine-tuned
   CNN of the chain, so the pseudo stage learns from, and is compared with, the model's best predictions;
   and ``reports/stages/finetune@<k>.json``.
 - Scratch, outside the outputs: ``.checkpoints/models/finetune/fold<k>/`` (``paths.checkpoints``) holds
@@ -31,10 +31,12 @@ from lightning.pytorch.callbacks import Callback
 
 from pipeline.config import Config, item_stage
 from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions, write_stage_metrics
-from pipeline.recipes import fine_tune, training_figures, tta_predictions
-from pipeline.stagefolds import run_folds
-from pipeline.tables import read_tables
-from pipeline.training import MODEL_FILE, quiet_training, save_network
+from pipeline.training.checkpoint import MODEL_FILE, save_network
+from pipeline.training.fine_tuning import fine_tune, training_figures
+from pipeline.training.folds import run_folds
+from pipeline.training.prediction import tta_predictions
+from pipeline.training.tables import read_tables
+from pipeline.training.trainer import quiet_training
 
 STAGE = "finetune"
 

@@ -10,7 +10,7 @@ early stopping and the best checkpoint follow ``valid/logloss``; in cv mode the 
 looked at during training: exactly ``head.max_epochs``, the last weights.
 
 Outputs
-- ``models/head/fold<k>/``: ``head.pt`` (``pipeline.recipes.load_head`` rebuilds it; every fine-tune of
+- ``models/head/fold<k>/``: ``head.pt`` (``pipeline.training.head.load_head`` rebuilds it; every fine-tune of
   fold k starts from it), Lightning checkpoints and ``logs/metrics.csv``.
 - ``data/predictions/folds/head/<k>/{oof,test}.csv`` and ``reports/stages/head@<k>.json``.
 """
@@ -21,11 +21,12 @@ import time
 from typing import Any
 
 from pipeline.config import Config, item_stage
-from pipeline.featurecache import load_meta
+from pipeline.features.cache import load_meta
 from pipeline.metrics import write_stage_metrics
-from pipeline.recipes import HEAD_FILE, fit_head, fold_feature_splits, head_meta, predict_and_score
-from pipeline.stagefolds import run_folds
-from pipeline.training import quiet_training, save_network
+from pipeline.training.checkpoint import save_network
+from pipeline.training.folds import run_folds
+from pipeline.training.head import HEAD_FILE, fit_head, fold_feature_splits, head_meta, predict_and_score
+from pipeline.training.trainer import quiet_training
 
 STAGE = "head"
 

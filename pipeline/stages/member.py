@@ -6,15 +6,15 @@ adding a member trains only its folds, and a fan-out sends each to its own worke
 What a member is follows ``ensemble.member_model``:
 
 - ``finetune`` (default): the CNN fine-tuned from fold k's head exactly as the finetune stage does
-  (``pipeline.recipes.fine_tune``: its settings and DDP; under DVC a killed member starts over, since
+  (``pipeline.training.fine_tuning.fine_tune``: its settings and DDP; under DVC a killed member starts over, since
   its outputs are not persistent: see dvc.yaml), with seed ``finetune.seed + 1 + m``. It predicts with
-  test-time augmentation like every fine-tuned CNN of the chain (``pipeline.recipes.tta_predictions``).
-- ``head``: a dense head on the cached conv features (``pipeline.recipes.fit_head``), seed
+  test-time augmentation like every fine-tuned CNN of the chain (``pipeline.training.prediction.tta_predictions``).
+- ``head``: a dense head on the cached conv features (``pipeline.training.head.fit_head``), seed
   ``head.seed + 1 + m``: seconds on a CPU, but weaker than and correlated with the fine-tuned model.
 
 Fold model (m, k) trains on the rows outside fold k (cv) or on the train split (holdout; there, with
 ``ensemble.hold_out_fold``, also without the train drivers of fold ``m % split.n_folds``: bagging over
-drivers, the only source of diversity besides the seed with a single fold).
+drivers, the only source of diversity besides the seed with a single fold; ``pipeline.training.members``).
 
 Outputs ``models/member<m>/fold<k>/`` (``model.pt`` or ``head.pt``, checkpoints, ``run.json``, logs),
 ``data/predictions/folds/member<m>/<k>/{oof,test}.csv`` and ``reports/stages/member@<m>-<k>.json``.
@@ -27,11 +27,10 @@ import time
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from pipeline.config import Config, item_stage, member_model_name
 from pipeline.errors import StageError
-from pipeline.featurecache import load_meta
+from pipeline.features.cache import load_meta
 from pipeline.metrics import (
     OOF_FILE,
     evaluate,
@@ -39,20 +38,15 @@ from pipeline.metrics import (
     write_predictions,
     write_stage_metrics,
 )
-from pipeline.recipes import (
-    HEAD_FILE,
-    fine_tune,
-    fit_head,
-    fold_feature_splits,
-    head_meta,
-    predict_and_score,
-    read_split_csv,
-    training_figures,
-    tta_predictions,
-)
-from pipeline.stagefolds import check_fold
-from pipeline.tables import read_tables
-from pipeline.training import MODEL_FILE, quiet_training, save_network
+from pipeline.training import members
+from pipeline.training.checkpoint import MODEL_FILE, save_network
+from pipeline.training.fine_tuning import fine_tune, training_figures
+from pipeline.training.folds import check_fold
+from pipeline.training.head import HEAD_FILE, fit_head, fold_feature_splits, head_meta, predict_and_score
+from pipeline.training.members import bagged_fold, group_count, kept_train_ids, member_config, member_seed
+from pipeline.training.prediction import tta_predictions
+from pipeline.training.tables import read_tables
+from pipeline.training.trainer import quiet_training
 
 STAGE = "member"
 
@@ -62,47 +56,6 @@ STAGE = "member"
 
 def stage_name(member: int, fold: int) -> str:
     return item_stage(STAGE, member, fold)
-
-
-def member_seed(cfg: Config, member: int) -> int:
-    """Never the seed of the stage the member copies (finetune or head), so members differ from it."""
-    section = cfg.finetune if cfg.ensemble.member_model == "finetune" else cfg.head
-    return section.seed + 1 + member
-
-
-def bagged_fold(cfg: Config, member: int) -> int | None:
-    """Holdout mode only: the fold of train drivers member ``member`` leaves out (bagging)."""
-    if cfg.split.validation == "holdout" and cfg.ensemble.hold_out_fold:
-        return member % cfg.split.n_folds
-    return None
-
-
-# ---------------------------------------------------------------------------- train rows
-
-
-def kept_train_ids(cfg: Config, train_ids: list[str], member: int) -> set[str]:
-    """The member's train images: the fold model's train rows, less the bagged fold (holdout mode);
-    all of them when that would leave none."""
-    fold = bagged_fold(cfg, member)
-    if fold is None:
-        return set(train_ids)
-    split = read_split_csv(cfg.paths.path("split_csv"))
-    dropped = set(split.loc[pd.to_numeric(split["fold"]) == fold, "id"])
-    kept = set(train_ids) - dropped
-    return kept or set(train_ids)
-
-
-def group_count(cfg: Config, ids: set[str]) -> int:
-    split = read_split_csv(cfg.paths.path("split_csv"))
-    return int(split.loc[split["id"].isin(ids), "group"].nunique())
-
-
-# ---------------------------------------------------------------------------- training
-
-
-def member_config(cfg: Config, member: int) -> Config:
-    """The config the head trainer sees: the head section with this member's seed."""
-    return cfg.model_copy(update={"head": cfg.head.model_copy(update={"seed": member_seed(cfg, member)})})
 
 
 def train_head_member(cfg: Config, member: int, fold: int) -> dict[str, Any]:
@@ -125,7 +78,7 @@ def train_head_member(cfg: Config, member: int, fold: int) -> dict[str, Any]:
 
 def train_finetuned_member(cfg: Config, member: int, fold: int) -> dict[str, Any]:
     """The CNN fine-tuned like the finetune stage with this member's seed and train rows; TTA
-    predictions (``recipes.tta_predictions``). ``{}`` on DDP ranks other than 0, which write nothing."""
+    predictions (``prediction.tta_predictions``). ``{}`` on DDP ranks other than 0, which write nothing."""
     quiet_training()
     tables = read_tables(cfg, cfg.finetune.use_sample, fold)
     train = tables["train"]
@@ -134,7 +87,7 @@ def train_finetuned_member(cfg: Config, member: int, fold: int) -> dict[str, Any
     settings = cfg.finetune.model_copy(update={"seed": member_seed(cfg, member)})
     name = member_model_name(member)
     out_dir = cfg.paths.fold_models(name, fold)
-    fitted = fine_tune(cfg, settings, tables, out_dir, fold, modules=[sys.modules[__name__]], label=stage_name(member, fold))
+    fitted = fine_tune(cfg, settings, tables, out_dir, fold, modules=[sys.modules[__name__], members], label=stage_name(member, fold))
     valid, test, tta = tta_predictions(cfg, fitted, tables["valid"], tables["test"])
     if not fitted.outcome.is_global_zero:
         return {}

@@ -31,8 +31,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from pipeline.config import AugmentConfig
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
 from pipeline.errors import StageError
-from pipeline.featurecache import FeatureSplit
-from pipeline.tables import ImageTable, one_hot
+from pipeline.features.cache import FeatureSplit
+from pipeline.training.tables import ImageTable, one_hot
 
 # ---------------------------------------------------------------------------- images
 
