@@ -16,6 +16,7 @@ from pipeline.config import PARAMS_FILE, load_params
 from pipeline.console import ORCHESTRATED_ENV, headline, verbose
 from pipeline.io import read_json
 from pipeline.registry import model_rank
+from pipeline.report.view import submission_estimate
 
 CONSOLE = logging.getLogger("statefarm.console")
 CONSOLE.propagate = False  # no handler unless `python -m flows.pipeline` installs one: Prefect's logs carry the same
@@ -75,9 +76,10 @@ def results_table(root: str) -> str:
         lines.append(f"  {name:<10}" + "".join(f"{figs[key]:>15.4f}" if key in figs else f"{'':>15}" for key, _ in columns))
     if "test_logloss" in dict(columns):
         lines.append("  (test: the hidden labels of the synthetic data; a real competition has none)")
-    estimate = dict(rows).get("calibrate", {}).get("submission_estimate")
-    if estimate is not None:
-        lines.append(f"  the submission (fold models averaged) is estimated at {estimate:.4f}: CV less the label-free "
-                     "gain of averaging")
+    calibrate = cfg.paths.stage_metrics_file("calibrate")
+    if (estimate := submission_estimate(read_json(calibrate) if calibrate.exists() else {})) is not None:
+        interval = (f", {estimate.level:.0%} interval over the test's drivers [{estimate.low:.4f}, {estimate.high:.4f}]"
+                    if estimate.low is not None and estimate.high is not None and estimate.level else "")
+        lines.append(f"  the submission is estimated at {estimate.value:.4f} ({estimate.method}){interval}")
     lines.append(f"report: {report}")
     return "\n".join(lines)

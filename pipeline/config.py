@@ -358,7 +358,7 @@ class TrainerConfig(Section):
     devices: int | str = "auto"
     num_nodes: int = Field(1, ge=1)
     # auto: one process, or DDP for several; ddp: always DDP. Either way DDP is built with
-    # find_unused_parameters (pipeline/training.py build_strategy), which staged unfreezing needs.
+    # find_unused_parameters (pipeline/training/trainer.py build_strategy), which staged unfreezing needs.
     strategy: Literal["auto", "ddp"] = "auto"
     precision: Precision = "auto"  # auto: bf16-mixed on GPU (16-mixed where bf16 is missing), 32-true on CPU
     compile: bool = False  # torch.compile the network (recompiles when staged unfreezing changes)
@@ -525,6 +525,14 @@ class CalibrateConfig(Section):
     # holdout mode: folds over validation drivers for the nested estimate of the calibrated log loss.
     cross_fit_folds: int = Field(2, ge=2)
     seed: int = Field(0, ge=0)
+    # The submission's estimate printed last (pipeline/ensembling/estimate.py; docs/results.md
+    # measures every candidate against hidden test labels): the calibrated CV log loss as it is, or
+    # less the label-free fold averaging gain (all of it or half), or plus the test's confidence shift.
+    estimate: Literal["cv", "cv_less_gain", "cv_less_half_gain", "cv_plus_shift"] = "cv"
+    # Groups (drivers) in the test set, for the estimate's interval; None: as many as the test rows
+    # make at the labelled rows' images per group.
+    test_groups: float | None = Field(None, gt=0)
+    interval: float = Field(0.8, gt=0, lt=1)  # the interval's coverage (central, group bootstrap)
 
 
 # Kaggle's dataset and notebook slugs (6-50 lower-case letters, digits and hyphens) and usernames.

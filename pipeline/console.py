@@ -49,7 +49,8 @@ def headline(figures: Mapping[str, Any]) -> str:
             text += f" (acc {sum(accs) / len(accs):.3f})"
         if len(values) > 1:
             text += f", mean of {len(values)}"
-        if len(items) == 1 and isinstance(items[0].get("fold_averaging_gain"), int | float):  # calibrate, cv mode
-            text += f"; the fold-averaged submission's estimate {items[0]['submission_logloss_estimate']:.4f}"
+        bounds = [items[0].get(f"submission_logloss_{end}") for end in ("estimate", "low", "high")]
+        if len(items) == 1 and all(isinstance(v, int | float) for v in bounds):  # calibrate
+            text += "; the submission's estimate {:.4f} [{:.4f}, {:.4f}]".format(*bounds)
         return text
     return ""

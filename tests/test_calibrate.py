@@ -429,10 +429,11 @@ def write_test_folds(root: Path, n_folds: int = 3, noise: float = 1.0) -> np.nda
     return per_fold
 
 
-def test_the_submission_estimate_is_cv_less_the_gain_of_averaging_the_calibrated_folds(tmp_path):
+@pytest.mark.parametrize("method", ["cv", "cv_less_gain", "cv_less_half_gain", "cv_plus_shift"])
+def test_the_submission_estimate_is_the_configured_candidate_with_an_interval_around_it(tmp_path, method):
     from pipeline.outoffold import fold_averaging_gain
 
-    cfg = load_profile("smoke", ["split.n_folds=3"]).at(tmp_path)
+    cfg = load_profile("smoke", ["split.n_folds=3", f"calibrate.estimate={method}"]).at(tmp_path)
     write_inputs(tmp_path, n_folds=3)
     per_fold = write_test_folds(tmp_path)
     figures = run(cfg)
@@ -441,7 +442,14 @@ def test_the_submission_estimate_is_cv_less_the_gain_of_averaging_the_calibrated
     _, submitted = read_predictions(tmp_path / "data/predictions/calibrate/test.csv")
     gain = fold_averaging_gain(submitted, [apply_calibration(p, calibration) for p in per_fold])
     assert figures["fold_averaging_gain"] == pytest.approx(gain, abs=1e-5) and gain > 0.01
-    assert figures["submission_logloss_estimate"] == pytest.approx(figures["valid_logloss"] - gain, abs=1e-5)
+    candidates = figures["submission_estimates"]
+    assert candidates["cv"] == pytest.approx(figures["valid_logloss"], abs=1e-5)
+    assert candidates["cv_less_gain"] == pytest.approx(figures["valid_logloss"] - gain, abs=1e-5)
+    assert candidates["cv_less_half_gain"] == pytest.approx(figures["valid_logloss"] - gain / 2, abs=1e-5)
+    assert figures["submission_estimate_method"] == method
+    assert figures["submission_logloss_estimate"] == candidates[method]
+    assert figures["submission_logloss_low"] < figures["submission_logloss_estimate"] < figures["submission_logloss_high"]
+    assert figures["submission_interval_level"] == cfg.calibrate.interval
 
 
 def test_without_fold_models_to_average_the_estimate_is_the_validation_log_loss(tmp_path):
@@ -450,6 +458,7 @@ def test_without_fold_models_to_average_the_estimate_is_the_validation_log_loss(
     figures = run(cfg)
     assert figures["fold_averaging_gain"] is None
     assert figures["submission_logloss_estimate"] == figures["valid_logloss"]
+    assert set(figures["submission_estimates"].values()) == {figures["valid_logloss"]}  # nothing to correct
 
 
 def test_a_bad_test_folds_row_is_refused_and_the_last_output_stays(smoke_cfg, tmp_path, capsys):

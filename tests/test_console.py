@@ -8,8 +8,9 @@ import json
 import pytest
 
 from flows.console import results_table, score_rows, stage_line
-from pipeline.config import load_profile, write_params
+from pipeline.config import PARAMS_FILE, load_params, load_profile, write_params
 from pipeline.console import headline, set_verbose, verbose
+from pipeline.io import atomic_write_json
 
 
 def test_headline_is_the_held_out_log_loss_with_accuracy_and_the_mean_over_items():
@@ -56,19 +57,25 @@ def test_results_table_lists_the_models_in_chain_order_with_cv_and_test_columns(
     assert table[-1] == "report: reports/report.html" or table[-1].endswith("reports/report.html")
 
 
-def test_results_table_gives_the_fold_averaged_submissions_estimate_under_the_table(project):
+def test_results_table_gives_the_submissions_estimate_and_interval_under_the_table(project):
     figs = {"cv_logloss": 0.5, "cv_acc": 0.8}
     write_scores(project, {"head": figs, "calibrate": figs | {"submission_estimate": 0.4612}})
+    cfg = load_params(project / PARAMS_FILE)
+    atomic_write_json(cfg.paths.stage_metrics_file("calibrate"), {
+        "submission_estimate_method": "cv", "submission_logloss_estimate": 0.4612, "submission_logloss_low": 0.41,
+        "submission_logloss_high": 0.53, "submission_interval_level": 0.8})
     table = results_table(str(project)).splitlines()
     assert table[2].split() == ["calibrate", "0.5000", "0.8000"]  # not a column: one stage has it
-    assert "the submission (fold models averaged) is estimated at 0.4612" in table[3]
+    assert table[3] == ("  the submission is estimated at 0.4612 (the CV log loss), 80% interval over the test's "
+                        "drivers [0.4100, 0.5300]")
 
 
-def test_headline_of_calibrate_in_cv_mode_adds_the_submissions_estimate():
-    figures = {"valid_logloss": 0.52, "valid_acc": 0.77, "fold_averaging_gain": 0.05, "submission_logloss_estimate": 0.47}
-    assert headline(figures) == "held-out log loss 0.5200 (acc 0.770); the fold-averaged submission's estimate 0.4700"
+def test_headline_of_calibrate_adds_the_submissions_estimate_and_interval():
+    figures = {"valid_logloss": 0.52, "valid_acc": 0.77, "submission_logloss_estimate": 0.47,
+               "submission_logloss_low": 0.41, "submission_logloss_high": 0.55}
+    assert headline(figures) == "held-out log loss 0.5200 (acc 0.770); the submission's estimate 0.4700 [0.4100, 0.5500]"
     assert headline({"calibrate": figures}) == headline(figures)  # as the flow's stage line passes it
-    assert headline(figures | {"fold_averaging_gain": None}) == "held-out log loss 0.5200 (acc 0.770)"
+    assert headline(figures | {"submission_logloss_low": None}) == "held-out log loss 0.5200 (acc 0.770)"
 
 
 def test_results_table_before_any_scores_says_so(project):

@@ -203,21 +203,33 @@ def test_cv_table_shows_hidden_test_beside_cv_for_each_model_and_stage(smoke_cfg
     assert calibrated.flag == Flag("applied", "ok", "(temperature 1.3000)")
 
 
-def test_cv_table_and_scores_give_the_fold_averaged_submissions_estimate(smoke_cfg):
+ESTIMATES = {"submission_estimate_method": "cv", "submission_logloss_estimate": 0.33, "submission_logloss_low": 0.28,
+             "submission_logloss_high": 0.41, "submission_interval_level": 0.8,
+             "submission_estimates": {"cv": 0.33, "cv_less_gain": 0.29, "cv_less_half_gain": 0.31, "cv_plus_shift": 0.34}}
+
+
+def test_cv_table_and_scores_give_the_submissions_estimate_with_its_interval_and_every_candidate(smoke_cfg):
     oof_json(smoke_cfg, {"head": 0.5, "finetune": 0.4})
     ensemble_json(smoke_cfg)
-    calibrate_json(smoke_cfg, fold_averaging_gain=0.04, submission_logloss_estimate=0.29)
+    calibrate_json(smoke_cfg, fold_averaging_gain=0.04, **ESTIMATES)
     view = view_of(smoke_cfg)
     row = view.cross_validation.rows[-1]
-    assert row.label == "submission estimate (CV − fold averaging gain)"
-    assert (row.valid_logloss, row.valid_acc, row.test_logloss, row.test_acc) == (0.29, None, 0.44, 0.75)
-    assert row.flag.label == "averaging the fold models gains 0.0400 on test (label-free)"
+    assert row.label == "submission estimate (the CV log loss)"
+    assert (row.valid_logloss, row.valid_acc, row.test_logloss, row.test_acc) == (0.33, None, 0.44, 0.75)
+    assert row.flag.label == "80% interval over test drivers [0.2800, 0.4100]"
     estimate = view.calibration.verdict.submission
-    assert (estimate.gain, estimate.estimate) == (0.04, 0.29)
-    assert read_scores(smoke_cfg)["calibrate"]["submission_estimate"] == 0.29
+    assert (estimate.value, estimate.low, estimate.high, estimate.gain) == (0.33, 0.28, 0.41, 0.04)
+    assert estimate.candidates == {"the CV log loss": 0.33, "CV less the fold averaging gain": 0.29,
+                                   "CV less half the fold averaging gain": 0.31, "CV plus the test confidence shift": 0.34}
+    scores = read_scores(smoke_cfg)["calibrate"]
+    assert (scores["submission_estimate"], scores["submission_estimate_low"], scores["submission_estimate_high"]) == (0.33, 0.28, 0.41)
     page = smoke_cfg.paths.path("report_html").read_text()
-    assert "averaging gains 0.0400 on the test images (label-free), so the submission's estimate is 0.2900" in page
-    calibrate_json(smoke_cfg, fold_averaging_gain=None, submission_logloss_estimate=0.33)  # holdout: nothing averaged
+    assert "CV less the fold averaging gain 0.2900" in page and "[0.2800, 0.4100]" in page
+
+
+def test_a_calibrate_json_without_an_estimate_shows_none(smoke_cfg):
+    oof_json(smoke_cfg, {"head": 0.5, "finetune": 0.4})
+    calibrate_json(smoke_cfg, fold_averaging_gain=None)
     view = view_of(smoke_cfg)
     assert not any(r.label.startswith("submission estimate") for r in view.cross_validation.rows)
     assert view.calibration.verdict.submission is None

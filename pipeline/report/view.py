@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from pipeline.ensembling.estimate import METHODS
 from pipeline.config import Config
 from pipeline.metrics import chain_steps, expected_calibration_error, reliability_bins
 from pipeline.registry import model_rank
@@ -152,15 +153,26 @@ class CrossValidation:
 
 @dataclass(frozen=True)
 class SubmissionEstimate:
-    gain: float  # the label-free log loss gain of averaging the fold models on the test images
-    estimate: float | None  # the CV log loss less that gain
+    method: str  # calibrate.estimate, as the console names it
+    value: float  # the submission's estimated log loss
+    low: float | None  # the interval over the test's drivers
+    high: float | None
+    level: float | None  # the interval's coverage
+    gain: float | None  # the label-free log loss gain of averaging the fold models on the test images
+    candidates: dict[str, float]  # every candidate estimate, by name
 
 
 def submission_estimate(calibrate: dict) -> SubmissionEstimate | None:
-    """The submission averages the K fold models; each OOF row saw one: calibrate's estimate of the
-    submission, or None when nothing is averaged (holdout). The one place these keys are read."""
-    gain = calibrate.get("fold_averaging_gain")
-    return None if gain is None else SubmissionEstimate(gain, calibrate.get("submission_logloss_estimate"))
+    """Calibrate's estimate of the submission with its interval and the other candidates; None before
+    calibrate wrote one. The one place these keys are read."""
+    value = calibrate.get("submission_logloss_estimate")
+    method = calibrate.get("submission_estimate_method")
+    if not is_number(value) or method not in METHODS:
+        return None
+    return SubmissionEstimate(METHODS[method], float(value), calibrate.get("submission_logloss_low"),
+                              calibrate.get("submission_logloss_high"), calibrate.get("submission_interval_level"),
+                              calibrate.get("fold_averaging_gain"),
+                              {METHODS[k]: v for k, v in (calibrate.get("submission_estimates") or {}).items() if k in METHODS})
 
 
 def ordered_models(names: list[str], preferred: list[str] | None = None) -> list[str]:
@@ -206,11 +218,12 @@ def score_row(label: str, figs: dict, flag: Flag | None = None, spread: bool = F
 
 def submission_estimate_row(calibrate: dict) -> ScoreRow | None:
     estimate = submission_estimate(calibrate)
-    if estimate is None or estimate.estimate is None:
+    if estimate is None:
         return None
-    return ScoreRow("submission estimate (CV − fold averaging gain)", estimate.estimate, None,
-                    calibrate.get("test_logloss"), calibrate.get("test_acc"),
-                    flag=Flag(f"averaging the fold models gains {estimate.gain:.4f} on test (label-free)"))
+    interval = (f"{estimate.level:.0%} interval over test drivers [{estimate.low:.4f}, {estimate.high:.4f}]"
+                if is_number(estimate.low) and is_number(estimate.high) and is_number(estimate.level) else "")
+    return ScoreRow(f"submission estimate ({estimate.method})", estimate.value, None,
+                    calibrate.get("test_logloss"), calibrate.get("test_acc"), flag=Flag(interval) if interval else None)
 
 
 def cross_validation(metrics: dict[str, dict], models: list[str] | None = None) -> CrossValidation | None:

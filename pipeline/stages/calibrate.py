@@ -18,11 +18,11 @@ validation groups). It is applied to test only when that nested log loss beats n
 submission's single fold models. ``curve`` is the OOF reliability curve (confidence against accuracy).
 The fitting functions are pure (``pipeline.ensembling.calibration``).
 
-The submission averages the K fold models, which no OOF row can show: each is predicted by one fold
-model, and the mean of K is better on test than each of them (docs/results.md). So
-``submission_logloss_estimate`` is the CV log loss minus ``fold_averaging_gain``, the label-free gain
-of the calibrated submission over each fold's calibrated ensemble alone on the test images
-(``pipeline.outoffold.fold_averaging_gain``); in holdout mode, with one model per stage, the two agree.
+The submission averages the K fold models on test drivers no model saw; each OOF row was predicted by
+one fold model. ``submission_logloss_estimate`` is the estimate chosen by ``calibrate.estimate``, with
+an interval over the test's drivers (``submission_logloss_low``/``_high``); every candidate is kept in
+``submission_estimates`` (``pipeline.ensembling.estimate``; docs/results.md measures them against
+hidden test labels).
 
 Reads ``data/predictions/ensemble/{oof,test,test_folds}.csv`` and ``data/split.csv``; writes
 ``data/predictions/calibrate/{oof,test}.csv`` and ``reports/stages/calibrate.json``.
@@ -40,6 +40,7 @@ from pipeline.chain import Calibration, apply_calibration
 from pipeline.competition import read_competition
 from pipeline.config import Config
 from pipeline.ensembling.calibration import cross_fitted_probs, fit_calibration, reliability_curve
+from pipeline.ensembling.estimate import estimate_submission
 from pipeline.errors import BadInputError, StageError
 from pipeline.folds import nested_folds
 from pipeline.metrics import (
@@ -129,7 +130,11 @@ def run(cfg: Config) -> dict:
     oof_cal = nested if trusted else oof_probs  # the honest rows: each fold calibrated by the others' fit
     test_cal = apply_calibration(test_probs, calibration)
     per_fold = read_test_folds(source / TEST_FOLDS_FILE, test_imgs, classes, SOURCE_STAGE)
-    gain = None if per_fold is None else fold_averaging_gain(test_cal, [apply_calibration(p, calibration) for p in per_fold])
+    per_fold_cal = None if per_fold is None else np.stack([apply_calibration(p, calibration) for p in per_fold])
+    gain = None if per_fold_cal is None else fold_averaging_gain(test_cal, per_fold_cal)
+    estimate = estimate_submission(oof_cal, labels, held.groups, held.folds, test_cal, per_fold_cal,
+                                   sorted(np.unique(held.folds).tolist()), gain, opts.estimate, opts.test_groups,
+                                   opts.interval)
     write_predictions(out / OOF_FILE, held.ids, oof_cal, classes, folds=held.folds)
     write_predictions(out / "test.csv", test_imgs, test_cal, classes)
 
@@ -140,10 +145,11 @@ def run(cfg: Config) -> dict:
         **rounded(after),
         **rounded({f"{key}_before": value for key, value in before.items()}),
         "validation": cfg.split.validation,
-        # what averaging the K fold models gains on test (None: one model, nothing averaged), and the
-        # CV log loss less that gain: the estimate of the submission Kaggle scores
+        # what averaging the K fold models gains on test, label-free (None: one model, nothing averaged)
         "fold_averaging_gain": None if gain is None else round(gain, 6),
-        "submission_logloss_estimate": round(after["valid_logloss"] - (gain or 0.0), 6),
+        # the submission's estimated log loss (calibrate.estimate), its interval over test drivers, and
+        # every candidate estimate (pipeline/ensembling/estimate.py)
+        **estimate.as_figures(),
         # nested: each fold calibrated by a fit on the others (None with a single group)
         "valid_logloss_nested": None if nested_logloss is None else round(nested_logloss, 6),
         "valid_logloss_insample": round(kaggle_logloss(apply_calibration(oof_probs, fitted), labels), 6),
