@@ -1,5 +1,6 @@
 """Scheduled retraining: `dvc repro` every stage (only the stale ones run: new data, code or params),
-then submit only when the validation log loss improved on the last submission.
+then submit only when the validation log loss improved on the last submission, compared like with like
+(the same stage, validation mode and labelled rows; flows/submission.py).
 
 The headline figure is the `valid_logloss` of the last stage in DAG order that reports one
 (reports/metrics.json); the last submitted score lives in reports/last_submission.json.

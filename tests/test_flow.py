@@ -293,6 +293,23 @@ def test_headline_is_the_last_stage_in_dag_order_with_a_validation_log_loss():
     assert table[1]["valid_logloss"] == 0.9 and table[0]["valid_logloss"] == ""
 
 
+def test_the_retrain_compares_like_with_like_and_names_the_figure():
+    from flows.submission import compared_figure, should_submit
+
+    metrics = {"calibrate": {"valid_logloss": 0.5, "validation": "cv", "n_valid": 549,
+                             "submission_logloss_estimate": 0.5, "submission_estimate_method": "cv"}}
+    last = compared_figure(metrics) | {"valid_logloss": 0.52}
+    submit, why = should_submit(metrics, last)
+    assert submit and why == "improved: calibrate's valid_logloss 0.50000 (cv, 549 labelled rows) < 0.52000 (last submission, same figure)"
+    submit, why = should_submit(metrics, last | {"valid_logloss": 0.49})
+    assert not submit and "did not improve on the last submission's 0.49000 (same figure)" in why
+    # new labelled rows (or another validation mode): the figures are not comparable, and the reason says so
+    submit, why = should_submit(metrics, last | {"valid_logloss": 0.45, "n_valid": 500})
+    assert submit and "not comparable with the last submission's calibrate's valid_logloss 0.45000 (cv, 500 labelled rows)" in why
+    submit, why = should_submit(metrics, last | {"valid_logloss": 0.45, "validation": "holdout"})
+    assert submit and "(another validation)" in why
+
+
 def test_stage_failure_keeps_the_last_stderr_lines_and_names_the_stage():
     import pickle
 
