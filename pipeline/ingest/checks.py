@@ -11,7 +11,7 @@ import csv
 import os
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,28 +131,26 @@ def rows_from_class_folders(build: Path, origin: Path, spec: CompetitionConfig, 
     found = scan_class_folders(build, origin, spec, classes)
     if not spec.labels_csv:
         return [TrainRow(image_id, path, label, "") for image_id, (label, path) in found.items()]
-    label_file = origin / spec.labels_csv
-    rows: list[TrainRow] = []
-    first_line: dict[str, int] = {}
-    for line, image_id, label, group in read_label_rows(build / spec.labels_csv, label_file, spec, classes):
-        if image_id in first_line:
-            raise BadInputError(label_file, f"duplicate id {image_id} (first listed on row {first_line[image_id]})", row=line)
-        if image_id not in found:
-            raise BadInputError(label_file, f"listed image {image_id} is missing: no "
-                                            f"{spec.train_dir}/{label}/{spec.filename.format(id=image_id)}"
-                                            f"{normalisation_hint(image_id, found)}", row=line)
-        folder, path = found[image_id]
-        if folder != label:
-            raise BadInputError(label_file, f"{image_id} is labelled {label} but lies in {spec.train_dir}/{folder}/", row=line)
-        first_line[image_id] = line
-        rows.append(TrainRow(image_id, path, label, group))
-    require_all_listed(found.keys() - first_line.keys(), {i: p for i, (_, p) in found.items()}, origin, spec)
-    return rows
+    files = {image_id: path for image_id, (_, path) in found.items()}
+
+    def in_its_class_folder(image_id: str, label: str) -> str | None:
+        folder = found[image_id][0]
+        return None if folder == label else f"{image_id} is labelled {label} but lies in {spec.train_dir}/{folder}/"
+
+    return listed_rows(build, origin, spec, classes, files, lambda label: f"{label}/", in_its_class_folder)
 
 
 def rows_from_labels_file(build: Path, origin: Path, spec: CompetitionConfig, classes: list[str],
                           files: dict[str, str]) -> list[TrainRow]:
     """CSV layout: every row names an image of the flat train folder and a class; every image is listed once."""
+    return listed_rows(build, origin, spec, classes, files, lambda label: "", lambda image_id, label: None)
+
+
+def listed_rows(build: Path, origin: Path, spec: CompetitionConfig, classes: list[str], files: dict[str, str],
+                folder_of: Callable[[str], str], misplaced: Callable[[str, str], str | None]) -> list[TrainRow]:
+    """The labels file's rows, each naming an image of ``files`` (id -> path) once, and every image
+    listed: a repeat, a missing image (at ``<train_dir>/<folder_of(label)><file>``) or a ``misplaced``
+    one is refused with its row."""
     label_file = origin / str(spec.labels_csv)
     rows: list[TrainRow] = []
     first_line: dict[str, int] = {}
@@ -161,8 +159,10 @@ def rows_from_labels_file(build: Path, origin: Path, spec: CompetitionConfig, cl
             raise BadInputError(label_file, f"duplicate id {image_id} (first listed on row {first_line[image_id]})", row=line)
         if image_id not in files:
             raise BadInputError(label_file, f"listed image {image_id} is missing: no "
-                                            f"{spec.train_dir}/{spec.filename.format(id=image_id)}"
+                                            f"{spec.train_dir}/{folder_of(label)}{spec.filename.format(id=image_id)}"
                                             f"{normalisation_hint(image_id, files)}", row=line)
+        if (problem := misplaced(image_id, label)) is not None:
+            raise BadInputError(label_file, problem, row=line)
         first_line[image_id] = line
         rows.append(TrainRow(image_id, files[image_id], label, group))
     require_all_listed(files.keys() - first_line.keys(), files, origin, spec)
