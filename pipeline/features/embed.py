@@ -1,6 +1,7 @@
-"""The frozen conv base's forward pass over batches of images, as fp16 features: what the ``features``
-stage caches (``pipeline.features.extract``) and what the code-competition notebook computes on the
-hidden test images (``pipeline.kernel.predict``), so both give the same values for the same images.
+"""Forward passes over batches of images, shared by the stages and the code-competition notebook
+(``pipeline.kernel.predict``) so both give the same values for the same images: the frozen conv base as
+fp16 features (what the ``features`` stage caches, ``pipeline.features.extract``) and a whole network's
+softmax probabilities (``pipeline.training.prediction``).
 """
 
 from __future__ import annotations
@@ -42,3 +43,19 @@ def embed_batches(conv_base: torch.nn.Module, loader: DataLoader, device: torch.
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_cuda):
             out = conv_base(images)
         yield out.float().clamp_(-FP16_MAX, FP16_MAX).to(torch.float16).cpu().numpy()
+
+
+@torch.no_grad()
+def softmax_batches(network: torch.nn.Module, loader: DataLoader, device: torch.device, channels_last: bool) -> np.ndarray:
+    """Softmax probabilities (float64) of every batch of ``loader``, bf16 autocast on CUDA; channels-last
+    input where ``channels_last``. ``(0, 0)`` for an empty loader."""
+    cuda = device.type == "cuda"
+    out = []
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = network(images)
+        out.append(torch.nn.functional.softmax(logits.float(), dim=1).double().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))

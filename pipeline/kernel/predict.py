@@ -36,7 +36,7 @@ from pipeline.config import AugmentConfig, ModelConfig
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
 from pipeline.ensembling.smoothing import nearest_neighbours, smooth_with_neighbours
 from pipeline.errors import StageError
-from pipeline.features.embed import embed_batches, resolve_device
+from pipeline.features.embed import embed_batches, resolve_device, softmax_batches
 from pipeline.io import file_sha256, read_json
 from pipeline.metrics import normalise
 from pipeline.models import ConvBase, ConvNet, create_backbone, create_conv_base, create_dense_head
@@ -234,15 +234,7 @@ def predict_images(network: nn.Module, paths: list[str], target_hw: tuple[int, i
     images = ImageRowsDataset(paths, target_hw, copies=[copy] * len(paths), augmentation=augmentation, seed=seed)
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers, worker_init_fn=seed_worker,
                         pin_memory=cuda)
-    out = []
-    for batch, _ in loader:
-        batch = batch.to(device, non_blocking=True)
-        if cuda:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = network(batch)
-        out.append(F.softmax(logits.float(), dim=1).double().cpu())
-    return torch.cat(out).numpy()
+    return softmax_batches(network, loader, device, channels_last=cuda)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import AugmentConfig, Config
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
+from pipeline.features.embed import softmax_batches
 from pipeline.metrics import keep_tta_if_better
 from pipeline.training.folds import monitors_held_out
 from pipeline.training.tables import ImageTable
@@ -40,16 +41,7 @@ def predict_rows(network: nn.Module, table: ImageTable, rows: np.ndarray, target
     dataset = Subset(images, rows.tolist())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
-    cuda = device.type == "cuda"
-    out = []
-    for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = network(images)
-        out.append(F.softmax(logits.float(), dim=1).double().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+    return softmax_batches(network, loader, device, channels_last)
 
 
 def predict_probs(network: nn.Module, table: ImageTable, target_hw: tuple[int, int], batch_size: int,
