@@ -3,8 +3,9 @@ lucky seed? For several seeds (split, head, finetune, pseudo and so member seeds
 backbone and feature cache are shared), the chain from ``split`` to ``calibrate`` runs in ``cv`` mode
 and in ``holdout`` mode, side by side. Per seed: each model's validation (CV) and hidden-test log
 loss, the ensemble's and the calibrated submission's, how far the submission's estimate is from its
-hidden-test log loss in each mode (cv: the OOF log loss less the fold averaging gain, calibrate's
-``submission_logloss_estimate``; the OOF log loss alone beside it), and the single model validation
+hidden-test log loss in each mode (calibrate's ``submission_logloss_estimate``, the method
+``calibrate.estimate`` names; the OOF log loss alone beside it; ``benchmarks/submission_estimate.py``
+compares every candidate on the runs this keeps with ``--workdir``), and the single model validation
 would pick. Needs hidden labels, i.e. the synthetic data.
 
     python benchmarks/ensemble_seeds.py [--profile demo] [--seeds 0 1 2] [--modes cv holdout] [--set KEY=VALUE ...]
@@ -75,7 +76,7 @@ def mode_row(figures: dict[str, Any], drift: float | None = None) -> dict[str, A
     ensemble, calibrate = figures["ensemble"], figures["calibrate"]
     picked = min(models, key=lambda m: models[m]["valid_logloss"])
     best_test = min(m["test_logloss"] for m in models.values())
-    # the fold-averaged submission's estimate (cv: the OOF log loss less the label-free averaging gain)
+    # the submission's estimate (calibrate.estimate's method)
     estimate = calibrate["submission_logloss_estimate"]
     hidden = calibrate["test_logloss"]
     return {
@@ -123,7 +124,7 @@ def print_tables(results: dict[int, dict[str, dict[str, Any]]], modes: list[str]
         closer = sum(r["cv"]["relative_error"] < r["holdout"]["relative_error"] for r in results.values())
         print(f"cv estimate closer to hidden test than holdout's on {closer} of {n} seeds")
         closer_oof = sum(r["cv"]["relative_error_oof"] < r["holdout"]["relative_error"] for r in results.values())
-        print(f"(the OOF log loss alone, without the fold averaging gain: closer on {closer_oof} of {n})")
+        print(f"(the OOF log loss alone: closer on {closer_oof} of {n})")
     print_stage_means(results, modes)
     drifts = [r["holdout"]["first_epoch_drift"] for r in results.values() if "holdout" in r]
     if drifts := [d for d in drifts if d is not None]:

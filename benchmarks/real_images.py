@@ -21,6 +21,9 @@ small rotation, with brightness, contrast and saturation jitter, noise and JPEG 
 groups are 20 "cameras" (4 in test), 150 images each (3,000 in all): group g only sees views centred
 on strip g of 20 along every region's longer side, through its own colour cast and exposure, so test
 groups show sub-areas and casts never seen in training.
+
+Each run keeps its test labels in ``run_<kind><seed>/data/hidden/test_labels.csv`` (written after the
+run) for ``benchmarks/submission_estimate.py``.
 """
 from __future__ import annotations
 
@@ -234,6 +237,14 @@ def pixels(image: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- the pipeline
 
 
+def write_hidden_labels(run: Path, test: pd.DataFrame) -> None:
+    """The test labels where a synthetic run keeps them (``data/hidden/test_labels.csv``), written after
+    the run, so ``benchmarks/submission_estimate.py`` can score the run's estimates."""
+    hidden = run / "data" / "hidden"
+    hidden.mkdir(parents=True, exist_ok=True)
+    test[["img", "classname", "subject"]].set_axis(["id", "label", "group"], axis=1).to_csv(hidden / "test_labels.csv", index=False)
+
+
 def pipeline_probs(root: Path, work: Path, profile: str, overrides: list[str],
                    test_ids: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
     cfg = load_profile(profile, [*overrides, "ingest.source=dir", f"ingest.path={root}"]).at(work)
@@ -271,6 +282,7 @@ def main() -> None:
             start = time.perf_counter()
             probs, figures = pipeline_probs(root, work / f"run_{args.kind}{seed}", args.profile, [*args.overrides, f"seed={seed}"], test["img"].tolist())
             row["pipeline"] = [kaggle_logloss(probs, labels), accuracy(probs, labels)]
+            write_hidden_labels(work / f"run_{args.kind}{seed}", test)
             row["pipeline_cv_logloss"] = figures["calibrate"]["valid_logloss"]
             row["pipeline_seconds"] = round(time.perf_counter() - start, 1)
             row["models_cv"] = {m: f["valid_logloss"] for m, f in figures["oof"]["models"].items()}

@@ -87,3 +87,46 @@ def test_first_epoch_change_is_paired_row_by_row():
     noisy = np.clip(head * rng.lognormal(0, 0.05, head.shape), 1e-6, None)
     assert abs(bench.paired_change(head, noisy, labels)["z"]) < 3
 
+
+
+def test_submission_estimate_scores_every_candidate_of_a_finished_run_against_its_hidden_labels(tmp_path):
+    """A finished run's files (as ensemble_seeds.py and real_images.py keep them): the hidden-test log
+    loss is the submission's, each candidate's error is relative to it, the interval brackets the value."""
+    from pipeline.ensembling.estimate import METHODS
+    from pipeline.io import atomic_write_json
+    from pipeline.metrics import kaggle_logloss, write_predictions
+    from pipeline.outoffold import write_test_folds
+
+    bench = load("submission_estimate")
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+
+    def probs(labels, sharp):
+        logits = rng.normal(0, 1, (len(labels), 3))
+        logits[np.arange(len(labels)), labels] += sharp
+        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    data = tmp_path / "data"
+    labels, folds = rng.integers(0, 3, 120), np.repeat([0, 1], 60)
+    ids = [f"i{k}" for k in range(120)]
+    (data / "hidden").mkdir(parents=True)
+    import pandas as pd
+
+    pd.DataFrame({"id": ids, "label": [classes[k] for k in labels], "group": [f"g{k // 10}" for k in range(120)],
+                  "split": "train", "fold": folds}).to_csv(data / "split.csv", index=False)
+    write_predictions(data / "predictions/calibrate/oof.csv", ids, probs(labels, 2.0), classes, folds=folds)
+    test_labels = rng.integers(0, 3, 40)
+    test_ids = [f"t{k}" for k in range(40)]
+    per_fold = np.stack([probs(test_labels, 1.5), probs(test_labels, 1.5)])
+    write_test_folds(data / "predictions/ensemble/test_folds.csv", test_ids, per_fold, [0, 1], classes)
+    write_predictions(data / "predictions/calibrate/test.csv", test_ids, per_fold.mean(axis=0), classes)
+    pd.DataFrame({"id": test_ids, "label": [classes[k] for k in test_labels]}).to_csv(data / "hidden/test_labels.csv", index=False)
+    atomic_write_json(tmp_path / "reports/stages/calibrate.json", {"temperature": 1.0, "clip_lo": 0.0, "clip_hi": 1.0})
+
+    row = bench.run_figures(tmp_path, None, 0.8)
+    assert row["hidden_test"] == pytest.approx(kaggle_logloss(per_fold.mean(axis=0), test_labels))
+    assert set(row["candidates"]) == set(METHODS)
+    for figures in row["candidates"].values():
+        assert figures["low"] < figures["value"] < figures["high"]
+        assert figures["error"] == pytest.approx(figures["value"] / row["hidden_test"] - 1)
+    assert row["candidates"]["cv_less_gain"]["value"] < row["candidates"]["cv"]["value"]  # averaging disagreeing folds gains
