@@ -31,6 +31,7 @@ from pipeline.config import Config
 from pipeline.errors import BadInputError, StageError
 from pipeline.folds import held_out_mask
 from pipeline.metrics import (
+    ID_COLUMN,
     KAGGLE_EPS,
     OOF_FILE,
     accuracy,
@@ -198,3 +199,43 @@ def fold_figures(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> di
     losses = [f["logloss"] for f in per_fold.values()]
     return {"folds": per_fold, "fold_logloss_mean": float(np.mean(losses)),
             "fold_logloss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0}
+
+
+def read_checked_predictions(path: Path, classes: list[str], produced_by: str) -> tuple[list[str], np.ndarray]:
+    """A predictions file, refused with file, row and column when a row is not a usable distribution."""
+    if not path.exists():
+        raise StageError(f"{path} not found: run the {produced_by} stage first")
+    header = [ID_COLUMN, *classes]
+    try:
+        got = [ID_COLUMN, *prediction_classes(path)]
+        ids, probs = read_predictions(path)
+    except (KeyError, ValueError) as err:
+        raise BadInputError(path, f"expected columns {','.join(header)} with numeric probabilities ({err})", row=1) from None
+    if got != header:
+        raise BadInputError(path, f"expected columns {','.join(header)}, got {','.join(got)}", row=1)
+    bad = ~np.isfinite(probs) | (probs < 0)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise BadInputError(path, f"{ids[i]}: {classes[j]} = {probs[i, j]} (probabilities must be finite and >= 0)",
+                            row=i + 2)
+    empty = ~(probs.sum(axis=1) > 0)
+    if empty.any():
+        i = int(np.argmax(empty))
+        raise BadInputError(path, f"{ids[i]}: every probability is 0", row=i + 2)
+    return ids, probs
+
+
+def aligned_rows(path: Path, ids: list[str], probs: np.ndarray, wanted: list[str], produced_by: str) -> np.ndarray:
+    """``probs`` (rows of ``path`` in ``ids`` order) reordered to ``wanted``; every wanted id exactly once."""
+    position: dict[str, int] = {}
+    for i, image_id in enumerate(ids):
+        if image_id in position:  # name the repeat, where the file goes wrong
+            raise BadInputError(path, f"id {image_id!r} appears twice (first at row {position[image_id] + 2})", row=i + 2)
+        position[image_id] = i
+    unknown = [i for i, image_id in enumerate(ids) if image_id not in set(wanted)]
+    if unknown:
+        raise BadInputError(path, f"{ids[unknown[0]]} is not an out-of-fold row of the split", row=unknown[0] + 2)
+    missing = [image_id for image_id in wanted if image_id not in position]
+    if missing:
+        raise StageError(f"{path}: {len(missing)} row(s) missing (e.g. {missing[0]!r}): rerun the {produced_by} stage")
+    return probs[[position[image_id] for image_id in wanted]]

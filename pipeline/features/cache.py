@@ -180,3 +180,17 @@ def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
                              "and rerun the features stage")
         features[lo:hi] = chunk
     return FeatureSplit(split, index, features, int(info["copies"]))
+
+
+def plain_features(features_dir: Path, ids: list[str], split_names: tuple[str, ...]) -> np.ndarray:
+    """The cached unaugmented (copy 0) conv features of ``ids``, looked up in the named cache splits."""
+    parts = []
+    for name in split_names:
+        split = load_split(features_dir, name)
+        rows = split.rows_of_copy(0)
+        parts.append(pd.DataFrame(split.features[rows].astype(np.float32), index=split.index["id"].to_numpy()[rows]))
+    table = pd.concat(parts)
+    missing = [i for i in ids if i not in table.index]
+    if missing:
+        raise StageError(f"{features_dir}: no cached features for {missing[0]!r}: rerun the features stage")
+    return table.loc[ids].to_numpy()

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
@@ -41,63 +40,26 @@ from pipeline.competition import read_competition
 from pipeline.config import Config
 from pipeline.ensembling.calibration import cross_fitted_probs, fit_calibration, reliability_curve
 from pipeline.ensembling.estimate import estimate_submission
-from pipeline.errors import BadInputError, StageError
 from pipeline.folds import nested_folds
 from pipeline.metrics import (
-    ID_COLUMN,
     OOF_FILE,
     evaluate,
     kaggle_logloss,
-    prediction_classes,
     read_hidden_labels,
-    read_predictions,
     write_predictions,
     write_stage_metrics,
 )
-from pipeline.outoffold import TEST_FOLDS_FILE, fold_averaging_gain, read_held_out, read_test_folds
+from pipeline.outoffold import (
+    TEST_FOLDS_FILE,
+    aligned_rows,
+    fold_averaging_gain,
+    read_checked_predictions,
+    read_held_out,
+    read_test_folds,
+)
 
 SOURCE_STAGE = "ensemble"
 # ---------------------------------------------------------------------------- inputs
-
-
-def read_checked_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
-    """A predictions file, refused with file, row and column when a row is not a usable distribution."""
-    if not path.exists():
-        raise StageError(f"{path} not found: run the {SOURCE_STAGE} stage first")
-    header = [ID_COLUMN, *classes]
-    try:
-        got = [ID_COLUMN, *prediction_classes(path)]
-        ids, probs = read_predictions(path)
-    except (KeyError, ValueError) as err:
-        raise BadInputError(path, f"expected columns {','.join(header)} with numeric probabilities ({err})", row=1) from None
-    if got != header:
-        raise BadInputError(path, f"expected columns {','.join(header)}, got {','.join(got)}", row=1)
-    bad = ~np.isfinite(probs) | (probs < 0)
-    if bad.any():
-        i, j = (int(v) for v in np.argwhere(bad)[0])
-        raise BadInputError(path, f"{ids[i]}: {classes[j]} = {probs[i, j]} (probabilities must be finite and >= 0)",
-                            row=i + 2)
-    empty = ~(probs.sum(axis=1) > 0)
-    if empty.any():
-        i = int(np.argmax(empty))
-        raise BadInputError(path, f"{ids[i]}: every probability is 0", row=i + 2)
-    return ids, probs
-
-
-def aligned_rows(path: Path, ids: list[str], probs: np.ndarray, wanted: list[str]) -> np.ndarray:
-    """``probs`` (rows of ``path`` in ``ids`` order) reordered to ``wanted``; every wanted id exactly once."""
-    position: dict[str, int] = {}
-    for i, image_id in enumerate(ids):
-        if image_id in position:  # name the repeat, where the file goes wrong
-            raise BadInputError(path, f"id {image_id!r} appears twice (first at row {position[image_id] + 2})", row=i + 2)
-        position[image_id] = i
-    unknown = [i for i, image_id in enumerate(ids) if image_id not in set(wanted)]
-    if unknown:
-        raise BadInputError(path, f"{ids[unknown[0]]} is not an out-of-fold row of the split", row=unknown[0] + 2)
-    missing = [image_id for image_id in wanted if image_id not in position]
-    if missing:
-        raise StageError(f"{path}: {len(missing)} row(s) missing (e.g. {missing[0]!r}): rerun the {SOURCE_STAGE} stage")
-    return probs[[position[image_id] for image_id in wanted]]
 
 
 # ---------------------------------------------------------------------------- stage
@@ -113,9 +75,9 @@ def run(cfg: Config) -> dict:
     out = cfg.paths.path("predictions") / "calibrate"
     classes = list(read_competition(cfg.paths.path("raw")).classes)
     held = read_held_out(cfg, classes)
-    oof_ids, oof_probs = read_checked_predictions(source / OOF_FILE, classes)
-    test_imgs, test_probs = read_checked_predictions(source / "test.csv", classes)
-    oof_probs = aligned_rows(source / OOF_FILE, oof_ids, oof_probs, held.ids)
+    oof_ids, oof_probs = read_checked_predictions(source / OOF_FILE, classes, SOURCE_STAGE)
+    test_imgs, test_probs = read_checked_predictions(source / "test.csv", classes, SOURCE_STAGE)
+    oof_probs = aligned_rows(source / OOF_FILE, oof_ids, oof_probs, held.ids, SOURCE_STAGE)
     labels = held.labels
 
     opts = cfg.calibrate

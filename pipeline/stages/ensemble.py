@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from pipeline.chain import combine
 from pipeline.competition import read_competition
@@ -39,7 +38,7 @@ from pipeline.ensembling.smoothing import (
     smoothing_decision,
 )
 from pipeline.errors import StageError
-from pipeline.features.cache import load_split
+from pipeline.features.cache import plain_features
 from pipeline.folds import nested_folds
 from pipeline.metrics import (
     OOF_FILE,
@@ -58,21 +57,6 @@ from pipeline.outoffold import (
     read_test_ids,
     write_test_folds,
 )
-
-
-def plain_features(cfg: Config, ids: list[str], split_names: tuple[str, ...]) -> np.ndarray:
-    """The cached unaugmented conv features of ``ids`` (looked up in the named cache splits)."""
-    parts = []
-    for name in split_names:
-        split = load_split(cfg.paths.path("features"), name)
-        rows = split.rows_of_copy(0)
-        parts.append(pd.DataFrame(split.features[rows].astype(np.float32), index=split.index["id"].to_numpy()[rows]))
-    table = pd.concat(parts)
-    missing = [i for i in ids if i not in table.index]
-    if missing:
-        raise StageError(f"{cfg.paths.path('features')}: no cached features for {missing[0]!r}: rerun the features stage")
-    return table.loc[ids].to_numpy()
-
 
 # ---------------------------------------------------------------------------- stage
 
@@ -119,11 +103,11 @@ def run(cfg: Config) -> dict[str, Any]:
     smoothing_folds = held.folds if cfg.split.validation == "cv" else np.zeros(len(held), dtype=np.int64)
     k, by_k, test_neighbours = 0, {}, None
     if opts.neighbours:
-        features = plain_features(cfg, held.ids, ("train", "valid"))
+        features = plain_features(cfg.paths.path("features"), held.ids, ("train", "valid"))
         k, by_k = smoothing_decision(oof, labels, features, smoothing_folds, opts.neighbours)
         if k:
             oof = smooth_within_folds(oof, features, smoothing_folds, k)
-            test_neighbours = nearest_neighbours(plain_features(cfg, test_ids, ("test",)), k)
+            test_neighbours = nearest_neighbours(plain_features(cfg.paths.path("features"), test_ids, ("test",)), k)
             test = smooth_with_neighbours(test, test_neighbours)
     per_fold_test = fold_tests(models, weights, opts.mean, test_neighbours)
 
