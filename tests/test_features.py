@@ -99,6 +99,23 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_loading_one_copy_holds_only_its_rows_and_reads_only_their_chunks(tiny_cfg):
+    features.run(tiny_cfg)
+    out = tiny_cfg.paths.path("features")
+    whole = featurecache.load_split(out, "train")
+    plain = featurecache.load_split(out, "train", copy=0)
+    expected = whole.subset(whole.index["id"], plain_only=True)
+    assert plain.copies == 1 and (plain.index["copy"] == 0).all()
+    assert (plain.index["row"] == np.arange(len(plain.index))).all()
+    assert plain.index["id"].tolist() == expected.index["id"].tolist()
+    assert np.array_equal(plain.features, expected.features)
+    last = max(out.glob("train/chunk_*.npy"))  # copy-major: the last chunk holds augmented copies only
+    last.write_bytes(b"corrupt")
+    assert np.array_equal(featurecache.load_split(out, "train", copy=0).features, expected.features)
+    with pytest.raises(StageError, match="malformed chunk"):
+        featurecache.load_split(out, "train")
+
+
 def test_cache_layout_shapes_dtype_and_index(tiny_cfg):
     figures = features.run(tiny_cfg)
     out = tiny_cfg.paths.path("features")

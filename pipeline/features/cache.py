@@ -147,8 +147,9 @@ def load_meta(features_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
-    """Load one split of a complete cache into memory (fp16), checking it against meta.json."""
+def load_split(features_dir: Path | str, split: str, copy: int | None = None) -> FeatureSplit:
+    """Load one split of a complete cache into memory (fp16), checking it against meta.json; with
+    ``copy``, only that copy's rows (renumbered), so memory holds one copy and one chunk, not all."""
     features_dir = Path(features_dir)
     meta = load_meta(features_dir)
     info = meta["splits"].get(split)
@@ -162,9 +163,13 @@ def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
     n_rows, dim, chunk_size = info["n_rows"], meta["feature_dim"], meta["chunk_size"]
     if len(index) != n_rows:
         raise StageError(f"{split_dir / INDEX_FILE}: {len(index)} rows, {META_FILE} says {n_rows}")
-    features = np.empty((n_rows, dim), dtype=np.float16)
+    wanted = np.arange(n_rows) if copy is None else np.flatnonzero(index["copy"].to_numpy() == copy)
+    features = np.empty((len(wanted), dim), dtype=np.float16)
     for j in range(chunk_count(n_rows, chunk_size)):
         lo, hi = chunk_bounds(j, n_rows, chunk_size)
+        first, last = np.searchsorted(wanted, [lo, hi])
+        if first == last:  # no wanted row in this chunk
+            continue
         path = chunk_path(split_dir, j)
         if not chunk_is_valid(path, hi - lo, dim):
             raise StageError(f"{path}: missing or malformed chunk: rerun the features stage")
@@ -178,17 +183,18 @@ def load_split(features_dir: Path | str, split: str) -> FeatureSplit:
             row = int(np.argwhere(~np.isfinite(chunk))[0][0])
             raise StageError(f"{path}: non-finite feature value in row {row} of the chunk: delete {features_dir} "
                              "and rerun the features stage")
-        features[lo:hi] = chunk
-    return FeatureSplit(split, index, features, int(info["copies"]))
+        features[first:last] = chunk[wanted[first:last] - lo]
+    if copy is None:
+        return FeatureSplit(split, index, features, int(info["copies"]))
+    return FeatureSplit(split, renumbered(index.iloc[wanted]), features, 1)
 
 
 def plain_features(features_dir: Path, ids: list[str], split_names: tuple[str, ...]) -> np.ndarray:
     """The cached unaugmented (copy 0) conv features of ``ids``, looked up in the named cache splits."""
     parts = []
     for name in split_names:
-        split = load_split(features_dir, name)
-        rows = split.rows_of_copy(0)
-        parts.append(pd.DataFrame(split.features[rows].astype(np.float32), index=split.index["id"].to_numpy()[rows]))
+        split = load_split(features_dir, name, copy=0)
+        parts.append(pd.DataFrame(split.features.astype(np.float32), index=split.index["id"].to_numpy()))
     table = pd.concat(parts)
     missing = [i for i in ids if i not in table.index]
     if missing:
