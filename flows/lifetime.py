@@ -1,6 +1,6 @@
 """Nothing outlives a killed flow process. Its stage processes end with it (``pipeline.env.die_with_parent``);
 Prefect's ephemeral API server, a uvicorn subprocess that Prefect starts on first use when no
-``PREFECT_API_URL`` is set, does not: a SIGKILLed or SIGTERMed ``python -m flows.pipeline`` used to leave it
+``PREFECT_API_URL`` is set, does not: a SIGKILLed or SIGTERMed ``python -m flows.pipeline`` would leave it
 running. ``bind_ephemeral_server`` starts that server up front and a watchdog process beside it, armed to be
 signalled when the flow process dies, which then stops the server."""
 

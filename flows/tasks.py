@@ -285,8 +285,8 @@ def push_cache(root: str) -> int:
 @contextlib.contextmanager
 def dvc_slot(root: str) -> Iterator[None]:
     """Hold the checkout's DVC slot from configure to push: a second run on the same checkout waits here
-    ("waiting for ...") instead of failing on DVC's lock. (It was a Prefect global concurrency limit,
-    whose slot stayed leased to a killed flow and blocked every later run.)"""
+    ("waiting for ...") instead of failing on DVC's lock. A file lock, not a Prefect concurrency limit:
+    the OS releases it when its holder dies, where a limit's slot stays leased to a killed flow."""
     logger = get_run_logger()
     start = time.monotonic()
     with exclusive_lock(Path(root) / DVC_SLOT, f"the DVC slot of {root}",

@@ -234,7 +234,7 @@ class SplitConfig(Section):
 
 
 class SampleConfig(Section):
-    # The course convention: ~1,500 train and 1,000 valid images; capped by what the split has.
+    # The fast.ai course's convention: ~1,500 train and 1,000 valid images; capped by what the split has.
     n_train: int = Field(1500, ge=10)
     n_valid: int = Field(1000, ge=10)
     seed: int = Field(0, ge=0)
@@ -410,7 +410,7 @@ class FinetuneConfig(Section):
     trainer: TrainerConfig = TrainerConfig()
 
 
-# The course's rule of thumb: a quarter to a third of every batch pseudo-labelled.
+# The fast.ai course's rule of thumb: a quarter to a third of every batch pseudo-labelled.
 PSEUDO_FRACTION_RANGE = (0.25, 1 / 3)
 
 
@@ -521,7 +521,7 @@ def model_stage(model: str, fold: int) -> str:
 
 class CalibrateConfig(Section):
     temperature: bool = True  # temperature scaling fitted on out-of-fold log loss
-    clip: bool = True  # clip to [(1 - hi) / (K - 1), hi], hi chosen on out-of-fold rows (the course: 0.93)
+    clip: bool = True  # clip to [(1 - hi) / (K - 1), hi], hi chosen on out-of-fold rows (the fast.ai course: 0.93)
     # holdout mode: folds over validation drivers for the nested estimate of the calibrated log loss.
     cross_fit_folds: int = Field(2, ge=2)
     seed: int = Field(0, ge=0)

@@ -1,5 +1,5 @@
 """``pseudo`` stage: pseudo-labelling on the test set, then retraining with a fixed pseudo-labelled
-share of every batch (the fast.ai course: a quarter to a third; lesson 7 used 44 train + 16 pseudo). Once per
+share of every batch (the fast.ai course: a quarter to a third, e.g. 44 train + 16 pseudo). Once per
 fold (``pseudo@<fold>``): fold k's student and its teacher (``finetune@<k>``) never saw fold k, so
 fold k's out-of-fold predictions stay honest (its rows reach it neither as labels nor through
 pseudo-labels made by a model trained on them).

@@ -9,7 +9,7 @@ conv blocks, or timm's own block grouping). The head and the last ``unfreeze_blo
 first; every ``unfreeze_every`` epochs one more block joins. Every parameter is in the optimiser from
 the start (block ``k`` from the end at ``lr * layer_lr_decay**k``); a frozen one has no gradient, so
 the optimiser skips it, and its batchnorm stays in eval mode. Epoch 0 runs every group at
-``first_epoch_lr / lr`` of its rate (the course: a low first epoch).
+``first_epoch_lr / lr`` of its rate (the fast.ai course: a low first epoch).
 """
 
 from __future__ import annotations
