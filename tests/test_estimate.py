@@ -97,3 +97,14 @@ def test_estimate_submission_picks_the_configured_candidate_and_centres_the_inte
     figures = estimates["cv"].as_figures()
     assert figures["submission_test_groups"] == pytest.approx(100 / 30, abs=0.01)  # test rows / rows per group
     assert all(np.isfinite(v) for v in figures["submission_estimates"].values())
+
+
+def test_the_interval_never_goes_below_a_log_loss_of_zero():
+    rng = np.random.default_rng(5)
+    oof, labels = predictions(120, 6.0, rng)
+    groups = np.repeat(np.arange(4), 30)
+    oof[:30] = np.roll(oof[:30], 1, axis=1)  # one group confidently wrong: a wide spread over groups
+    cv = kaggle_logloss(oof, labels)
+    est = estimate_submission(oof, labels, groups, groups % 2, oof[:40], None, [0, 1], cv - 0.01, "cv_less_gain", None, 0.8)
+    assert est.value == pytest.approx(0.01)
+    assert est.low == 0.0 < est.value < est.high  # the bootstrap's lower offset is far below -0.01
