@@ -221,8 +221,7 @@ def test_cv_table_and_scores_give_the_submissions_estimate_with_its_interval_and
     assert (estimate.value, estimate.low, estimate.high, estimate.gain) == (0.33, 0.28, 0.41, 0.04)
     assert estimate.candidates == {"the CV log loss": 0.33, "CV less the fold averaging gain": 0.29,
                                    "CV less half the fold averaging gain": 0.31, "CV plus the test confidence shift": 0.34}
-    scores = read_scores(smoke_cfg)["calibrate"]
-    assert (scores["submission_estimate"], scores["submission_estimate_low"], scores["submission_estimate_high"]) == (0.33, 0.28, 0.41)
+    assert read_scores(smoke_cfg)["calibrate"]["submission_estimate"] == 0.33
     page = smoke_cfg.paths.path("report_html").read_text()
     assert "CV less the fold averaging gain 0.2900" in page and "[0.2800, 0.4100]" in page
 
