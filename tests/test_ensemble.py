@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.metrics import kaggle_logloss
 from pipeline.chain import combine
 from pipeline.ensembling.selection import hill_climb, nested_combination
 from pipeline.ensembling.smoothing import (
@@ -18,6 +17,7 @@ from pipeline.ensembling.smoothing import (
     smooth_within_folds,
     smoothing_decision,
 )
+from pipeline.metrics import kaggle_logloss
 
 
 def noisy_predictions(labels: np.ndarray, strength: np.ndarray, rng: np.random.Generator) -> np.ndarray:

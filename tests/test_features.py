@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw
 
 from pipeline.competition import Competition, write_competition
 from pipeline.config import Config
+from pipeline.convfeatures import cache as featurecache
 from pipeline.data import ImageRowsDataset
 from pipeline.errors import StageError
-from pipeline.features import cache as featurecache
 from pipeline.io import atomic_write_csv
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing
 from pipeline.stages import features

@@ -14,7 +14,7 @@ from test_features import write_tiny_dataset
 from test_finetune import link_inputs, prepared, tiny_cfg  # noqa: F401  (prepared is a fixture)
 
 from pipeline.config import Config, ModelConfig
-from pipeline.features import cache as featurecache
+from pipeline.convfeatures import cache as featurecache
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
 from pipeline.models import (

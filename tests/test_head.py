@@ -12,8 +12,8 @@ from conftest import with_validation
 from test_features import write_tiny_dataset
 
 from pipeline.config import Config
+from pipeline.convfeatures import cache as featurecache
 from pipeline.errors import StageError
-from pipeline.features import cache as featurecache
 from pipeline.io import read_json
 from pipeline.metrics import read_predictions
 from pipeline.stages import features, head

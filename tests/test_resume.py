@@ -35,7 +35,7 @@ from test_finetune import ROOT, TINY, link_inputs, prepared, tiny_cfg  # noqa: F
 
 from pipeline.config import load_profile
 from pipeline.console import VERBOSE_ENV
-from pipeline.features.cache import FeatureSplit
+from pipeline.convfeatures.cache import FeatureSplit
 from pipeline.io import atomic_write_json, read_json
 from pipeline.models import create_dense_head
 from pipeline.stages import finetune

@@ -35,8 +35,8 @@ import torch
 import pipeline
 from pipeline.competition import read_competition
 from pipeline.config import Config, model_stage
+from pipeline.convfeatures.cache import load_meta
 from pipeline.errors import StageError
-from pipeline.features.cache import load_meta
 from pipeline.io import atomic_dir, atomic_write_bytes, file_sha256, read_json
 from pipeline.kernel import predict, script
 from pipeline.models import create_backbone

@@ -5,7 +5,7 @@ the ensemble's weights, smoothed over each image's nearest test neighbours and c
 ``oof``, ``ensemble`` and ``calibrate`` stages did; ``pipeline.submission`` writes the file.
 
 It builds on what the stages build on (``pipeline.models`` factories, ``pipeline.data`` decoding and
-augmentation, ``pipeline.features.embed.embed_batches``, ``pipeline.ensembling.smoothing``, ``pipeline.chain``) and
+augmentation, ``pipeline.convfeatures.embed.embed_batches``, ``pipeline.ensembling.smoothing``, ``pipeline.chain``) and
 imports nothing that needs Lightning, Prefect or DVC, which Kaggle's image lacks: the two forward
 passes below follow ``pipeline.training.prediction.predict_rows`` and ``predict_features`` (which live beside the
 Lightning training code) batch for batch.
@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.chain import Calibration, apply_calibration, combine, image_halves
 from pipeline.config import AugmentConfig, ModelConfig
+from pipeline.convfeatures.embed import embed_batches, resolve_device, softmax_batches
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
 from pipeline.ensembling.smoothing import nearest_neighbours, smooth_with_neighbours
 from pipeline.errors import StageError
-from pipeline.features.embed import embed_batches, resolve_device, softmax_batches
 from pipeline.io import file_sha256, read_json
 from pipeline.metrics import normalise
 from pipeline.models import ConvBase, ConvNet, create_backbone, create_conv_base, create_dense_head

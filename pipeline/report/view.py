@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.ensembling.estimate import METHODS
 from pipeline.config import Config
+from pipeline.ensembling.estimate import METHODS
 from pipeline.metrics import chain_steps, expected_calibration_error, reliability_bins
 from pipeline.registry import model_rank
 from pipeline.report.collect import Revision, git_revision, read_competition_or_none, validation_kind

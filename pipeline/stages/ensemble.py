@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.chain import combine
 from pipeline.competition import read_competition
 from pipeline.config import Config
+from pipeline.convfeatures.cache import plain_features
 from pipeline.ensembling.selection import fit_weights, fold_tests, nested_combination
 from pipeline.ensembling.smoothing import (
     nearest_neighbours,
@@ -38,7 +39,6 @@ from pipeline.ensembling.smoothing import (
     smoothing_decision,
 )
 from pipeline.errors import StageError
-from pipeline.features.cache import plain_features
 from pipeline.folds import nested_folds
 from pipeline.metrics import (
     OOF_FILE,

@@ -2,7 +2,7 @@
 cached as fp16 so the dense head trains in seconds per epoch (the fast.ai course's fast inner loop).
 
 The cache's format (folders, ``index.csv``, checksummed fp16 chunks, ``meta.json`` written last) is
-``pipeline.features.cache``'s; its rows, chunks and resume are ``pipeline.features.extract``'s, which
+``pipeline.convfeatures.cache``'s; its rows, chunks and resume are ``pipeline.convfeatures.extract``'s, which
 this stage composes: it is the cache's only writer.
 
 What is cached. The backbone's last feature map (vgg16_bn: pool5, 512x7x7 at 224 px: 50 KB per image in fp16, 11 GB
@@ -24,9 +24,9 @@ from typing import Any
 
 from pipeline.competition import read_competition
 from pipeline.config import Config
-from pipeline.features.cache import META_FILE
-from pipeline.features.embed import resolve_device
-from pipeline.features.extract import SPLITS, ChunkHook, build_meta, cache_split
+from pipeline.convfeatures.cache import META_FILE
+from pipeline.convfeatures.embed import resolve_device
+from pipeline.convfeatures.extract import SPLITS, ChunkHook, build_meta, cache_split
 from pipeline.io import atomic_write_json
 from pipeline.metrics import write_stage_metrics
 from pipeline.models import create_backbone, create_conv_base, input_hw, resolve_preprocessing

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from pipeline.config import Config, item_stage
-from pipeline.features.cache import load_meta
+from pipeline.convfeatures.cache import load_meta
 from pipeline.metrics import write_stage_metrics
 from pipeline.training.checkpoint import save_network
 from pipeline.training.folds import run_folds

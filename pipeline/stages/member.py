@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, item_stage, member_model_name
+from pipeline.convfeatures.cache import load_meta
 from pipeline.errors import StageError
-from pipeline.features.cache import load_meta
 from pipeline.metrics import (
     OOF_FILE,
     evaluate,

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from pipeline.config import AugmentConfig
+from pipeline.convfeatures.cache import FeatureSplit
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
 from pipeline.errors import StageError
-from pipeline.features.cache import FeatureSplit
 from pipeline.training.tables import ImageTable, one_hot
 
 # ---------------------------------------------------------------------------- images

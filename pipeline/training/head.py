@@ -16,8 +16,8 @@ import lightning as L
 from torch import nn
 
 from pipeline.config import Config, TrainerConfig
+from pipeline.convfeatures.cache import FeatureSplit, concat_splits, load_split
 from pipeline.errors import StageError
-from pipeline.features.cache import FeatureSplit, concat_splits, load_split
 from pipeline.folds import held_out_mask
 from pipeline.metrics import OOF_FILE, evaluate, read_hidden_labels, write_predictions
 from pipeline.models import create_dense_head

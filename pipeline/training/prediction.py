@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import AugmentConfig, Config
+from pipeline.convfeatures.embed import softmax_batches
 from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
-from pipeline.features.embed import softmax_batches
 from pipeline.metrics import keep_tta_if_better
 from pipeline.training.folds import monitors_held_out
 from pipeline.training.tables import ImageTable

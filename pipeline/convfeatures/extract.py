@@ -1,4 +1,4 @@
-"""Computing the conv-feature cache (``pipeline.features.cache``'s format): the frozen conv base run
+"""Computing the conv-feature cache (``pipeline.convfeatures.cache``'s format): the frozen conv base run
 over valid, test, and train x N augmented copies, written as checksummed fp16 chunks. The
 ``features`` stage composes these; it is the cache's only writer.
 
@@ -36,9 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
-from pipeline.errors import StageError
-from pipeline.features.cache import (
+from pipeline.convfeatures.cache import (
     FINGERPRINT_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
@@ -48,7 +46,9 @@ from pipeline.features.cache import (
     read_chunk_checksums,
     write_chunk,
 )
-from pipeline.features.embed import embed_batches
+from pipeline.convfeatures.embed import embed_batches
+from pipeline.data import ImageRowsDataset, build_augmentation, seed_worker
+from pipeline.errors import StageError
 from pipeline.io import atomic_write_csv, atomic_write_text, file_sha256
 from pipeline.models import input_hw
 

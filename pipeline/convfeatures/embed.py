@@ -1,6 +1,6 @@
 """Forward passes over batches of images, shared by the stages and the code-competition notebook
 (``pipeline.kernel.predict``) so both give the same values for the same images: the frozen conv base as
-fp16 features (what the ``features`` stage caches, ``pipeline.features.extract``) and a whole network's
+fp16 features (what the ``features`` stage caches, ``pipeline.convfeatures.extract``) and a whole network's
 softmax probabilities (``pipeline.training.prediction``).
 """
 

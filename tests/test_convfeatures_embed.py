@@ -1,4 +1,4 @@
-"""The conv base's forward pass (pipeline/features/embed.py): a device this machine lacks is refused
+"""The conv base's forward pass (pipeline/convfeatures/embed.py): a device this machine lacks is refused
 before anything is computed."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.convfeatures.embed import resolve_device
 from pipeline.errors import StageError
-from pipeline.features.embed import resolve_device
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps"])

@@ -1,4 +1,4 @@
-"""The conv-feature cache format (pipeline/features/cache.py): chunk files written atomically and
+"""The conv-feature cache format (pipeline/convfeatures/cache.py): chunk files written atomically and
 recorded in the split's checksum record. The cache as the features stage writes and readers load it:
 tests/test_features.py."""
 
@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from pipeline.features import cache as featurecache
+from pipeline.convfeatures import cache as featurecache
 from pipeline.io import file_sha256
 
 

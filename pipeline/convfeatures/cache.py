@@ -1,4 +1,4 @@
-"""The conv-feature cache format, shared by its writer (``pipeline.features.extract``, run by the
+"""The conv-feature cache format, shared by its writer (``pipeline.convfeatures.extract``, run by the
 ``features`` stage) and its readers (``head``, ``ensemble``, members).
 
 Layout (the DVC out is the whole ``data/features`` folder)::
