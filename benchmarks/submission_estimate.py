@@ -23,8 +23,8 @@ import pandas as pd
 from pipeline.chain import Calibration, apply_calibration
 from pipeline.config import CalibrateConfig
 from pipeline.ensembling.estimate import METHODS, estimate_submission, row_losses
-from pipeline.metrics import read_oof, read_predictions
-from pipeline.outoffold import fold_averaging_gain
+from pipeline.metrics import prediction_classes, read_oof, read_predictions
+from pipeline.outoffold import TEST_FOLDS_FILE, fold_averaging_gain, read_test_folds
 
 GOAL_ERROR = 0.15
 
@@ -33,7 +33,7 @@ def run_figures(run: Path, test_groups: float | None, level: float) -> dict:
     data = run / "data"
     split = pd.read_csv(data / "split.csv", dtype=str, keep_default_na=False).set_index("id")
     oof_ids, oof_folds, oof = read_oof(data / "predictions" / "calibrate" / "oof.csv")
-    classes = list(pd.read_csv(data / "predictions" / "calibrate" / "oof.csv", nrows=0).columns[2:])
+    classes = prediction_classes(data / "predictions" / "calibrate" / "oof.csv")
     labels = np.array([classes.index(c) for c in split.loc[oof_ids, "label"]])
     groups = split.loc[oof_ids, "group"].to_numpy()
     test_ids, test = read_predictions(data / "predictions" / "calibrate" / "test.csv")
@@ -41,26 +41,19 @@ def run_figures(run: Path, test_groups: float | None, level: float) -> dict:
     test_labels = np.array([classes.index(c) for c in hidden.loc[test_ids]])
     figures = json.loads((run / "reports" / "stages" / "calibrate.json").read_text())
     calibration = Calibration(figures["temperature"], figures["clip_lo"], figures["clip_hi"])
-    fold_file = data / "predictions" / "ensemble" / "test_folds.csv"
-    per_fold, fold_ids = None, sorted(np.unique(oof_folds).astype(int).tolist())
-    if fold_file.exists():
-        ids, fold_of, probs = read_oof(fold_file)
-        position = {i: n for n, i in enumerate(test_ids)}
-        per_fold = []
-        for fold in fold_ids:
-            rows = np.flatnonzero(fold_of == fold)
-            ordered = np.empty((len(test_ids), probs.shape[1]))
-            ordered[[position[ids[r]] for r in rows]] = probs[rows]
-            per_fold.append(apply_calibration(ordered, calibration))
-        per_fold = np.stack(per_fold)
+    fold_ids = sorted(np.unique(oof_folds).astype(int).tolist())
+    per_fold = read_test_folds(data / "predictions" / "ensemble" / TEST_FOLDS_FILE, test_ids, classes, "ensemble")
+    if per_fold is not None:
+        per_fold = np.stack([apply_calibration(p, calibration) for p in per_fold])
     gain = None if per_fold is None else fold_averaging_gain(test, per_fold)
     hidden_test = float(row_losses(test, test_labels).mean())
     out = {"run": str(run), "hidden_test": hidden_test, "n_groups": int(len(np.unique(groups))), "candidates": {}}
+    estimate = estimate_submission(oof, labels, groups, oof_folds, test, per_fold, fold_ids, gain, "cv", test_groups, level)
+    out["test_groups"] = estimate.test_groups
     for method in METHODS:
-        est = estimate_submission(oof, labels, groups, oof_folds, test, per_fold, fold_ids, gain, method, test_groups, level)
+        est = estimate.centred_on(method)
         out["candidates"][method] = {"value": est.value, "low": est.low, "high": est.high,
                                      "error": est.value / hidden_test - 1, "inside": est.low <= hidden_test <= est.high}
-        out["test_groups"] = est.test_groups
     return out
 
 

@@ -23,7 +23,7 @@ the labelled rows per group), since a handful of unseen drivers decides most of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -99,6 +99,12 @@ class SubmissionEstimate:
     level: float
     test_groups: float
     candidates: dict[str, float]
+    spread: tuple[float, float]  # the interval's offsets around any candidate (group_interval)
+
+    def centred_on(self, method: str) -> SubmissionEstimate:
+        """The same candidates and interval, printed for another candidate; the interval stops at a log loss of 0."""
+        value = self.candidates[method]
+        return replace(self, method=method, value=value, low=max(value + self.spread[0], 0.0), high=value + self.spread[1])
 
     def as_figures(self) -> dict:
         return {"submission_estimate_method": self.method, "submission_logloss_estimate": round(self.value, 6),
@@ -124,5 +130,4 @@ def estimate_submission(oof: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     candidates = estimate_candidates(cv, gain, shift)
     m = test_groups or expected_test_groups(len(test), groups)
     low, high = group_interval(losses, groups, m, level, seed=seed)
-    value = candidates[method]
-    return SubmissionEstimate(method, value, max(value + low, 0.0), value + high, level, m, candidates)  # log loss >= 0
+    return SubmissionEstimate(method, 0.0, 0.0, 0.0, level, m, candidates, (low, high)).centred_on(method)
